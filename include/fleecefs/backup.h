@@ -1,0 +1,34 @@
+/* backup: the backup job driver (copy-before-write + background copy).
+ *
+ * prepare (inside a transaction, with the image's gate closed and the
+ * namespace lock held exclusively): sizes the job to the image as it is now,
+ * which is the point in time T; creates the target and manifest; builds the
+ * copy engine; attaches the before-write hook; spawns the job thread.
+ * run: copy workers walk the pending clusters at the job's speed while guest
+ * writes copy what they are about to overwrite (blockcopy.h); the job ends
+ * completed once nothing is pending and the target and manifest are durable,
+ * cancelled or failed otherwise (target and manifest removed).
+ * Locking: see job.h and blockcopy.h; `broken` is atomic.
+ * Errors: 0 or -errno with a one-line message.
+ */
+#ifndef FLEECEFS_BACKUP_H
+#define FLEECEFS_BACKUP_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+struct ctl_backup;
+struct image;
+struct job;
+
+struct backup_params {
+	const struct ctl_backup *cmd;
+	struct image *image;
+	const char *image_path;    /* as the user named it, for status */
+	uint32_t cluster_size;
+	unsigned copy_workers;
+};
+
+int backup_prepare(const struct backup_params *p, struct job **out, char *err, size_t errlen);
+
+#endif

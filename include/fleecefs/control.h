@@ -1,0 +1,117 @@
+/* control: the command language of .fleece/ctl, parsed into typed requests.
+ *
+ * One write(2) is one transaction: every non-empty line is one command
+ * (lines starting with '#' are comments). Words are separated by blanks; a
+ * word may be double-quoted ("a b", with \" and \\ inside) to hold blanks.
+ * Positional arguments come first, then key=value options.
+ *
+ * This module only checks what can be checked from the text: syntax, value
+ * ranges, names, path shapes and option combinations. Whether an image, job
+ * or bitmap exists is for the executor (transaction.h).
+ * Locking: none (pure functions). Errors: ctl_parse returns 0 or -errno
+ * (-EINVAL for any bad input, -ENOMEM) with "line N: verb: what" in err.
+ */
+#ifndef FLEECEFS_CONTROL_H
+#define FLEECEFS_CONTROL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define CTL_MAX_LINE 4096
+#define CTL_MAX_IMAGES 64
+
+enum ctl_verb {
+	CTL_BACKUP, CTL_MIRROR, CTL_SNAPSHOT, CTL_RELEASE, CTL_BITMAP,
+	CTL_CANCEL, CTL_PAUSE, CTL_RESUME, CTL_COMPLETE, CTL_DISMISS, CTL_SET,
+};
+
+enum backup_sync { SYNC_FULL, SYNC_TOP, SYNC_INCREMENTAL, SYNC_NONE };
+enum target_format { FORMAT_RAW, FORMAT_QCOW2 };
+enum bitmap_mode { BITMAP_MODE_ON_SUCCESS, BITMAP_MODE_ALWAYS, BITMAP_MODE_NEVER };
+enum error_policy { POLICY_REPORT, POLICY_IGNORE, POLICY_STOP };
+enum cbw_policy { CBW_BREAK_SNAPSHOT, CBW_BREAK_GUEST_WRITE };
+enum compress_kind { COMPRESS_NONE, COMPRESS_ZSTD };
+enum mirror_copy_mode { COPY_MODE_BACKGROUND, COPY_MODE_WRITE_BLOCKING };
+enum bitmap_op { BITMAP_ADD, BITMAP_REMOVE, BITMAP_CLEAR, BITMAP_ENABLE, BITMAP_DISABLE, BITMAP_MERGE };
+
+struct ctl_backup {
+	const char *image, *target;
+	enum backup_sync sync;
+	enum target_format format;
+	const char *bitmap;          /* NULL: none */
+	enum bitmap_mode bitmap_mode;
+	bool bitmap_mode_given;
+	const char *backing;         /* NULL: default */
+	enum compress_kind compress;
+	int compress_level;          /* 0 = zstd's default */
+	bool checksum;               /* xxh3 manifest */
+	uint64_t speed;              /* bytes/s, 0 = unlimited */
+	enum error_policy on_source_error, on_target_error;
+	enum cbw_policy on_cbw_error;
+	uint64_t cbw_timeout_ms;     /* 0 = none */
+	bool fleecing;
+	uint64_t max_store;          /* 0 = no limit */
+	const char *id;              /* NULL: job-N */
+	const char *group;           /* NULL: none */
+};
+
+struct ctl_mirror {
+	const char *image, *target;
+	enum backup_sync sync;       /* full or top */
+	uint64_t speed;
+	const char *id;
+	enum mirror_copy_mode copy_mode;
+};
+
+struct ctl_snapshot {
+	const char *name;
+	const char *images[CTL_MAX_IMAGES];
+	unsigned nimages;
+	uint64_t max_store;
+};
+
+struct ctl_bitmap {
+	enum bitmap_op op;
+	const char *image, *name;
+	uint64_t granularity;        /* 0 = default */
+	bool disabled;
+	const char *sources[CTL_MAX_IMAGES];
+	unsigned nsources;
+};
+
+/* cancel, pause, resume, complete, dismiss, set, release. */
+struct ctl_target_id {
+	const char *id;
+	uint64_t speed;              /* set */
+};
+
+struct ctl_command {
+	enum ctl_verb verb;
+	unsigned line;
+	union {
+		struct ctl_backup backup;
+		struct ctl_mirror mirror;
+		struct ctl_snapshot snapshot;
+		struct ctl_bitmap bitmap;
+		struct ctl_target_id job;
+	} u;
+};
+
+struct ctl_txn {
+	struct ctl_command *cmds;
+	unsigned ncmds;
+	char **storage;              /* the words the commands point into */
+	unsigned nstorage;
+};
+
+int ctl_parse(const char *text, size_t len, struct ctl_txn *txn, char *err, size_t errlen);
+void ctl_txn_free(struct ctl_txn *txn);
+const char *ctl_verb_name(enum ctl_verb verb);
+const char *ctl_sync_name(enum backup_sync sync);
+const char *ctl_format_name(enum target_format format);
+
+/* IMAGE paths: relative, no empty, "." or ".." components. */
+bool ctl_image_path_is_valid(const char *path);
+
+#endif

@@ -1,0 +1,51 @@
+/* ctlfs: the .fleece/ control tree of the mount.
+ *
+ *   .fleece/            0700, owned by the user who mounted
+ *     ctl               write: one transaction; read: its answer
+ *     version           key=value lines
+ *     events            blocking, pollable stream of event lines
+ *     jobs/ID/status    one job's status, taken when the file is opened
+ *     snapshots/ bitmaps/   (empty until those features exist)
+ *
+ * Inode numbers of control nodes carry CTLFS_INO_FLAG, which no pointer-based
+ * inode number of the passthrough layer (fs.c) can have; job nodes encode the
+ * job's serial number, so a dismissed job's nodes simply stop resolving.
+ * Every control node is direct-I/O and never cached by the kernel.
+ *
+ * Locking: each open file has its own state; events readers are kept in a
+ * list under events_readers_lock, which the event listener takes to answer
+ * parked reads and poll handles. Requests are answered from any thread.
+ * Errors: FUSE replies with errno; never crashes on any input.
+ */
+#ifndef FLEECEFS_CTLFS_H
+#define FLEECEFS_CTLFS_H
+
+#define FUSE_USE_VERSION 312
+#include <fuse_lowlevel.h>
+#include <stdbool.h>
+
+#include "fleecefs/daemon.h"
+
+#define CTLFS_INO_FLAG (1ull << 63)
+
+static inline bool ctlfs_owns(fuse_ino_t ino) { return (ino & CTLFS_INO_FLAG) != 0; }
+
+void ctlfs_init(const struct fleece_daemon *d);
+/* Answers parked event reads (unmount). */
+void ctlfs_shutdown(void);
+
+/* Lookup of ".fleece" in the root. */
+void ctlfs_lookup_root(fuse_req_t req);
+void ctlfs_lookup(fuse_req_t req, fuse_ino_t parent, const char *name);
+void ctlfs_getattr(fuse_req_t req, fuse_ino_t ino);
+void ctlfs_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_set);
+void ctlfs_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi);
+void ctlfs_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi);
+void ctlfs_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, struct fuse_file_info *fi);
+void ctlfs_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi);
+void ctlfs_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi);
+void ctlfs_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi);
+void ctlfs_releasedir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi);
+void ctlfs_poll(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi, struct fuse_pollhandle *ph);
+
+#endif

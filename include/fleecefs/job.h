@@ -1,0 +1,125 @@
+/* job: the life of a long-running operation, whatever it copies.
+ *
+ * A driver (backup, later snapshot and mirror) embeds struct job and supplies
+ * struct job_driver. Life cycle, driven by the transaction (transaction.h):
+ *   prepare  the driver builds everything that can fail (target, bitmaps,
+ *            thread via job_spawn); the job is not yet visible
+ *   commit   job_commit: listed, state=running, event=started; cannot fail
+ *   abandon  job_abandon: the transaction failed; the driver undoes prepare
+ * The job thread then runs driver->run, which returns the final state after
+ * all of its teardown (so "completed" is said only when the result is
+ * durable); job_conclude records it and emits the event.
+ *
+ * Locking: job->lock guards state, phase, stop requests, error, times, speed,
+ * the rate limiter and the rate estimate. registry_lock (in job.c) guards the
+ * list of jobs and serial numbers; lock order: registry_lock, then job->lock.
+ * Progress counters are read by the driver's progress callback without locks.
+ * Errors: 0 or -errno, and a one-line message in `err`.
+ */
+#ifndef FLEECEFS_JOB_H
+#define FLEECEFS_JOB_H
+
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "fleecefs/latency.h"
+#include "fleecefs/ratelimit.h"
+#include "fleecefs/util.h"
+
+#define JOB_CONCLUDED_KEPT 64
+#define JOB_ERROR_MAX 256
+
+enum job_state { JOB_RUNNING, JOB_PAUSED, JOB_READY, JOB_COMPLETED, JOB_FAILED, JOB_CANCELLED };
+
+static inline bool job_state_concluded(enum job_state s) { return s >= JOB_COMPLETED; }
+const char *job_state_name(enum job_state s);
+
+enum job_stop { JOB_GO_ON, JOB_STOP_CANCEL, JOB_STOP_FAIL };
+
+struct job;
+
+struct job_progress {
+	uint64_t bytes_total, bytes_done, cbw_bytes;
+};
+
+struct job_driver {
+	const char *type;
+	/* The job's work, on its own thread; returns JOB_COMPLETED, JOB_FAILED
+	 * (after job_fail) or JOB_CANCELLED, with all teardown done. */
+	enum job_state (*run)(struct job *job);
+	void (*progress)(struct job *job, struct job_progress *out);
+	/* Driver lines of the status file (image=, target=, ...). */
+	void (*status)(struct job *job, struct strbuf *out);
+	/* Undo prepare after an abandoned transaction (the thread has exited). */
+	void (*abandon)(struct job *job);
+	void (*free)(struct job *job);
+};
+
+struct job {
+	char id[FLEECE_NAME_MAX + 1];
+	uint64_t serial;
+	const struct job_driver *driver;
+	pthread_mutex_t lock;
+	pthread_cond_t wake;          /* CLOCK_MONOTONIC */
+	enum job_state state;
+	enum { JOB_PREPARED, JOB_COMMITTED, JOB_ABANDONED } phase;
+	enum job_stop stop;
+	char error[JOB_ERROR_MAX];
+	uint64_t started_ns, finished_ns;  /* realtime */
+	uint64_t speed;
+	struct ratelimit ratelimit;
+	uint64_t rate;                 /* bytes/s over the last second or so */
+	uint64_t rate_mark_ns, rate_mark_bytes;
+	struct latency_histogram cbw_wait;
+	pthread_t thread;
+	bool thread_spawned;
+	unsigned refs;                 /* registry_lock; the list holds one */
+	struct job *next;              /* registry_lock */
+};
+
+/* Fills the generic part; `id` NULL or "" picks the next free "job-N". */
+int job_init(struct job *job, const struct job_driver *driver, const char *id, uint64_t speed,
+	     char *err, size_t errlen);
+/* Starts the job's thread, which waits for commit or abandon. */
+int job_spawn(struct job *job, char *err, size_t errlen);
+void job_commit(struct job *job);
+/* The transaction failed: stops the thread, lets the driver undo, frees. */
+void job_abandon(struct job *job);
+
+/* Returns a referenced job (job_put when done) or NULL. A job leaves the list
+ * on dismiss or when pruned (more than JOB_CONCLUDED_KEPT concluded) and is
+ * freed with its last reference. */
+struct job *job_find(const char *id);
+void job_put(struct job *job);
+/* Is `id` taken by a listed job? */
+bool job_id_taken(const char *id);
+/* Calls fn for every listed job, oldest first, under the registry lock. */
+void job_for_each(void (*fn)(struct job *job, void *arg), void *arg);
+/* Like job_find, by serial number (the control tree's inode numbers). */
+struct job *job_find_by_serial(uint64_t serial);
+void job_format_status(struct job *job, struct strbuf *out);
+
+int job_cancel(struct job *job, char *err, size_t errlen);
+int job_dismiss(struct job *job, char *err, size_t errlen);
+int job_set_speed(struct job *job, uint64_t speed, char *err, size_t errlen);
+
+/* For the driver's thread. */
+enum job_stop job_stop_requested(struct job *job);
+/* Records the first error and asks the job thread to stop as failed; safe
+ * from any thread (the copy-before-write path uses it). */
+void job_fail(struct job *job, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Waits for the rate limiter before copying n bytes; returns early (false)
+ * when a stop is requested. Charges n when it returns true. */
+bool job_throttle(struct job *job, uint64_t n);
+/* The chunk size the background copy should use now. */
+uint64_t job_chunk_size(struct job *job, uint64_t unit, uint64_t max);
+/* Sleeps until deadline (monotonic ns) or until woken by a request. */
+void job_sleep(struct job *job, uint64_t deadline_ns);
+
+/* Shutdown: cancel every running job and wait until all have concluded. */
+void job_cancel_all_and_wait(void);
+/* Frees every concluded job (at exit, after job_cancel_all_and_wait). */
+void job_free_all(void);
+
+#endif

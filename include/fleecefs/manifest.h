@@ -1,0 +1,41 @@
+/* manifest: TARGET.xxh3, the per-cluster XXH3-64 checksums of a backup.
+ *
+ * Text, so that it can be read with standard tools:
+ *     fleecefs-manifest 1
+ *     algorithm=xxh3-64
+ *     size=<bytes of the image at the point in time>
+ *     cluster_size=<bytes>
+ *     clusters=<n>
+ *     <16 hex digits>            one line per cluster, in order
+ * The last cluster is hashed over its real length; a zero cluster hashes its
+ * zero bytes like any other.
+ *
+ * The file is created (O_EXCL) when the job is prepared so that a name clash
+ * fails the command, filled and made durable when the job completes, and
+ * removed when it does not.
+ * Locking: hashes[] is written by whoever holds the claim of that cluster
+ * (inflight.h), so no two threads write one slot. Errors: 0 or -errno.
+ */
+#ifndef FLEECEFS_MANIFEST_H
+#define FLEECEFS_MANIFEST_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+struct manifest {
+	char *path;
+	int fd;
+	uint64_t size;
+	uint32_t cluster_size;
+	uint64_t nclusters;
+	uint64_t *hashes;
+};
+
+int manifest_create(const char *target_path, uint64_t size, uint32_t cluster_size,
+		    struct manifest **out, char *err, size_t errlen);
+void manifest_set(struct manifest *m, uint64_t cluster, const void *data, size_t len);
+int manifest_finish(struct manifest *m);
+void manifest_abort(struct manifest *m);
+void manifest_free(struct manifest *m);
+
+#endif

@@ -1,0 +1,572 @@
+/* ctlfs: see include/fleecefs/ctlfs.h */
+#include "config.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "fleecefs/ctlfs.h"
+#include "fleecefs/events.h"
+#include "fleecefs/job.h"
+#include "fleecefs/transaction.h"
+#include "fleecefs/util.h"
+
+enum ctl_kind {
+	K_DIR = 1, K_CTL, K_VERSION, K_EVENTS, K_JOBS, K_SNAPSHOTS, K_BITMAPS, K_JOB_DIR, K_JOB_STATUS,
+};
+
+#define INO(kind, serial) ((fuse_ino_t)(CTLFS_INO_FLAG | ((uint64_t)(serial) << 8) | (uint64_t)(kind)))
+static enum ctl_kind kind_of(fuse_ino_t ino) { return (enum ctl_kind)(ino & 0xff); }
+static uint64_t serial_of(fuse_ino_t ino) { return (ino & ~CTLFS_INO_FLAG) >> 8; }
+
+static const struct fleece_daemon *daemon_ctx;
+
+static const struct {
+	const char *name;
+	enum ctl_kind kind;
+} top_entries[] = {
+	{ "ctl", K_CTL }, { "version", K_VERSION }, { "events", K_EVENTS },
+	{ "jobs", K_JOBS }, { "snapshots", K_SNAPSHOTS }, { "bitmaps", K_BITMAPS },
+};
+
+/* One open control file. */
+struct ctl_file {
+	enum ctl_kind kind;
+	pthread_mutex_t lock;
+	char *text;                  /* answer (ctl), content (version, status) */
+	size_t len, pos;
+	/* events */
+	uint64_t seq;
+	char carry[EVENT_LINE_MAX];  /* rest of a line a short read cut */
+	size_t carry_len, carry_pos;
+	fuse_req_t parked;
+	size_t parked_size;
+	fuse_req_t interrupted;
+	struct fuse_pollhandle *ph;
+	struct ctl_file *next_reader, *prev_reader;
+};
+
+static pthread_mutex_t readers_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct ctl_file *readers;
+
+/* ---- attributes --------------------------------------------------------- */
+
+static bool is_dir_kind(enum ctl_kind k)
+{
+	return k == K_DIR || k == K_JOBS || k == K_SNAPSHOTS || k == K_BITMAPS || k == K_JOB_DIR;
+}
+
+static mode_t mode_of(enum ctl_kind k)
+{
+	switch (k) {
+	case K_DIR: return S_IFDIR | 0700;
+	case K_CTL: return S_IFREG | 0600;
+	case K_JOBS: case K_SNAPSHOTS: case K_BITMAPS: case K_JOB_DIR: return S_IFDIR | 0500;
+	default: return S_IFREG | 0400;
+	}
+}
+
+/* Fills attributes; -ENOENT when the node is a job that is gone. */
+static int fill_attr(fuse_ino_t ino, struct stat *st)
+{
+	enum ctl_kind k = kind_of(ino);
+	uint64_t t = daemon_ctx->started_ns;
+
+	if (k < K_DIR || k > K_JOB_STATUS)
+		return -ENOENT;
+	if (k == K_JOB_DIR || k == K_JOB_STATUS) {
+		struct job *job = job_find_by_serial(serial_of(ino));
+		if (!job)
+			return -ENOENT;
+		t = job->started_ns ? job->started_ns : t;
+		job_put(job);
+	}
+	memset(st, 0, sizeof(*st));
+	st->st_ino = ino;
+	st->st_mode = mode_of(k);
+	st->st_nlink = is_dir_kind(k) ? 2 : 1;
+	st->st_uid = daemon_ctx->owner_uid;
+	st->st_gid = daemon_ctx->owner_gid;
+	st->st_blksize = 4096;
+	st->st_atim.tv_sec = st->st_mtim.tv_sec = st->st_ctim.tv_sec = (time_t)(t / 1000000000u);
+	return 0;
+}
+
+static void reply_entry(fuse_req_t req, fuse_ino_t ino)
+{
+	struct fuse_entry_param e = { .ino = ino };
+	int rc = fill_attr(ino, &e.attr);
+
+	if (rc) {
+		fuse_reply_err(req, -rc);
+		return;
+	}
+	/* Timeouts 0: jobs come and go, nothing here may be cached. */
+	fuse_reply_entry(req, &e);
+}
+
+static void wake_readers(void);
+
+void ctlfs_init(const struct fleece_daemon *d)
+{
+	daemon_ctx = d;
+	events_set_listener(wake_readers);
+}
+
+void ctlfs_lookup_root(fuse_req_t req)
+{
+	reply_entry(req, INO(K_DIR, 0));
+}
+
+static void find_job_dir(fuse_req_t req, const char *name)
+{
+	struct job *job = job_find(name);
+
+	if (!job) {
+		fuse_reply_err(req, ENOENT);
+		return;
+	}
+	fuse_ino_t ino = INO(K_JOB_DIR, job->serial);
+	job_put(job);
+	reply_entry(req, ino);
+}
+
+void ctlfs_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
+{
+	switch (kind_of(parent)) {
+	case K_DIR:
+		for (size_t i = 0; i < sizeof(top_entries) / sizeof(top_entries[0]); i++)
+			if (strcmp(name, top_entries[i].name) == 0)
+				return reply_entry(req, INO(top_entries[i].kind, 0));
+		break;
+	case K_JOBS:
+		return find_job_dir(req, name);
+	case K_JOB_DIR:
+		if (strcmp(name, "status") == 0)
+			return reply_entry(req, INO(K_JOB_STATUS, serial_of(parent)));
+		break;
+	default:
+		break;
+	}
+	fuse_reply_err(req, ENOENT);
+}
+
+void ctlfs_getattr(fuse_req_t req, fuse_ino_t ino)
+{
+	struct stat st;
+	int rc = fill_attr(ino, &st);
+
+	if (rc)
+		fuse_reply_err(req, -rc);
+	else
+		fuse_reply_attr(req, &st, 0);
+}
+
+void ctlfs_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_set)
+{
+	(void)attr;
+	/* `echo cmd > ctl` truncates first: allow that, and nothing else. */
+	if (kind_of(ino) != K_CTL || (to_set & ~(FUSE_SET_ATTR_SIZE | FUSE_SET_ATTR_MTIME | FUSE_SET_ATTR_MTIME_NOW |
+						 FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_ATIME_NOW | FUSE_SET_ATTR_CTIME))) {
+		fuse_reply_err(req, EPERM);
+		return;
+	}
+	ctlfs_getattr(req, ino);
+}
+
+/* ---- files -------------------------------------------------------------- */
+
+static char *version_text(void)
+{
+	struct strbuf sb = { 0 };
+	strbuf_printf(&sb, "version=%s\nfeatures=backup sync-full format-raw checksum-xxh3 events\n"
+			   "cluster_size=%" PRIu32 "\n", PACKAGE_VERSION, daemon_ctx->cluster_size);
+	return strbuf_steal(&sb);
+}
+
+static void remove_reader(struct ctl_file *f)
+{
+	pthread_mutex_lock(&readers_lock);
+	if (f->prev_reader)
+		f->prev_reader->next_reader = f->next_reader;
+	else if (readers == f)
+		readers = f->next_reader;
+	if (f->next_reader)
+		f->next_reader->prev_reader = f->prev_reader;
+	pthread_mutex_unlock(&readers_lock);
+}
+
+void ctlfs_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+	enum ctl_kind k = kind_of(ino);
+	int acc = fi->flags & O_ACCMODE;
+
+	if (is_dir_kind(k)) {
+		fuse_reply_err(req, EISDIR);
+		return;
+	}
+	if (k != K_CTL && acc != O_RDONLY) {
+		fuse_reply_err(req, EACCES);
+		return;
+	}
+	struct ctl_file *f = calloc(1, sizeof(*f));
+	if (!f) {
+		fuse_reply_err(req, ENOMEM);
+		return;
+	}
+	f->kind = k;
+	pthread_mutex_init(&f->lock, NULL);
+	if (k == K_VERSION) {
+		f->text = version_text();
+	} else if (k == K_JOB_STATUS) {
+		struct job *job = job_find_by_serial(serial_of(ino));
+		if (job) {
+			struct strbuf sb = { 0 };
+			job_format_status(job, &sb);
+			job_put(job);
+			f->text = strbuf_steal(&sb);
+		} else {
+			pthread_mutex_destroy(&f->lock);
+			free(f);
+			fuse_reply_err(req, ENOENT);
+			return;
+		}
+	} else if (k == K_EVENTS) {
+		f->seq = events_next_seq();
+		pthread_mutex_lock(&readers_lock);
+		f->next_reader = readers;
+		if (readers)
+			readers->prev_reader = f;
+		readers = f;
+		pthread_mutex_unlock(&readers_lock);
+	}
+	if (k != K_CTL && k != K_EVENTS && !f->text) {
+		pthread_mutex_destroy(&f->lock);
+		free(f);
+		fuse_reply_err(req, ENOMEM);
+		return;
+	}
+	f->len = f->text ? strlen(f->text) : 0;
+	fi->fh = (uintptr_t)f;
+	fi->direct_io = 1;
+	fi->nonseekable = k == K_EVENTS || k == K_CTL;
+	if (fuse_reply_open(req, fi) != 0) {
+		if (k == K_EVENTS)
+			remove_reader(f);
+		free(f->text);
+		pthread_mutex_destroy(&f->lock);
+		free(f);
+	}
+}
+
+/* f->lock held. Copies whole event lines (and a cut line's rest) into buf. */
+static size_t fill_events(struct ctl_file *f, char *buf, size_t size)
+{
+	size_t used = 0;
+
+	for (;;) {
+		if (f->carry_pos < f->carry_len) {
+			size_t n = min_u64(f->carry_len - f->carry_pos, size - used);
+			memcpy(buf + used, f->carry + f->carry_pos, n);
+			used += n;
+			f->carry_pos += n;
+			if (f->carry_pos < f->carry_len)
+				return used;
+		}
+		if (used == size)
+			return used;
+		f->carry_len = events_read(&f->seq, f->carry, sizeof(f->carry));
+		f->carry_pos = 0;
+		if (!f->carry_len)
+			return used;
+		/* A line that does not fit waits for the next read unless nothing
+		 * was delivered yet (then it is cut). */
+		if (used && f->carry_len > size - used)
+			return used;
+	}
+}
+
+static void events_interrupted(fuse_req_t req, void *arg)
+{
+	struct ctl_file *f = arg;
+
+	pthread_mutex_lock(&f->lock);
+	if (f->parked == req) {
+		f->parked = NULL;
+		fuse_reply_err(req, EINTR);
+	} else {
+		f->interrupted = req;
+	}
+	pthread_mutex_unlock(&f->lock);
+}
+
+static void read_events(fuse_req_t req, struct ctl_file *f, size_t size)
+{
+	char buf[4 * EVENT_LINE_MAX];
+
+	size = min_u64(size, sizeof(buf));
+	fuse_req_interrupt_func(req, events_interrupted, f);
+	pthread_mutex_lock(&f->lock);
+	size_t n = fill_events(f, buf, size);
+	if (n) {
+		pthread_mutex_unlock(&f->lock);
+		fuse_reply_buf(req, buf, n);
+		return;
+	}
+	if (f->interrupted == req || fuse_req_interrupted(req)) {
+		f->interrupted = NULL;
+		pthread_mutex_unlock(&f->lock);
+		fuse_reply_err(req, EINTR);
+		return;
+	}
+	if (f->parked) {
+		/* One parked read per open file; a second reader on the same
+		 * file gets what it would get after the first. */
+		pthread_mutex_unlock(&f->lock);
+		fuse_reply_err(req, EAGAIN);
+		return;
+	}
+	f->parked = req;
+	f->parked_size = size;
+	pthread_mutex_unlock(&f->lock);
+}
+
+/* The event listener: answer parked reads, wake pollers. */
+static void wake_readers(void)
+{
+	char buf[4 * EVENT_LINE_MAX];
+
+	pthread_mutex_lock(&readers_lock);
+	for (struct ctl_file *f = readers; f; f = f->next_reader) {
+		pthread_mutex_lock(&f->lock);
+		if (f->parked) {
+			size_t n = fill_events(f, buf, f->parked_size);
+			if (n) {
+				fuse_reply_buf(f->parked, buf, n);
+				f->parked = NULL;
+			}
+		}
+		if (f->ph) {
+			fuse_lowlevel_notify_poll(f->ph);
+			fuse_pollhandle_destroy(f->ph);
+			f->ph = NULL;
+		}
+		pthread_mutex_unlock(&f->lock);
+	}
+	pthread_mutex_unlock(&readers_lock);
+}
+
+void ctlfs_shutdown(void)
+{
+	pthread_mutex_lock(&readers_lock);
+	for (struct ctl_file *f = readers; f; f = f->next_reader) {
+		pthread_mutex_lock(&f->lock);
+		if (f->parked)
+			fuse_reply_err(f->parked, EINTR);
+		f->parked = NULL;
+		pthread_mutex_unlock(&f->lock);
+	}
+	pthread_mutex_unlock(&readers_lock);
+}
+
+void ctlfs_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
+{
+	struct ctl_file *f = (struct ctl_file *)(uintptr_t)fi->fh;
+
+	(void)ino;
+	if (f->kind == K_EVENTS) {
+		read_events(req, f, size);
+		return;
+	}
+	pthread_mutex_lock(&f->lock);
+	/* ctl: the answer is read from the start after each write, whatever the
+	 * file offset; the other files are plain text at an offset. */
+	size_t pos = f->kind == K_CTL ? f->pos : (off < 0 ? f->len : min_u64((uint64_t)off, f->len));
+	size_t n = min_u64(size, f->len - pos);
+	char *copy = n ? malloc(n) : NULL;
+	if (n && copy)
+		memcpy(copy, f->text + pos, n);
+	if (f->kind == K_CTL && copy)
+		f->pos += n;
+	pthread_mutex_unlock(&f->lock);
+	if (n && !copy)
+		fuse_reply_err(req, ENOMEM);
+	else
+		fuse_reply_buf(req, copy, n);
+	free(copy);
+}
+
+void ctlfs_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, struct fuse_file_info *fi)
+{
+	struct ctl_file *f = (struct ctl_file *)(uintptr_t)fi->fh;
+	char *answer = NULL;
+
+	if (kind_of(ino) != K_CTL) {
+		fuse_reply_err(req, EACCES);
+		return;
+	}
+	int rc = txn_execute(daemon_ctx, buf, size, &answer);
+	pthread_mutex_lock(&f->lock);
+	free(f->text);
+	f->text = answer;
+	f->len = answer ? strlen(answer) : 0;
+	f->pos = 0;
+	pthread_mutex_unlock(&f->lock);
+	if (rc)
+		fuse_reply_err(req, -rc);
+	else
+		fuse_reply_write(req, size);
+}
+
+void ctlfs_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+	struct ctl_file *f = (struct ctl_file *)(uintptr_t)fi->fh;
+
+	(void)ino;
+	if (f->kind == K_EVENTS) {
+		remove_reader(f);
+		pthread_mutex_lock(&f->lock);
+		if (f->parked)
+			fuse_reply_err(f->parked, EINTR);
+		f->parked = NULL;
+		if (f->ph)
+			fuse_pollhandle_destroy(f->ph);
+		f->ph = NULL;
+		pthread_mutex_unlock(&f->lock);
+	}
+	free(f->text);
+	pthread_mutex_destroy(&f->lock);
+	free(f);
+	fuse_reply_err(req, 0);
+}
+
+void ctlfs_poll(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi, struct fuse_pollhandle *ph)
+{
+	struct ctl_file *f = (struct ctl_file *)(uintptr_t)fi->fh;
+	unsigned revents = 0;
+
+	(void)ino;
+	pthread_mutex_lock(&f->lock);
+	if (f->kind != K_EVENTS) {
+		revents = POLLIN | POLLOUT;
+		if (ph)
+			fuse_pollhandle_destroy(ph);
+	} else {
+		if (f->ph)
+			fuse_pollhandle_destroy(f->ph);
+		f->ph = ph;
+		if (f->carry_pos < f->carry_len || f->seq < events_next_seq())
+			revents = POLLIN;
+	}
+	pthread_mutex_unlock(&f->lock);
+	fuse_reply_poll(req, revents);
+}
+
+/* ---- directories -------------------------------------------------------- */
+
+struct dir_listing {
+	struct strbuf names;       /* NUL-separated */
+	fuse_ino_t *inos;
+	unsigned n, cap;
+};
+
+static void listing_add(struct dir_listing *l, const char *name, fuse_ino_t ino)
+{
+	if (l->n == l->cap) {
+		unsigned cap = l->cap ? l->cap * 2 : 16;
+		fuse_ino_t *inos = realloc(l->inos, cap * sizeof(*inos));
+		if (!inos) {
+			l->names.failed = true;
+			return;
+		}
+		l->inos = inos;
+		l->cap = cap;
+	}
+	l->inos[l->n++] = ino;
+	strbuf_printf(&l->names, "%s%c", name, '\0');
+}
+
+static void add_job_entry(struct job *job, void *arg)
+{
+	listing_add(arg, job->id, INO(K_JOB_DIR, job->serial));
+}
+
+void ctlfs_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+	enum ctl_kind k = kind_of(ino);
+	struct dir_listing *l;
+	struct stat st;
+
+	if (!is_dir_kind(k) || fill_attr(ino, &st)) {
+		fuse_reply_err(req, is_dir_kind(k) ? ENOENT : ENOTDIR);
+		return;
+	}
+	l = calloc(1, sizeof(*l));
+	if (!l) {
+		fuse_reply_err(req, ENOMEM);
+		return;
+	}
+	listing_add(l, ".", ino);
+	listing_add(l, "..", k == K_JOB_DIR ? INO(K_JOBS, 0) : k == K_DIR ? FUSE_ROOT_ID : INO(K_DIR, 0));
+	if (k == K_DIR)
+		for (size_t i = 0; i < sizeof(top_entries) / sizeof(top_entries[0]); i++)
+			listing_add(l, top_entries[i].name, INO(top_entries[i].kind, 0));
+	else if (k == K_JOBS)
+		job_for_each(add_job_entry, l);
+	else if (k == K_JOB_DIR)
+		listing_add(l, "status", INO(K_JOB_STATUS, serial_of(ino)));
+	if (l->names.failed) {
+		strbuf_free(&l->names);
+		free(l->inos);
+		free(l);
+		fuse_reply_err(req, ENOMEM);
+		return;
+	}
+	fi->fh = (uintptr_t)l;
+	fi->cache_readdir = 0;
+	fuse_reply_open(req, fi);
+}
+
+void ctlfs_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
+{
+	struct dir_listing *l = (struct dir_listing *)(uintptr_t)fi->fh;
+	char *buf = malloc(size);
+	size_t used = 0;
+	const char *name = l->names.data;
+
+	(void)ino;
+	if (!buf) {
+		fuse_reply_err(req, ENOMEM);
+		return;
+	}
+	for (unsigned i = 0; i < l->n; i++, name += strlen(name) + 1) {
+		if ((off_t)i < off)
+			continue;
+		struct stat st = { .st_ino = l->inos[i], .st_mode = mode_of(kind_of(l->inos[i])) };
+		if (l->inos[i] == FUSE_ROOT_ID)
+			st.st_mode = S_IFDIR;
+		size_t need = fuse_add_direntry(req, buf + used, size - used, name, &st, (off_t)i + 1);
+		if (need > size - used)
+			break;
+		used += need;
+	}
+	fuse_reply_buf(req, buf, used);
+	free(buf);
+}
+
+void ctlfs_releasedir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+	struct dir_listing *l = (struct dir_listing *)(uintptr_t)fi->fh;
+
+	(void)ino;
+	strbuf_free(&l->names);
+	free(l->inos);
+	free(l);
+	fuse_reply_err(req, 0);
+}
+

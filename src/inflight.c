@@ -1,0 +1,118 @@
+/* inflight: see include/fleecefs/inflight.h */
+#include "config.h"
+
+#include <errno.h>
+#include <time.h>
+
+#include "fleecefs/inflight.h"
+#include "fleecefs/util.h"
+
+int inflight_init(struct inflight *t, uint64_t nclusters)
+{
+	int rc = cbitmap_init(&t->claimed, nclusters, false);
+	if (rc)
+		return rc;
+	pthread_mutex_init(&t->lock, NULL);
+	cond_init_monotonic(&t->released);
+	t->open_claims = 0;
+	return 0;
+}
+
+void inflight_destroy(struct inflight *t)
+{
+	pthread_cond_destroy(&t->released);
+	pthread_mutex_destroy(&t->lock);
+	cbitmap_destroy(&t->claimed);
+}
+
+/* First bit >= from in [from, end) that is pending and, when want_unclaimed,
+ * not claimed. Word at a time; caller holds the lock. */
+static uint64_t next_candidate(const struct inflight *t, const struct cbitmap *pending,
+			       uint64_t from, uint64_t end, bool want_unclaimed)
+{
+	while (from < end) {
+		uint64_t w = from / 64;
+		uint64_t word = atomic_load_explicit(&pending->words[w], memory_order_acquire);
+		if (want_unclaimed)
+			word &= ~atomic_load_explicit(&t->claimed.words[w], memory_order_relaxed);
+		word &= ~0ull << (from % 64);
+		if (word) {
+			uint64_t bit = w * 64 + (uint64_t)__builtin_ctzll(word);
+			return bit < end ? bit : end;
+		}
+		from = (w + 1) * 64;
+	}
+	return end;
+}
+
+int inflight_claim(struct inflight *t, const struct cbitmap *pending, uint64_t first, uint64_t end,
+		   uint64_t max_run, enum inflight_wait wait, uint64_t deadline_ns,
+		   uint64_t *run_first, uint64_t *run_count)
+{
+	if (end > pending->nbits)
+		end = pending->nbits;
+	pthread_mutex_lock(&t->lock);
+	for (;;) {
+		uint64_t c = next_candidate(t, pending, first, end, wait == INFLIGHT_SKIP);
+		if (c >= end) {
+			pthread_mutex_unlock(&t->lock);
+			return 0;
+		}
+		if (!cbitmap_test(&t->claimed, c)) {
+			uint64_t n = 1;
+			while (n < max_run && c + n < end && cbitmap_test(pending, c + n) &&
+			       !cbitmap_test(&t->claimed, c + n))
+				n++;
+			cbitmap_set_range(&t->claimed, c, n);
+			t->open_claims++;
+			pthread_mutex_unlock(&t->lock);
+			*run_first = c;
+			*run_count = n;
+			return 1;
+		}
+		/* Claimed by another copier: its release either clears the bit or
+		 * leaves it pending and unclaimed for us; either way look again. */
+		if (deadline_ns) {
+			struct timespec ts;
+			timespec_from_ns(&ts, deadline_ns);
+			if (pthread_cond_timedwait(&t->released, &t->lock, &ts) == ETIMEDOUT &&
+			    clock_monotonic_ns() >= deadline_ns) {
+				pthread_mutex_unlock(&t->lock);
+				return -ETIMEDOUT;
+			}
+		} else {
+			pthread_cond_wait(&t->released, &t->lock);
+		}
+	}
+}
+
+void inflight_release(struct inflight *t, struct cbitmap *pending, uint64_t run_first,
+		      uint64_t run_count, bool copied)
+{
+	pthread_mutex_lock(&t->lock);
+	if (copied)
+		cbitmap_clear_range(pending, run_first, run_count);
+	cbitmap_clear_range(&t->claimed, run_first, run_count);
+	t->open_claims--;
+	pthread_cond_broadcast(&t->released);
+	pthread_mutex_unlock(&t->lock);
+}
+
+void inflight_drop_unclaimed(struct inflight *t, struct cbitmap *pending, uint64_t first, uint64_t count)
+{
+	uint64_t end = min_u64(first + count, pending->nbits);
+
+	pthread_mutex_lock(&t->lock);
+	for (uint64_t c = first; c < end; c++)
+		if (!cbitmap_test(&t->claimed, c))
+			cbitmap_clear(pending, c);
+	pthread_mutex_unlock(&t->lock);
+}
+
+void inflight_wait_idle(struct inflight *t)
+{
+	pthread_mutex_lock(&t->lock);
+	while (t->open_claims)
+		pthread_cond_wait(&t->released, &t->lock);
+	pthread_mutex_unlock(&t->lock);
+}

@@ -1,0 +1,438 @@
+/* job: see include/fleecefs/job.h */
+#include "config.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "fleecefs/events.h"
+#include "fleecefs/job.h"
+
+static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t registry_changed = PTHREAD_COND_INITIALIZER;
+static struct job *jobs_head;      /* oldest first */
+static uint64_t next_serial = 1;   /* registry_lock */
+static uint64_t next_default_id = 1;
+
+const char *job_state_name(enum job_state s)
+{
+	static const char *const names[] = { "running", "paused", "ready", "completed", "failed", "cancelled" };
+	return names[s];
+}
+
+static struct job *find_locked(const char *id)
+{
+	for (struct job *j = jobs_head; j; j = j->next)
+		if (strcmp(j->id, id) == 0)
+			return j;
+	return NULL;
+}
+
+bool job_id_taken(const char *id)
+{
+	pthread_mutex_lock(&registry_lock);
+	bool taken = find_locked(id) != NULL;
+	pthread_mutex_unlock(&registry_lock);
+	return taken;
+}
+
+struct job *job_find(const char *id)
+{
+	pthread_mutex_lock(&registry_lock);
+	struct job *j = find_locked(id);
+	if (j)
+		j->refs++;
+	pthread_mutex_unlock(&registry_lock);
+	return j;
+}
+
+int job_init(struct job *job, const struct job_driver *driver, const char *id, uint64_t speed,
+	     char *err, size_t errlen)
+{
+	memset(job, 0, sizeof(*job));
+	job->driver = driver;
+	pthread_mutex_lock(&registry_lock);
+	if (id && *id) {
+		snprintf(job->id, sizeof(job->id), "%s", id);
+	} else {
+		do
+			snprintf(job->id, sizeof(job->id), "job-%" PRIu64, next_default_id++);
+		while (find_locked(job->id));
+	}
+	job->serial = next_serial++;
+	pthread_mutex_unlock(&registry_lock);
+	if (cond_init_monotonic(&job->wake))
+		return set_error(err, errlen, ENOMEM, "job %s: cannot create a condition variable", job->id);
+	pthread_mutex_init(&job->lock, NULL);
+	job->state = JOB_RUNNING;
+	job->phase = JOB_PREPARED;
+	job->speed = speed;
+	job->refs = 1;
+	ratelimit_set(&job->ratelimit, speed);
+	return 0;
+}
+
+static void job_destroy(struct job *job)
+{
+	pthread_cond_destroy(&job->wake);
+	pthread_mutex_destroy(&job->lock);
+	job->driver->free(job);
+}
+
+static void emit_state_event(struct job *job, const char *event)
+{
+	if (job->error[0] && (job->state == JOB_FAILED))
+		events_emit("id=%s type=%s event=%s error=%s", job->id, job->driver->type, event, job->error);
+	else
+		events_emit("id=%s type=%s event=%s", job->id, job->driver->type, event);
+}
+
+/* Drops the oldest concluded jobs beyond JOB_CONCLUDED_KEPT. Registry lock held;
+ * returns the unlinked jobs to free outside of it. */
+static struct job *prune_locked(void)
+{
+	unsigned concluded = 0;
+	struct job *dropped = NULL;
+
+	for (struct job *j = jobs_head; j; j = j->next) {
+		pthread_mutex_lock(&j->lock);
+		concluded += job_state_concluded(j->state);
+		pthread_mutex_unlock(&j->lock);
+	}
+	for (struct job **pp = &jobs_head; *pp && concluded > JOB_CONCLUDED_KEPT;) {
+		struct job *j = *pp;
+		pthread_mutex_lock(&j->lock);
+		bool done = job_state_concluded(j->state);
+		pthread_mutex_unlock(&j->lock);
+		if (!done) {
+			pp = &j->next;
+			continue;
+		}
+		*pp = j->next;
+		j->next = dropped;
+		dropped = j;
+		concluded--;
+	}
+	return dropped;
+}
+
+/* The last reference is gone: the job is unlisted and concluded (or was
+ * never committed), so its thread has finished or is returning. */
+static void job_free(struct job *job)
+{
+	if (job->thread_spawned && !pthread_equal(job->thread, pthread_self()))
+		pthread_join(job->thread, NULL);
+	else if (job->thread_spawned)
+		pthread_detach(job->thread);
+	job_destroy(job);
+}
+
+void job_put(struct job *job)
+{
+	pthread_mutex_lock(&registry_lock);
+	bool last = --job->refs == 0;
+	pthread_mutex_unlock(&registry_lock);
+	if (last)
+		job_free(job);
+}
+
+static void free_dropped(struct job *dropped)
+{
+	while (dropped) {
+		struct job *next = dropped->next;
+		dropped->next = NULL;
+		job_put(dropped);
+		dropped = next;
+	}
+}
+
+static void job_conclude(struct job *job, enum job_state final)
+{
+	pthread_mutex_lock(&registry_lock);
+	pthread_mutex_lock(&job->lock);
+	job->state = final;
+	job->finished_ns = clock_realtime_ns();
+	emit_state_event(job, job_state_name(final));
+	pthread_mutex_unlock(&job->lock);
+	pthread_cond_broadcast(&registry_changed);
+	/* Never drop the job that concludes now: it is the newest concluded. */
+	struct job *dropped = prune_locked();
+	pthread_mutex_unlock(&registry_lock);
+	free_dropped(dropped);
+}
+
+static void *job_thread(void *arg)
+{
+	struct job *job = arg;
+
+	pthread_mutex_lock(&job->lock);
+	while (job->phase == JOB_PREPARED)
+		pthread_cond_wait(&job->wake, &job->lock);
+	bool abandoned = job->phase == JOB_ABANDONED;
+	pthread_mutex_unlock(&job->lock);
+	if (abandoned)
+		return NULL;
+	job_conclude(job, job->driver->run(job));
+	return NULL;
+}
+
+int job_spawn(struct job *job, char *err, size_t errlen)
+{
+	int rc = pthread_create(&job->thread, NULL, job_thread, job);
+	if (rc)
+		return set_error(err, errlen, rc, "job %s: cannot start a thread: %s", job->id, strerror(rc));
+	job->thread_spawned = true;
+	return 0;
+}
+
+void job_commit(struct job *job)
+{
+	pthread_mutex_lock(&registry_lock);
+	struct job **pp = &jobs_head;
+	while (*pp)
+		pp = &(*pp)->next;
+	*pp = job;
+	pthread_mutex_lock(&job->lock);
+	job->phase = JOB_COMMITTED;
+	job->started_ns = clock_realtime_ns();
+	job->rate_mark_ns = clock_monotonic_ns();
+	emit_state_event(job, "started");
+	pthread_cond_broadcast(&job->wake);
+	pthread_mutex_unlock(&job->lock);
+	pthread_mutex_unlock(&registry_lock);
+}
+
+void job_abandon(struct job *job)
+{
+	pthread_mutex_lock(&job->lock);
+	job->phase = JOB_ABANDONED;
+	pthread_cond_broadcast(&job->wake);
+	pthread_mutex_unlock(&job->lock);
+	if (job->thread_spawned)
+		pthread_join(job->thread, NULL);
+	job->thread_spawned = false;
+	job->driver->abandon(job);
+	job_destroy(job);
+}
+
+void job_for_each(void (*fn)(struct job *job, void *arg), void *arg)
+{
+	pthread_mutex_lock(&registry_lock);
+	for (struct job *j = jobs_head; j; j = j->next)
+		fn(j, arg);
+	pthread_mutex_unlock(&registry_lock);
+}
+
+static void format_time(struct strbuf *out, const char *key, uint64_t ns)
+{
+	if (ns)
+		strbuf_printf(out, "%s=%" PRIu64 ".%09" PRIu64 "\n", key, ns / 1000000000u, ns % 1000000000u);
+	else
+		strbuf_printf(out, "%s=\n", key);
+}
+
+void job_format_status(struct job *job, struct strbuf *out)
+{
+	struct job_progress p = { 0 };
+
+	job->driver->progress(job, &p);
+	pthread_mutex_lock(&job->lock);
+	strbuf_printf(out, "id=%s\ntype=%s\n", job->id, job->driver->type);
+	job->driver->status(job, out);
+	strbuf_printf(out, "state=%s\n", job_state_name(job->state));
+	strbuf_printf(out, "bytes_total=%" PRIu64 "\nbytes_done=%" PRIu64 "\ncbw_bytes=%" PRIu64 "\n",
+		      p.bytes_total, p.bytes_done, p.cbw_bytes);
+	strbuf_printf(out, "speed=%" PRIu64 "\nrate=%" PRIu64 "\n", job->speed,
+		      job_state_concluded(job->state) ? 0 : job->rate);
+	strbuf_printf(out, "cbw_wait_us_p50=%" PRIu64 "\ncbw_wait_us_p99=%" PRIu64 "\n",
+		      latency_percentile(&job->cbw_wait, 500), latency_percentile(&job->cbw_wait, 990));
+	format_time(out, "started", job->started_ns);
+	format_time(out, "finished", job->finished_ns);
+	strbuf_printf(out, "error=%s\n", job->error);
+	pthread_mutex_unlock(&job->lock);
+}
+
+struct job *job_find_by_serial(uint64_t serial)
+{
+	struct job *found = NULL;
+
+	pthread_mutex_lock(&registry_lock);
+	for (struct job *j = jobs_head; j; j = j->next) {
+		if (j->serial == serial) {
+			j->refs++;
+			found = j;
+			break;
+		}
+	}
+	pthread_mutex_unlock(&registry_lock);
+	return found;
+}
+
+int job_cancel(struct job *job, char *err, size_t errlen)
+{
+	int rc = 0;
+
+	pthread_mutex_lock(&job->lock);
+	if (job_state_concluded(job->state))
+		rc = set_error(err, errlen, EBUSY, "cancel %s: job is %s", job->id, job_state_name(job->state));
+	else if (job->stop == JOB_GO_ON)
+		job->stop = JOB_STOP_CANCEL;
+	pthread_cond_broadcast(&job->wake);
+	pthread_mutex_unlock(&job->lock);
+	return rc;
+}
+
+int job_dismiss(struct job *job, char *err, size_t errlen)
+{
+	pthread_mutex_lock(&registry_lock);
+	pthread_mutex_lock(&job->lock);
+	enum job_state state = job->state;
+	pthread_mutex_unlock(&job->lock);
+	if (!job_state_concluded(state)) {
+		pthread_mutex_unlock(&registry_lock);
+		return set_error(err, errlen, EBUSY, "dismiss %s: job is %s (only a concluded job can be dismissed)",
+				 job->id, job_state_name(state));
+	}
+	for (struct job **pp = &jobs_head; *pp; pp = &(*pp)->next) {
+		if (*pp == job) {
+			*pp = job->next;
+			break;
+		}
+	}
+	pthread_mutex_unlock(&registry_lock);
+	job->next = NULL;
+	job_put(job);
+	return 0;
+}
+
+int job_set_speed(struct job *job, uint64_t speed, char *err, size_t errlen)
+{
+	int rc = 0;
+
+	pthread_mutex_lock(&job->lock);
+	if (job_state_concluded(job->state)) {
+		rc = set_error(err, errlen, EBUSY, "set %s: job is %s", job->id, job_state_name(job->state));
+	} else {
+		job->speed = speed;
+		ratelimit_set(&job->ratelimit, speed);
+		pthread_cond_broadcast(&job->wake);
+	}
+	pthread_mutex_unlock(&job->lock);
+	return rc;
+}
+
+enum job_stop job_stop_requested(struct job *job)
+{
+	pthread_mutex_lock(&job->lock);
+	enum job_stop stop = job->stop;
+	pthread_mutex_unlock(&job->lock);
+	return stop;
+}
+
+void job_fail(struct job *job, const char *fmt, ...)
+{
+	va_list ap;
+
+	pthread_mutex_lock(&job->lock);
+	if (!job->error[0]) {
+		va_start(ap, fmt);
+		vsnprintf(job->error, sizeof(job->error), fmt, ap);
+		va_end(ap);
+		for (char *p = job->error; *p; p++)
+			if (*p == '\n')
+				*p = ' ';
+	}
+	if (job->stop != JOB_STOP_FAIL)
+		job->stop = JOB_STOP_FAIL;
+	pthread_cond_broadcast(&job->wake);
+	pthread_mutex_unlock(&job->lock);
+}
+
+/* job->lock held. Keeps `rate` as bytes per second over windows of ~1 s. */
+static void update_rate_locked(struct job *job, uint64_t now, uint64_t done)
+{
+	if (now - job->rate_mark_ns < 1000000000ull)
+		return;
+	job->rate = (done - job->rate_mark_bytes) * 1000000000ull / (now - job->rate_mark_ns);
+	job->rate_mark_ns = now;
+	job->rate_mark_bytes = done;
+}
+
+bool job_throttle(struct job *job, uint64_t n)
+{
+	struct job_progress p = { 0 };
+
+	job->driver->progress(job, &p);
+	pthread_mutex_lock(&job->lock);
+	for (;;) {
+		uint64_t now = clock_monotonic_ns();
+		update_rate_locked(job, now, p.bytes_done);
+		if (job->stop != JOB_GO_ON) {
+			pthread_mutex_unlock(&job->lock);
+			return false;
+		}
+		uint64_t delay = ratelimit_delay(&job->ratelimit, now);
+		if (!delay) {
+			ratelimit_charge(&job->ratelimit, now, n);
+			pthread_mutex_unlock(&job->lock);
+			return true;
+		}
+		struct timespec ts;
+		timespec_from_ns(&ts, now + delay);
+		pthread_cond_timedwait(&job->wake, &job->lock, &ts);
+	}
+}
+
+uint64_t job_chunk_size(struct job *job, uint64_t unit, uint64_t max)
+{
+	pthread_mutex_lock(&job->lock);
+	uint64_t chunk = ratelimit_chunk(&job->ratelimit, unit, max);
+	pthread_mutex_unlock(&job->lock);
+	return chunk;
+}
+
+void job_sleep(struct job *job, uint64_t deadline_ns)
+{
+	struct timespec ts;
+
+	timespec_from_ns(&ts, deadline_ns);
+	pthread_mutex_lock(&job->lock);
+	if (job->stop == JOB_GO_ON)
+		pthread_cond_timedwait(&job->wake, &job->lock, &ts);
+	pthread_mutex_unlock(&job->lock);
+}
+
+void job_cancel_all_and_wait(void)
+{
+	pthread_mutex_lock(&registry_lock);
+	for (struct job *j = jobs_head; j; j = j->next) {
+		pthread_mutex_lock(&j->lock);
+		if (!job_state_concluded(j->state) && j->stop == JOB_GO_ON)
+			j->stop = JOB_STOP_CANCEL;
+		pthread_cond_broadcast(&j->wake);
+		pthread_mutex_unlock(&j->lock);
+	}
+	for (;;) {
+		bool running = false;
+		for (struct job *j = jobs_head; j; j = j->next) {
+			pthread_mutex_lock(&j->lock);
+			running |= !job_state_concluded(j->state);
+			pthread_mutex_unlock(&j->lock);
+		}
+		if (!running)
+			break;
+		pthread_cond_wait(&registry_changed, &registry_lock);
+	}
+	pthread_mutex_unlock(&registry_lock);
+}
+
+void job_free_all(void)
+{
+	pthread_mutex_lock(&registry_lock);
+	struct job *all = jobs_head;
+	jobs_head = NULL;
+	pthread_mutex_unlock(&registry_lock);
+	free_dropped(all);
+}

@@ -1,0 +1,377 @@
+/* fleecefs: options, mount, signals, clean shutdown. */
+#include "config.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <unistd.h>
+
+#define FUSE_USE_VERSION 312
+#include <fuse_lowlevel.h>
+
+#include "fleecefs/ctlfs.h"
+#include "fleecefs/daemon.h"
+#include "fleecefs/fs.h"
+#include "fleecefs/job.h"
+#include "fleecefs/util.h"
+
+#define DEFAULT_THREADS 32
+#define MAX_THREADS 1024
+
+struct options {
+	char *source;
+	char *state_dir;
+	char *cluster_size;
+	char *threads;
+	int debug;
+	int show_version;
+	int show_help;
+};
+
+enum { KEY_DEBUG, KEY_VERSION, KEY_HELP };
+
+static const struct fuse_opt option_spec[] = {
+	{ "state_dir=%s", offsetof(struct options, state_dir), 0 },
+	{ "cluster_size=%s", offsetof(struct options, cluster_size), 0 },
+	{ "threads=%s", offsetof(struct options, threads), 0 },
+	FUSE_OPT_KEY("-d", KEY_DEBUG),
+	FUSE_OPT_KEY("--debug", KEY_DEBUG),
+	FUSE_OPT_KEY("-V", KEY_VERSION),
+	FUSE_OPT_KEY("--version", KEY_VERSION),
+	FUSE_OPT_KEY("-h", KEY_HELP),
+	FUSE_OPT_KEY("--help", KEY_HELP),
+	FUSE_OPT_END
+};
+
+static int option_proc(void *data, const char *arg, int key, struct fuse_args *outargs)
+{
+	struct options *o = data;
+
+	(void)outargs;
+	switch (key) {
+	case KEY_DEBUG:
+		o->debug = 1;
+		return 0;
+	case KEY_VERSION:
+		o->show_version = 1;
+		return 0;
+	case KEY_HELP:
+		o->show_help = 1;
+		return 0;
+	case FUSE_OPT_KEY_NONOPT:
+		if (!o->source) {
+			o->source = strdup(arg);
+			return 0;
+		}
+		return 1;
+	default:
+		return 1;
+	}
+}
+
+static void usage(const char *prog)
+{
+	printf("usage: %s [options] SOURCE_DIR MOUNTPOINT\n\n"
+	       "Mirrors the disk images in SOURCE_DIR at MOUNTPOINT and takes live,\n"
+	       "point-in-time backups of them, driven through MOUNTPOINT/.fleece/ctl.\n\n"
+	       "options:\n"
+	       "    -f                     stay in the foreground, log to stderr\n"
+	       "    -d                     debug log (implies -f)\n"
+	       "    -s                     single-threaded (debugging only)\n"
+	       "    -o state_dir=DIR       persistent state (default SOURCE_DIR/.fleecefs)\n"
+	       "    -o cluster_size=SIZE   copy granularity, power of two 4K..16M (default 64K)\n"
+	       "    -o threads=N           FUSE worker threads (default %d); copy workers\n"
+	       "                           per job are N/16, between 1 and 4\n"
+	       "    -o OPT[,OPT...]        FUSE mount options (allow_other, ...)\n"
+	       "    -V, --version          print the version\n"
+	       "    -h, --help             print this help\n\n"
+	       "See fleecefs(8) and fleecefs-control(5).\n",
+	       prog, DEFAULT_THREADS);
+}
+
+static int die(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static int die(const char *fmt, ...)
+{
+	va_list ap;
+	fprintf(stderr, "fleecefs: ");
+	va_start(ap, fmt);
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fputc('\n', stderr);
+	return 1;
+}
+
+static char *absolute_dir(const char *what, const char *path, int *rc)
+{
+	struct stat st;
+	char *real;
+
+	if (stat(path, &st) < 0) {
+		*rc = die("%s %s: %s", what, path, strerror(errno));
+		return NULL;
+	}
+	if (!S_ISDIR(st.st_mode)) {
+		*rc = die("%s %s: not a directory", what, path);
+		return NULL;
+	}
+	real = realpath(path, NULL);
+	if (!real)
+		*rc = die("%s %s: %s", what, path, strerror(errno));
+	return real;
+}
+
+static bool path_is_inside(const char *inner, const char *outer)
+{
+	size_t n = strlen(outer);
+	if (strcmp(outer, "/") == 0)
+		return true;
+	return strncmp(inner, outer, n) == 0 && (inner[n] == '/' || inner[n] == '\0');
+}
+
+/* Creates the state directory if needed and proves it is writable. */
+static int prepare_state_dir(struct fleece_daemon *d, const char *requested)
+{
+	char *path = NULL;
+	struct stat st;
+	int rc = 0;
+
+	if (requested)
+		path = strdup(requested);
+	else if (asprintf(&path, "%s/.fleecefs", d->source_dir) < 0)
+		path = NULL;
+	if (!path)
+		return die("out of memory");
+	if (mkdir(path, 0700) < 0 && errno != EEXIST) {
+		rc = die("state_dir %s: cannot create: %s", path, strerror(errno));
+		free(path);
+		return rc;
+	}
+	d->state_dir = absolute_dir("state_dir", path, &rc);
+	free(path);
+	if (!d->state_dir)
+		return rc;
+	char probe[PATH_MAX];
+	snprintf(probe, sizeof(probe), "%s/.write-test-%d", d->state_dir, (int)getpid());
+	int fd = open(probe, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+	if (fd < 0)
+		return die("state_dir %s: not writable: %s", d->state_dir, strerror(errno));
+	close(fd);
+	unlink(probe);
+	if (stat(d->state_dir, &st) < 0)
+		return die("state_dir %s: %s", d->state_dir, strerror(errno));
+	d->state_dev = st.st_dev;
+	d->state_ino = st.st_ino;
+	return 0;
+}
+
+static bool is_mount_point(const char *path)
+{
+	struct stat here, parent;
+	char up[PATH_MAX];
+
+	if (strcmp(path, "/") == 0)
+		return true;
+	snprintf(up, sizeof(up), "%s/..", path);
+	if (stat(path, &here) < 0 || stat(up, &parent) < 0)
+		return false;
+	return here.st_dev != parent.st_dev || here.st_ino == parent.st_ino;
+}
+
+/* The device number of our own mount, from mountinfo, so that the daemon can
+ * recognise paths inside itself without asking itself. */
+static dev_t find_mount_dev(const char *mountpoint)
+{
+	FILE *f = fopen("/proc/self/mountinfo", "r");
+	char line[4096];
+	dev_t found = 0;
+
+	if (!f)
+		return 0;
+	while (fgets(line, sizeof(line), f)) {
+		unsigned major, minor;
+		char where[PATH_MAX], decoded[PATH_MAX];
+		if (sscanf(line, "%*u %*u %u:%u %*s %4095s", &major, &minor, where) != 3)
+			continue;
+		/* mountinfo escapes blanks and backslashes as \ooo. */
+		size_t j = 0;
+		for (size_t i = 0; where[i] && j + 1 < sizeof(decoded); i++) {
+			if (where[i] == '\\' && where[i + 1] && where[i + 2] && where[i + 3]) {
+				decoded[j++] = (char)((where[i + 1] - '0') * 64 + (where[i + 2] - '0') * 8 + (where[i + 3] - '0'));
+				i += 3;
+			} else {
+				decoded[j++] = where[i];
+			}
+		}
+		decoded[j] = '\0';
+		if (strcmp(decoded, mountpoint) == 0 && strstr(line, " - fuse"))
+			found = makedev(major, minor);
+	}
+	fclose(f);
+	return found;
+}
+
+int main(int argc, char *argv[])
+{
+	struct fuse_args args = FUSE_ARGS_INIT(argc, argv);
+	struct fuse_cmdline_opts cli = { 0 };
+	struct options opts = { 0 };
+	struct fleece_daemon d = { .source_fd = -1 };
+	struct fuse_session *se = NULL;
+	int rc = 1;
+	uint64_t value;
+
+	if (fuse_opt_parse(&args, &opts, option_spec, option_proc) != 0)
+		return die("bad options (see fleecefs --help)");
+	if (opts.show_help) {
+		usage(argv[0]);
+		return 0;
+	}
+	if (opts.show_version) {
+		printf("fleecefs %s (libfuse %s)\n", PACKAGE_VERSION, fuse_pkgversion());
+		return 0;
+	}
+	if (fuse_parse_cmdline(&args, &cli) != 0)
+		return die("bad options (see fleecefs --help)");
+	if (!opts.source || !cli.mountpoint) {
+		usage(argv[0]);
+		rc = die("SOURCE_DIR and MOUNTPOINT are required");
+		goto out;
+	}
+
+	d.cluster_size = FLEECE_DEFAULT_CLUSTER_SIZE;
+	if (opts.cluster_size) {
+		if (parse_size(opts.cluster_size, &value) || !is_power_of_two(value) || value < 4096 ||
+		    value > (16u << 20)) {
+			rc = die("cluster_size=%s: must be a power of two from 4K to 16M", opts.cluster_size);
+			goto out;
+		}
+		d.cluster_size = (uint32_t)value;
+	}
+	d.threads = DEFAULT_THREADS;
+	if (opts.threads) {
+		if (parse_u64(opts.threads, &value) || value < 1 || value > MAX_THREADS) {
+			rc = die("threads=%s: must be a number from 1 to %d", opts.threads, MAX_THREADS);
+			goto out;
+		}
+		d.threads = (unsigned)value;
+	}
+	d.copy_workers = d.threads / 16 < 1 ? 1 : d.threads / 16 > 4 ? 4 : d.threads / 16;
+
+	if (!(d.source_dir = absolute_dir("SOURCE_DIR", opts.source, &rc)) ||
+	    !(d.mountpoint = absolute_dir("MOUNTPOINT", cli.mountpoint, &rc)))
+		goto out;
+	if (path_is_inside(d.mountpoint, d.source_dir)) {
+		rc = die("MOUNTPOINT %s lies inside SOURCE_DIR %s", d.mountpoint, d.source_dir);
+		goto out;
+	}
+	if (is_mount_point(d.mountpoint)) {
+		rc = die("MOUNTPOINT %s is busy: something is already mounted there", d.mountpoint);
+		goto out;
+	}
+	d.source_fd = open(d.source_dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
+	if (d.source_fd < 0) {
+		rc = die("SOURCE_DIR %s: %s", d.source_dir, strerror(errno));
+		goto out;
+	}
+	if ((rc = prepare_state_dir(&d, opts.state_dir)))
+		goto out;
+	rc = 1;
+	d.owner_uid = getuid();
+	d.owner_gid = getgid();
+	d.started_ns = clock_realtime_ns();
+
+	/* The kernel applies the caller's umask; ours must not apply twice. */
+	umask(0);
+	char fsname[PATH_MAX + 16];
+	snprintf(fsname, sizeof(fsname), "-ofsname=%s", d.source_dir);
+	/* Permission checks by the kernel against the source's modes; without
+	 * this, allow_other would let anyone write any image. */
+	if (fuse_opt_add_arg(&args, "-odefault_permissions") || fuse_opt_add_arg(&args, "-osubtype=fleecefs") ||
+	    fuse_opt_add_arg(&args, fsname)) {
+		rc = die("out of memory");
+		goto out;
+	}
+	log_setup(cli.foreground || opts.debug, opts.debug);
+	if (fs_setup(&d) < 0) {
+		rc = die("SOURCE_DIR %s: %s", d.source_dir, strerror(errno));
+		goto out;
+	}
+	ctlfs_init(&d);
+	se = fuse_session_new(&args, &fs_operations, sizeof(fs_operations), &d);
+	if (!se) {
+		rc = die("cannot create the FUSE session (bad -o option?)");
+		goto out;
+	}
+	if (fuse_set_signal_handlers(se) != 0) {
+		rc = die("cannot install signal handlers");
+		goto out;
+	}
+	if (fuse_session_mount(se, d.mountpoint) != 0) {
+		fuse_remove_signal_handlers(se);
+		rc = die("MOUNTPOINT %s: cannot mount (is /dev/fuse usable? see above)", d.mountpoint);
+		goto out;
+	}
+	d.mount_dev = find_mount_dev(d.mountpoint);
+	if (fuse_daemonize(cli.foreground || opts.debug) != 0) {
+		fuse_session_unmount(se);
+		fuse_remove_signal_handlers(se);
+		rc = die("cannot go to the background");
+		goto out;
+	}
+	log_info("serving %s at %s (state_dir %s, cluster_size %u, threads %u)", d.source_dir, d.mountpoint,
+		 d.state_dir, d.cluster_size, d.threads);
+
+	int loop_rc;
+	if (cli.singlethread) {
+		loop_rc = fuse_session_loop(se);
+	} else {
+		struct fuse_loop_config *cfg = fuse_loop_cfg_create();
+		fuse_loop_cfg_set_clone_fd(cfg, 1);
+		fuse_loop_cfg_set_max_threads(cfg, d.threads);
+		/* Idle workers are never destroyed (the default): a guest's next
+		 * burst should not pay for thread creation. */
+		if (cli.max_idle_threads != UINT_MAX)
+			fuse_loop_cfg_set_idle_threads(cfg, cli.max_idle_threads);
+		loop_rc = fuse_session_loop_mt(se, cfg);
+		fuse_loop_cfg_destroy(cfg);
+	}
+
+	/* Clean stop: every guest request has been answered. Jobs end as
+	 * cancelled (their targets removed), parked event reads end, and what
+	 * the guests wrote is made durable. */
+	log_info("stopping: cancelling jobs");
+	job_cancel_all_and_wait();
+	ctlfs_shutdown();
+	if (syncfs(d.source_fd) < 0)
+		log_warn("syncfs %s: %s", d.source_dir, strerror(errno));
+	fuse_session_unmount(se);
+	fuse_remove_signal_handlers(se);
+	rc = loop_rc < 0 && loop_rc != -EINTR ? 1 : 0;
+	if (rc)
+		log_error("session ended with %s", strerror(-loop_rc));
+	else
+		log_info("unmounted %s", d.mountpoint);
+out:
+	if (se)
+		fuse_session_destroy(se);
+	job_free_all();
+	fs_teardown();
+	if (d.source_fd >= 0)
+		close(d.source_fd);
+	free(d.source_dir);
+	free(d.mountpoint);
+	free(d.state_dir);
+	free(opts.source);
+	free(opts.state_dir);
+	free(opts.cluster_size);
+	free(opts.threads);
+	free(cli.mountpoint);
+	fuse_opt_free_args(&args);
+	return rc;
+}

@@ -1,0 +1,138 @@
+/* target-raw: a sparse file of the image's size.
+ *
+ * Writes are buffered; every WRITEBACK_CHUNK bytes the range just written is
+ * handed to writeback (sync_file_range) so that the final fdatasync does not
+ * meet gigabytes of dirty pages at once and the page cache does not fill with
+ * backup data the host will never read again.
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "fleecefs/target.h"
+#include "fleecefs/util.h"
+
+#define WRITEBACK_CHUNK (32ull << 20)
+
+struct raw_target {
+	struct target base;
+	int fd;
+	atomic_uint_fast64_t unsynced;
+};
+
+static struct raw_target *raw(struct target *t) { return (struct raw_target *)t; }
+
+static int raw_write(struct target *t, uint64_t off, const void *buf, size_t len)
+{
+	struct raw_target *r = raw(t);
+	ssize_t n = pwrite_full(r->fd, buf, len, off);
+
+	if (n < 0)
+		return (int)n;
+	if (atomic_fetch_add(&r->unsynced, len) + len >= WRITEBACK_CHUNK) {
+		atomic_store(&r->unsynced, 0);
+		/* Start writeback of everything written so far, without waiting. */
+		sync_file_range(r->fd, 0, 0, SYNC_FILE_RANGE_WRITE);
+	}
+	return 0;
+}
+
+static int raw_write_zeroes(struct target *t, uint64_t off, uint64_t len)
+{
+	struct raw_target *r = raw(t);
+
+	if (t->fresh)
+		return 0;
+	if (fallocate(r->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len) == 0)
+		return 0;
+	/* No hole punching here: write real zeroes. */
+	static const char zeroes[65536];
+	while (len) {
+		size_t n = (size_t)min_u64(len, sizeof(zeroes));
+		ssize_t w = pwrite_full(r->fd, zeroes, n, off);
+		if (w < 0)
+			return (int)w;
+		off += n;
+		len -= n;
+	}
+	return 0;
+}
+
+static int raw_finish(struct target *t)
+{
+	struct raw_target *r = raw(t);
+	int rc = 0;
+
+	if (fdatasync(r->fd) < 0)
+		rc = -errno;
+	if (close(r->fd) < 0 && !rc)
+		rc = -errno;
+	r->fd = -1;
+	if (!rc)
+		rc = fsync_parent_dir(t->path);
+	return rc;
+}
+
+static void raw_abort(struct target *t)
+{
+	struct raw_target *r = raw(t);
+
+	if (r->fd >= 0)
+		close(r->fd);
+	r->fd = -1;
+	unlink(t->path);
+}
+
+static void raw_free(struct target *t)
+{
+	struct raw_target *r = raw(t);
+
+	if (r->fd >= 0)
+		close(r->fd);
+	free(t->path);
+	free(r);
+}
+
+static const struct target_ops raw_ops = {
+	.write = raw_write,
+	.write_zeroes = raw_write_zeroes,
+	.finish = raw_finish,
+	.abort = raw_abort,
+	.free = raw_free,
+};
+
+int target_raw_create(const char *path, uint64_t size, struct target **out, char *err, size_t errlen)
+{
+	struct raw_target *r = calloc(1, sizeof(*r));
+
+	if (!r || !(r->base.path = strdup(path))) {
+		free(r);
+		return set_error(err, errlen, ENOMEM, "target %s: out of memory", path);
+	}
+	r->base.ops = &raw_ops;
+	r->base.size = size;
+	r->base.fresh = 1;
+	/* Backups hold whole disks: readable by the owner only. */
+	r->fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+	if (r->fd < 0) {
+		int e = errno;
+		free(r->base.path);
+		free(r);
+		return set_error(err, errlen, e, "target %s: cannot create: %s", path, strerror(e));
+	}
+	if (ftruncate(r->fd, (off_t)size) < 0) {
+		int e = errno;
+		raw_abort(&r->base);
+		raw_free(&r->base);
+		return set_error(err, errlen, e, "target %s: cannot size to %llu bytes: %s", path,
+				 (unsigned long long)size, strerror(e));
+	}
+	atomic_init(&r->unsynced, 0);
+	*out = &r->base;
+	return 0;
+}

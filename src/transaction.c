@@ -1,0 +1,373 @@
+/* transaction: see include/fleecefs/transaction.h */
+#include "config.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <libgen.h>
+#include <limits.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "fleecefs/backup.h"
+#include "fleecefs/control.h"
+#include "fleecefs/daemon.h"
+#include "fleecefs/image.h"
+#include "fleecefs/job.h"
+#include "fleecefs/transaction.h"
+#include "fleecefs/util.h"
+
+static pthread_mutex_t control_mutex = PTHREAD_MUTEX_INITIALIZER;
+
+#define ERR_MAX 512
+
+/* What step 2 found out about one command. */
+struct resolved {
+	struct image *image;      /* backup: referenced */
+	struct job *job;          /* job verbs: referenced */
+	struct job *prepared;     /* backup: after step 3 */
+};
+
+struct txn_state {
+	const struct fleece_daemon *d;
+	struct ctl_txn parsed;
+	struct resolved *res;
+	struct image *gates[CTL_MAX_IMAGES * 4];
+	unsigned ngates;
+	char err[ERR_MAX];
+};
+
+static const char *errno_text(int e)
+{
+	static __thread char buf[128];
+	return strerror_r(e, buf, sizeof(buf));
+}
+
+/* Opens IMAGE below the source directory, one component at a time, never
+ * following a symlink and never entering the state directory. */
+static int open_image(const struct fleece_daemon *d, unsigned line, const char *path, int *out,
+		      char *err, size_t errlen)
+{
+	char copy[PATH_MAX];
+	int dirfd = d->source_fd, fd = -1;
+	struct stat st;
+
+	snprintf(copy, sizeof(copy), "%s", path);
+	if (strcmp(copy, FLEECE_CONTROL_DIR) == 0 || strncmp(copy, FLEECE_CONTROL_DIR "/", 8) == 0)
+		return set_error(err, errlen, ENOENT, "line %u: image %s: no such image", line, path);
+	for (char *comp = copy, *next; comp; comp = next) {
+		next = strchr(comp, '/');
+		if (next)
+			*next++ = '\0';
+		fd = openat(dirfd, comp, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+		if (dirfd != d->source_fd)
+			close(dirfd);
+		if (fd < 0) {
+			int e = errno;
+			return set_error(err, errlen, e, "line %u: image %s: %s", line, path,
+					 e == ENOENT ? "no such image" : errno_text(e));
+		}
+		if (fstat(fd, &st) < 0) {
+			int e = errno;
+			close(fd);
+			return set_error(err, errlen, e, "line %u: image %s: %s", line, path, errno_text(e));
+		}
+		if (st.st_dev == d->state_dev && st.st_ino == d->state_ino) {
+			close(fd);
+			return set_error(err, errlen, ENOENT, "line %u: image %s: no such image", line, path);
+		}
+		if (next && !S_ISDIR(st.st_mode)) {
+			close(fd);
+			return set_error(err, errlen, S_ISLNK(st.st_mode) ? ELOOP : ENOTDIR,
+					 "line %u: image %s: '%s' is not a directory%s", line, path, comp,
+					 S_ISLNK(st.st_mode) ? " (symlinks are not followed)" : "");
+		}
+		dirfd = fd;
+	}
+	if (!S_ISREG(st.st_mode)) {
+		close(fd);
+		return set_error(err, errlen, EINVAL, "line %u: image %s: not a regular file%s", line, path,
+				 S_ISLNK(st.st_mode) ? " (symlinks are not followed)" : "");
+	}
+	*out = fd;
+	return 0;
+}
+
+/* TARGET must not lie inside the mount (the daemon would write through itself)
+ * and its directory must exist. */
+static int check_target(const struct fleece_daemon *d, unsigned line, const char *target, char *err, size_t errlen)
+{
+	size_t mlen = strlen(d->mountpoint);
+	char copy[PATH_MAX];
+	struct stat st;
+
+	if (strncmp(target, d->mountpoint, mlen) == 0 && (target[mlen] == '/' || target[mlen] == '\0'))
+		return set_error(err, errlen, EINVAL, "line %u: target %s: lies inside the mount %s", line, target,
+				 d->mountpoint);
+	snprintf(copy, sizeof(copy), "%s", target);
+	const char *dir = dirname(copy);
+	if (stat(dir, &st) < 0) {
+		int e = errno;
+		return set_error(err, errlen, e, "line %u: target %s: directory %s: %s", line, target, dir,
+				 errno_text(e));
+	}
+	if (!S_ISDIR(st.st_mode))
+		return set_error(err, errlen, ENOTDIR, "line %u: target %s: %s is not a directory", line, target, dir);
+	if (d->mount_dev && st.st_dev == d->mount_dev)
+		return set_error(err, errlen, EINVAL, "line %u: target %s: lies inside the mount %s", line, target,
+				 d->mountpoint);
+	if (lstat(target, &st) == 0)
+		return set_error(err, errlen, EEXIST, "line %u: target %s: already exists", line, target);
+	return 0;
+}
+
+static int not_yet(unsigned line, const char *what, char *err, size_t errlen)
+{
+	return set_error(err, errlen, EOPNOTSUPP, "line %u: %s is not supported by this version", line, what);
+}
+
+static int check_backup(struct txn_state *s, unsigned i)
+{
+	const struct ctl_command *c = &s->parsed.cmds[i];
+	const struct ctl_backup *b = &c->u.backup;
+	unsigned line = c->line;
+	int fd = -1, rc;
+
+	if (b->sync != SYNC_FULL)
+		return not_yet(line, b->sync == SYNC_TOP ? "backup sync=top" :
+				      b->sync == SYNC_NONE ? "backup sync=none" : "backup sync=incremental",
+			       s->err, sizeof(s->err));
+	if (b->format != FORMAT_RAW)
+		return not_yet(line, "backup format=qcow2", s->err, sizeof(s->err));
+	if (b->bitmap)
+		return not_yet(line, "backup bitmap=", s->err, sizeof(s->err));
+	if (b->fleecing)
+		return not_yet(line, "backup fleecing=on", s->err, sizeof(s->err));
+	if (b->group)
+		return not_yet(line, "backup group=", s->err, sizeof(s->err));
+	if (b->on_source_error != POLICY_REPORT || b->on_target_error != POLICY_REPORT ||
+	    b->on_cbw_error != CBW_BREAK_SNAPSHOT || b->cbw_timeout_ms)
+		return not_yet(line, "backup error policies other than the defaults", s->err, sizeof(s->err));
+	if (b->id) {
+		if (job_id_taken(b->id))
+			return set_error(s->err, sizeof(s->err), EEXIST, "line %u: backup: id %s is taken", line, b->id);
+		for (unsigned j = 0; j < i; j++) {
+			const struct ctl_command *o = &s->parsed.cmds[j];
+			if (o->verb == CTL_BACKUP && o->u.backup.id && strcmp(o->u.backup.id, b->id) == 0)
+				return set_error(s->err, sizeof(s->err), EEXIST,
+						 "line %u: backup: id %s is used twice in this write", line, b->id);
+		}
+	}
+	for (unsigned j = 0; j < i; j++) {
+		const struct ctl_command *o = &s->parsed.cmds[j];
+		if (o->verb == CTL_BACKUP && strcmp(o->u.backup.target, b->target) == 0)
+			return set_error(s->err, sizeof(s->err), EEXIST,
+					 "line %u: backup: target %s is used twice in this write", line, b->target);
+	}
+	if ((rc = check_target(s->d, line, b->target, s->err, sizeof(s->err))))
+		return rc;
+	if ((rc = open_image(s->d, line, b->image, &fd, s->err, sizeof(s->err))))
+		return rc;
+	rc = image_get(fd, &s->res[i].image);
+	close(fd);
+	if (rc)
+		return set_error(s->err, sizeof(s->err), -rc, "line %u: image %s: %s", line, b->image, errno_text(-rc));
+	if (s->res[i].image->read_fd < 0)
+		return set_error(s->err, sizeof(s->err), EACCES, "line %u: image %s: the daemon cannot read it",
+				 line, b->image);
+	return 0;
+}
+
+static int check_job_verb(struct txn_state *s, unsigned i)
+{
+	const struct ctl_command *c = &s->parsed.cmds[i];
+	const char *verb = ctl_verb_name(c->verb);
+	struct job *job = job_find(c->u.job.id);
+
+	if (!job)
+		return set_error(s->err, sizeof(s->err), ENOENT, "line %u: %s: no job %s", c->line, verb, c->u.job.id);
+	s->res[i].job = job;
+	pthread_mutex_lock(&job->lock);
+	enum job_state state = job->state;
+	pthread_mutex_unlock(&job->lock);
+	bool concluded = job_state_concluded(state);
+	if (c->verb == CTL_DISMISS && !concluded)
+		return set_error(s->err, sizeof(s->err), EBUSY,
+				 "line %u: dismiss %s: job is %s (only a concluded job can be dismissed)", c->line,
+				 job->id, job_state_name(state));
+	if ((c->verb == CTL_CANCEL || c->verb == CTL_SET) && concluded)
+		return set_error(s->err, sizeof(s->err), EBUSY, "line %u: %s %s: job is %s", c->line, verb, job->id,
+				 job_state_name(state));
+	for (unsigned j = 0; j < i; j++)
+		if (s->res[j].job == job && s->parsed.cmds[j].verb == CTL_DISMISS)
+			return set_error(s->err, sizeof(s->err), ENOENT, "line %u: %s: job %s is dismissed on line %u",
+					 c->line, verb, job->id, s->parsed.cmds[j].line);
+	return 0;
+}
+
+static int check_all(struct txn_state *s)
+{
+	for (unsigned i = 0; i < s->parsed.ncmds; i++) {
+		const struct ctl_command *c = &s->parsed.cmds[i];
+		int rc;
+		switch (c->verb) {
+		case CTL_BACKUP:
+			rc = check_backup(s, i);
+			break;
+		case CTL_CANCEL:
+		case CTL_DISMISS:
+		case CTL_SET:
+			rc = check_job_verb(s, i);
+			break;
+		default:
+			rc = not_yet(c->line, ctl_verb_name(c->verb), s->err, sizeof(s->err));
+			break;
+		}
+		if (rc)
+			return rc;
+	}
+	return 0;
+}
+
+static int compare_pointers(const void *a, const void *b)
+{
+	uintptr_t x = (uintptr_t)*(void *const *)a, y = (uintptr_t)*(void *const *)b;
+	return x < y ? -1 : x > y;
+}
+
+/* Closes the gates of every involved image, in address order, once each. */
+static void close_gates(struct txn_state *s)
+{
+	s->ngates = 0;
+	for (unsigned i = 0; i < s->parsed.ncmds; i++)
+		if (s->res[i].image)
+			s->gates[s->ngates++] = s->res[i].image;
+	qsort(s->gates, s->ngates, sizeof(s->gates[0]), compare_pointers);
+	unsigned n = 0;
+	for (unsigned i = 0; i < s->ngates; i++)
+		if (!n || s->gates[n - 1] != s->gates[i])
+			s->gates[n++] = s->gates[i];
+	s->ngates = n;
+	for (unsigned i = 0; i < s->ngates; i++)
+		gate_close(&s->gates[i]->gate);
+}
+
+static void open_gates(struct txn_state *s)
+{
+	for (unsigned i = s->ngates; i-- > 0;)
+		gate_open(&s->gates[i]->gate);
+}
+
+static int prepare_all(struct txn_state *s)
+{
+	for (unsigned i = 0; i < s->parsed.ncmds; i++) {
+		const struct ctl_command *c = &s->parsed.cmds[i];
+		if (c->verb != CTL_BACKUP)
+			continue;
+		struct backup_params p = {
+			.cmd = &c->u.backup,
+			.image = s->res[i].image,
+			.image_path = c->u.backup.image,
+			.cluster_size = s->d->cluster_size,
+			.copy_workers = s->d->copy_workers,
+		};
+		char msg[ERR_MAX - 32];
+		int rc = backup_prepare(&p, &s->res[i].prepared, msg, sizeof(msg));
+		if (rc) {
+			snprintf(s->err, sizeof(s->err), "line %u: %s", c->line, msg);
+			return rc;
+		}
+	}
+	return 0;
+}
+
+static void commit_all(struct txn_state *s, struct strbuf *answer)
+{
+	char ignored[ERR_MAX];
+
+	strbuf_printf(answer, "ok");
+	for (unsigned i = 0; i < s->parsed.ncmds; i++) {
+		const struct ctl_command *c = &s->parsed.cmds[i];
+		struct job *job = s->res[i].job;
+		switch (c->verb) {
+		case CTL_BACKUP:
+			job_commit(s->res[i].prepared);
+			strbuf_printf(answer, " id=%s", s->res[i].prepared->id);
+			s->res[i].prepared = NULL;
+			break;
+		/* Checked in step 2; a job that concluded since then needs no cancel. */
+		case CTL_CANCEL:
+			job_cancel(job, ignored, sizeof(ignored));
+			break;
+		case CTL_SET:
+			job_set_speed(job, c->u.job.speed, ignored, sizeof(ignored));
+			break;
+		case CTL_DISMISS:
+			job_dismiss(job, ignored, sizeof(ignored));
+			break;
+		default:
+			break;
+		}
+	}
+	strbuf_printf(answer, "\n");
+}
+
+/* With the gates still closed, so no guest write ever sees a hook of a job
+ * that never started. */
+static void abandon_prepared(struct txn_state *s)
+{
+	for (unsigned i = 0; i < s->parsed.ncmds; i++) {
+		if (s->res[i].prepared)
+			job_abandon(s->res[i].prepared);
+		s->res[i].prepared = NULL;
+	}
+}
+
+static void release_resolved(struct txn_state *s)
+{
+	for (unsigned i = 0; s->res && i < s->parsed.ncmds; i++) {
+		if (s->res[i].image)
+			image_put(s->res[i].image);
+		if (s->res[i].job)
+			job_put(s->res[i].job);
+	}
+	free(s->res);
+}
+
+int txn_execute(const struct fleece_daemon *d, const char *text, size_t len, char **answer)
+{
+	struct txn_state s = { .d = d };
+	struct strbuf out = { 0 };
+	int rc;
+
+	pthread_mutex_lock(&control_mutex);
+	rc = ctl_parse(text, len, &s.parsed, s.err, sizeof(s.err));
+	if (!rc && !(s.res = calloc(s.parsed.ncmds, sizeof(*s.res))))
+		rc = set_error(s.err, sizeof(s.err), ENOMEM, "out of memory");
+	if (!rc)
+		rc = check_all(&s);
+	if (!rc) {
+		image_namespace_lock_exclusive();
+		close_gates(&s);
+		rc = prepare_all(&s);
+		if (!rc)
+			commit_all(&s, &out);
+		else
+			abandon_prepared(&s);
+		open_gates(&s);
+		image_namespace_unlock();
+	}
+	release_resolved(&s);
+	ctl_txn_free(&s.parsed);
+	pthread_mutex_unlock(&control_mutex);
+	if (rc) {
+		strbuf_free(&out);
+		strbuf_printf(&out, "error: %s\n", s.err);
+		log_info("control: %s", s.err);
+	}
+	*answer = strbuf_steal(&out);
+	return rc;
+}

@@ -1,0 +1,116 @@
+# lib.sh: sourced by every functional test. Each test gets its own temporary
+# directory, mounts fleecefs there, and on exit (success, failure or signal)
+# unmounts and kills what it started, by PID, then removes the directory.
+set -euo pipefail
+
+: "${FLEECEFS:?FLEECEFS must point at the fleecefs binary (run through make check)}"
+: "${TESTS_DIR:=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)}"
+export TESTS_DIR
+
+if [ ! -w /dev/fuse ] || ! command -v fusermount3 >/dev/null; then
+	echo "SKIP: /dev/fuse or fusermount3 not usable here"
+	exit 77
+fi
+
+T=$(mktemp -d "${TMPDIR:-/tmp}/fleecefs-test.XXXXXX")
+SRC=$T/src MNT=$T/mnt OUT=$T/out
+mkdir -p "$SRC" "$MNT" "$OUT"
+DAEMON_PID=
+BG_PIDS=()
+
+log() { printf '%s: %s\n' "$(basename "$0")" "$*"; }
+fail() { printf 'FAIL: %s\n' "$*" >&2; exit 1; }
+
+cleanup() {
+	local rc=$? p
+	trap - EXIT
+	for p in "${BG_PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+	for p in "${BG_PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+	if mountpoint -q "$MNT" 2>/dev/null; then
+		fusermount3 -u "$MNT" 2>/dev/null || fusermount3 -uz "$MNT" 2>/dev/null || true
+	fi
+	if [ -n "$DAEMON_PID" ]; then
+		for _ in $(seq 100); do kill -0 "$DAEMON_PID" 2>/dev/null || break; sleep 0.1; done
+		kill -9 "$DAEMON_PID" 2>/dev/null || true
+		wait "$DAEMON_PID" 2>/dev/null || true
+	fi
+	if [ "$rc" != 0 ] && [ -s "$T/daemon.log" ]; then
+		echo "--- daemon log (last 40 lines) ---" >&2
+		tail -n 40 "$T/daemon.log" >&2
+	fi
+	rm -rf "$T"
+	exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# mount_fleece [fleecefs options...]: mounts $SRC at $MNT in the foreground
+# process $DAEMON_PID and waits until the control directory answers.
+mount_fleece() {
+	"$FLEECEFS" -f "$@" "$SRC" "$MNT" 2>>"$T/daemon.log" &
+	DAEMON_PID=$!
+	for _ in $(seq 100); do
+		[ -e "$MNT/.fleece/version" ] && return 0
+		kill -0 "$DAEMON_PID" 2>/dev/null || fail "fleecefs exited at mount: $(tail -3 "$T/daemon.log")"
+		sleep 0.05
+	done
+	fail "fleecefs did not come up"
+}
+
+# unmount_fleece: unmounts and waits for the daemon; its exit status in $DAEMON_RC.
+unmount_fleece() {
+	fusermount3 -u "$MNT"
+	DAEMON_RC=0
+	wait "$DAEMON_PID" || DAEMON_RC=$?
+	DAEMON_PID=
+}
+
+# ctl COMMAND...: one write to .fleece/ctl (one transaction; pass several
+# lines in one argument). Prints the answer read back; returns 0 iff the
+# write succeeded. CTL_ERRNO holds the errno name the write failed with.
+ctl() {
+	python3 - "$MNT/.fleece/ctl" "$*" <<'PY'
+import errno, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+rc = 0
+try:
+    os.write(fd, (sys.argv[2] + "\n").encode())
+except OSError as e:
+    rc = 1
+    sys.stderr.write(errno.errorcode.get(e.errno, str(e.errno)) + "\n")
+print(os.read(fd, 65536).decode(), end="")
+sys.exit(rc)
+PY
+}
+
+# ctl_expect ERRNO COMMAND...: the write must fail with ERRNO (e.g. EINVAL);
+# prints the answer.
+ctl_expect() {
+	local want=$1 out err
+	shift
+	if out=$(ctl "$@" 2>"$T/ctl.err"); then
+		fail "'$*' succeeded ($out), expected $want"
+	fi
+	err=$(cat "$T/ctl.err")
+	[ "$err" = "$want" ] || fail "'$*' failed with $err, expected $want ($out)"
+	case $out in "error: "*) ;; *) fail "'$*': answer '$out' is not 'error: ...'";; esac
+	[ "$(printf '%s' "$out" | wc -l)" -le 1 ] || fail "'$*': answer is more than one line: $out"
+	printf '%s\n' "$out"
+}
+
+# status ID KEY: one key of a job's status.
+status() { sed -n "s/^$2=//p" "$MNT/.fleece/jobs/$1/status"; }
+
+# wait_job ID [TIMEOUT_S]: waits until the job concluded; prints its state.
+wait_job() {
+	local id=$1 limit=${2:-120} s
+	for _ in $(seq $((limit * 20))); do
+		s=$(status "$id" state)
+		case $s in completed|failed|cancelled) echo "$s"; return 0;; esac
+		sleep 0.05
+	done
+	fail "job $id did not conclude in ${limit}s (state $s)"
+}
+
+# random_image PATH SIZE: random content, not sparse.
+random_image() { head -c "$2" /dev/urandom > "$1"; }
