@@ -85,10 +85,11 @@ static void *copy_worker(void *arg)
 
 	for (;;) {
 		uint64_t chunk = job_chunk_size(job, chunk_unit, max_u64(COPY_CHUNK_MAX, chunk_unit));
-		if (!job_throttle(job, chunk))
+		if (!job_throttle(job))
 			return NULL;
-		uint64_t from = atomic_load(&b->cursor), cursor = from;
-		int64_t n = blockcopy_copy_next(&b->bc, &cursor, chunk);
+		uint64_t from = atomic_load(&b->cursor), cursor = from, read_bytes = 0;
+		int64_t n = blockcopy_copy_next(&b->bc, &cursor, chunk, &read_bytes);
+		job_charge(job, read_bytes);
 		if (n < 0) {
 			job_fail(job, "background copy at offset %" PRIu64 ": %s", cursor, strerror_safe((int)-n));
 			return NULL;

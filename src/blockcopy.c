@@ -67,7 +67,7 @@ static bool source_has_data(struct blockcopy *bc, uint64_t off, uint64_t len)
 
 /* Copies the claimed run [first, first + count): read once, checksum each
  * cluster, write the non-zero ones. The caller releases the claim. */
-static int copy_run(struct blockcopy *bc, uint64_t first, uint64_t count, void *buf)
+static int copy_run(struct blockcopy *bc, uint64_t first, uint64_t count, void *buf, uint64_t *read_bytes)
 {
 	uint64_t off = first << bc->cluster_bits;
 	uint64_t len = min_u64(count << bc->cluster_bits, bc->size - off);
@@ -78,6 +78,7 @@ static int copy_run(struct blockcopy *bc, uint64_t first, uint64_t count, void *
 		rc = read_source(bc, buf, off, len);
 		if (rc)
 			return rc;
+		*read_bytes += len;
 	} else {
 		memset(buf, 0, (size_t)len);
 	}
@@ -139,7 +140,8 @@ int blockcopy_before_write(struct blockcopy *bc, uint64_t off, uint64_t len, uin
 					deadline_ns, &run_first, &run_count);
 		if (rc <= 0)
 			return rc;
-		rc = copy_run(bc, run_first, run_count, buf);
+		uint64_t read_bytes = 0;
+		rc = copy_run(bc, run_first, run_count, buf, &read_bytes);
 		inflight_release(&bc->inflight, &bc->pending, run_first, run_count, rc == 0);
 		if (rc)
 			return rc;
@@ -150,7 +152,7 @@ int blockcopy_before_write(struct blockcopy *bc, uint64_t off, uint64_t len, uin
 	}
 }
 
-int64_t blockcopy_copy_next(struct blockcopy *bc, uint64_t *cursor, uint64_t max_bytes)
+int64_t blockcopy_copy_next(struct blockcopy *bc, uint64_t *cursor, uint64_t max_bytes, uint64_t *read_bytes)
 {
 	uint64_t max_run = max_u64(max_bytes >> bc->cluster_bits, 1);
 	uint64_t first = *cursor >> bc->cluster_bits;
@@ -166,7 +168,7 @@ int64_t blockcopy_copy_next(struct blockcopy *bc, uint64_t *cursor, uint64_t max
 		*cursor = bc->size;
 		return rc;
 	}
-	rc = copy_run(bc, run_first, run_count, buf);
+	rc = copy_run(bc, run_first, run_count, buf, read_bytes);
 	inflight_release(&bc->inflight, &bc->pending, run_first, run_count, rc == 0);
 	*cursor = (run_first + run_count) << bc->cluster_bits;
 	if (rc)

@@ -360,7 +360,7 @@ static void update_rate_locked(struct job *job, uint64_t now, uint64_t done)
 	job->rate_mark_bytes = done;
 }
 
-bool job_throttle(struct job *job, uint64_t n)
+bool job_throttle(struct job *job)
 {
 	struct job_progress p = { 0 };
 
@@ -375,7 +375,6 @@ bool job_throttle(struct job *job, uint64_t n)
 		}
 		uint64_t delay = ratelimit_delay(&job->ratelimit, now);
 		if (!delay) {
-			ratelimit_charge(&job->ratelimit, now, n);
 			pthread_mutex_unlock(&job->lock);
 			return true;
 		}
@@ -383,6 +382,15 @@ bool job_throttle(struct job *job, uint64_t n)
 		timespec_from_ns(&ts, now + delay);
 		pthread_cond_timedwait(&job->wake, &job->lock, &ts);
 	}
+}
+
+void job_charge(struct job *job, uint64_t n)
+{
+	if (!n)
+		return;
+	pthread_mutex_lock(&job->lock);
+	ratelimit_charge(&job->ratelimit, clock_monotonic_ns(), n);
+	pthread_mutex_unlock(&job->lock);
 }
 
 uint64_t job_chunk_size(struct job *job, uint64_t unit, uint64_t max)

@@ -83,8 +83,9 @@ int blockcopy_before_write(struct blockcopy *bc, uint64_t off, uint64_t len, uin
 /* Background copy: copies the next unclaimed pending run at or after *cursor
  * (at most max_bytes, whole clusters). Returns the bytes resolved (> 0), 0 when
  * no unclaimed pending cluster is left from *cursor on, or -errno (the run
- * stays pending). *cursor moves past the run. */
-int64_t blockcopy_copy_next(struct blockcopy *bc, uint64_t *cursor, uint64_t max_bytes);
+ * stays pending). *cursor moves past the run; *read_bytes grows by what was
+ * read from the source (holes are not read). */
+int64_t blockcopy_copy_next(struct blockcopy *bc, uint64_t *cursor, uint64_t max_bytes, uint64_t *read_bytes);
 
 /* Clusters still pending (each at most cluster_size bytes). */
 static inline uint64_t blockcopy_pending_clusters(const struct blockcopy *bc)

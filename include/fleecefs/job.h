@@ -109,9 +109,11 @@ enum job_stop job_stop_requested(struct job *job);
 /* Records the first error and asks the job thread to stop as failed; safe
  * from any thread (the copy-before-write path uses it). */
 void job_fail(struct job *job, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-/* Waits for the rate limiter before copying n bytes; returns early (false)
- * when a stop is requested. Charges n when it returns true. */
-bool job_throttle(struct job *job, uint64_t n);
+/* Waits until the rate limiter lets more through; false when a stop is
+ * requested instead. */
+bool job_throttle(struct job *job);
+/* Accounts n bytes copied (the rate limit paces what was really read). */
+void job_charge(struct job *job, uint64_t n);
 /* The chunk size the background copy should use now. */
 uint64_t job_chunk_size(struct job *job, uint64_t unit, uint64_t max);
 /* Sleeps until deadline (monotonic ns) or until woken by a request. */

@@ -114,3 +114,20 @@ wait_job() {
 
 # random_image PATH SIZE: random content, not sparse.
 random_image() { head -c "$2" /dev/urandom > "$1"; }
+
+# soft CHECK [ARGS...]: runs CHECK (a function or command) in a subshell; if it
+# fails (or calls fail), the failure is reported and counted and the test goes
+# on, so that one broken behaviour does not hide the next. end_test fails the
+# test if any soft check failed. CHECK cannot change the caller's variables.
+SOFT_FAILS=0
+soft() {
+	if ! ( "$@" ); then
+		printf 'FAIL (continuing): %s\n' "$*" >&2
+		SOFT_FAILS=$((SOFT_FAILS + 1))
+	fi
+	return 0
+}
+end_test() {
+	[ "$SOFT_FAILS" = 0 ] || fail "$SOFT_FAILS check(s) failed (see FAIL lines above)"
+	log "PASS"
+}

@@ -1,0 +1,226 @@
+#!/usr/bin/env python3
+"""Point-in-time check under concurrent, unaligned writers.
+
+Several writer threads write through the mount while a backup starts and runs.
+Every byte of the image belongs to exactly one writer (so each writer's own
+order defines the byte's history): small writers own interleaved stripes of
+STRIPE bytes in the lower half (a stripe is not a divisor of the cluster size,
+so stripes and writes straddle clusters and several writers race on one
+cluster), the big writer owns the upper half and writes up to 1.1 MiB at a time
+at unaligned offsets. Write data is regenerated from (writer, seq), so nothing
+is kept in memory but offsets and times.
+
+Afterwards:
+  * the image must equal the base plus every write, in each writer's order;
+  * the target must equal the base plus, for each writer, a prefix of its
+    writes (a cut), and the cuts must be consistent with one instant T:
+    every included write started before every excluded write ended.
+Exit status 0 on success; prints what differs otherwise.
+"""
+import argparse
+import os
+import random
+import sys
+import threading
+import time
+
+STRIPE = 3000
+
+
+def data_for(writer, seq, length):
+    return random.Random(writer * 1000003 + seq).randbytes(length)
+
+
+class Writer(threading.Thread):
+    def __init__(self, index, fd, spans, stop, big, pace, chase=None):
+        super().__init__(daemon=True)
+        self.index, self.fd, self.spans, self.stop, self.big, self.pace = index, fd, spans, stop, big, pace
+        self.chase = chase  # status file of the job whose background copy to chase
+        self.log = []  # (t_start, t_end, off, length)
+        self.error = None
+
+    def near_background_copy(self, rng):
+        """A span of ours just ahead of where the background copy works now."""
+        try:
+            with open(self.chase) as f:
+                st = dict(line.rstrip("\n").split("=", 1) for line in f if "=" in line)
+        except OSError:
+            return None
+        if st.get("state") != "running":
+            return None
+        pos = int(st["bytes_done"]) - int(st["cbw_bytes"])
+        near = [s for s in self.spans if pos <= s[0] < pos + (1 << 20)]
+        return near[rng.randrange(len(near))] if near else None
+
+    def run(self):
+        rng = random.Random(self.index)
+        seq = 0
+        span = None
+        try:
+            while not self.stop.is_set():
+                if self.chase and seq % 10 == 0:
+                    span = self.near_background_copy(rng)
+                lo, hi = span if span else self.spans[rng.randrange(len(self.spans))]
+                if self.big:
+                    length = rng.randint(1, min(hi - lo, 1100 * 1024))
+                else:
+                    length = rng.randint(1, hi - lo)
+                off = rng.randint(lo, hi - length)
+                data = data_for(self.index, seq, length)
+                t0 = time.monotonic()
+                n = os.pwrite(self.fd, data, off)
+                t1 = time.monotonic()
+                if n != length:
+                    raise OSError(f"short write {n} of {length} at {off}")
+                self.log.append((t0, t1, off, length))
+                seq += 1
+                if self.pace:
+                    time.sleep(self.pace)
+        except Exception as e:  # reported by the main thread
+            self.error = e
+
+
+def ctl(path, text):
+    fd = os.open(path, os.O_RDWR)
+    try:
+        t0 = time.monotonic()
+        os.write(fd, (text + "\n").encode())
+        t1 = time.monotonic()
+        answer = os.read(fd, 4096).decode()
+    finally:
+        os.close(fd)
+    return t0, t1, answer
+
+
+def job_state(mnt, job):
+    with open(os.path.join(mnt, ".fleece/jobs", job, "status")) as f:
+        return dict(line.rstrip("\n").split("=", 1) for line in f if "=" in line)
+
+
+def apply(image, writer, entries):
+    for seq, (_, _, off, length) in entries:
+        image[off:off + length] = data_for(writer, seq, length)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mnt", required=True)
+    ap.add_argument("--image", default="vm.img")
+    ap.add_argument("--base", required=True, help="copy of the image before the writers start")
+    ap.add_argument("--target", required=True)
+    ap.add_argument("--writers", type=int, default=6)
+    ap.add_argument("--lead", type=float, default=1.0, help="seconds of writing before the backup")
+    ap.add_argument("--tail", type=float, default=2.0, help="seconds of writing after the job ends")
+    ap.add_argument("--options", default="", help="extra backup options")
+    ap.add_argument("--timeout", type=float, default=120)
+    ap.add_argument("--pace", type=float, default=0.002, help="pause of the small writers between writes")
+    ap.add_argument("--big-pace", type=float, default=0.05, help="pause of the big writer between writes")
+    args = ap.parse_args()
+
+    path = os.path.join(args.mnt, args.image)
+    size = os.path.getsize(path)
+    half = size // 2
+    stripes = [(o, min(o + STRIPE, half)) for o in range(0, half, STRIPE)]
+    fd = os.open(path, os.O_RDWR)
+    stop = threading.Event()
+    writers = []
+    job = "pit"
+    status = os.path.join(args.mnt, ".fleece/jobs", job, "status")
+    for w in range(args.writers):
+        # Writer 0 chases the background copy, so that guest writes race it
+        # for the very clusters it is copying.
+        writers.append(Writer(w, fd, stripes[w::args.writers], stop, False, args.pace,
+                              status if w == 0 else None))
+    writers.append(Writer(args.writers, fd, [(half, size)], stop, True, args.big_pace))
+    for w in writers:
+        w.start()
+
+    time.sleep(args.lead)
+    t0, t1, answer = ctl(os.path.join(args.mnt, ".fleece/ctl"),
+                         f"backup {args.image} {args.target} id={job} {args.options}".strip())
+    if not answer.startswith("ok"):
+        print("backup refused:", answer)
+        return 1
+    deadline = time.monotonic() + args.timeout
+    while True:
+        st = job_state(args.mnt, job)
+        if st["state"] in ("completed", "failed", "cancelled"):
+            break
+        if time.monotonic() > deadline:
+            print("job did not finish:", st)
+            return 1
+        time.sleep(0.05)
+    time.sleep(args.tail)
+    stop.set()
+    for w in writers:
+        w.join()
+    os.close(fd)
+    for w in writers:
+        if w.error:
+            print(f"writer {w.index} failed: {w.error}")
+            return 1
+    if st["state"] != "completed":
+        print("job ended", st["state"], st.get("error"))
+        return 1
+    nwrites = sum(len(w.log) for w in writers)
+    print(f"{nwrites} writes, backup took {float(st['finished']) - float(st['started']):.2f}s, "
+          f"cbw_bytes={st['cbw_bytes']} cbw_wait_us_p50={st['cbw_wait_us_p50']} p99={st['cbw_wait_us_p99']}")
+
+    base = open(args.base, "rb").read()
+    # 1. The image is the base plus every write.
+    final = bytearray(base)
+    for w in writers:
+        apply(final, w.index, enumerate(w.log))
+    if open(path, "rb").read() != final:
+        print("image differs from the base plus all acknowledged writes")
+        return 1
+
+    # 2. The target is a consistent cut.
+    target = open(args.target, "rb").read()
+    if len(target) != size:
+        print(f"target size {len(target)} != {size}")
+        return 1
+    expected = bytearray(base)
+    cuts = []
+    for w in writers:
+        definite = [(s, e) for s, e in enumerate(w.log) if e[1] < t0]
+        apply(expected, w.index, definite)
+        candidates = [(s, e) for s, e in enumerate(w.log) if not e[1] < t0 and not e[0] > t1]
+        cuts.append((w, len(definite), candidates))
+    chosen = []
+    for w, ndef, candidates in cuts:
+        # Try every prefix of the ambiguous writes; the bytes they touch must
+        # match exactly one history.
+        touched = sorted({(e[2], e[2] + e[3]) for _, e in candidates})
+        best = None
+        trial = None
+        for j in range(len(candidates) + 1):
+            trial = bytearray(expected) if j == 0 else trial
+            if j:
+                apply(trial, w.index, [candidates[j - 1]])
+            if all(trial[a:b] == target[a:b] for a, b in touched):
+                best = (j, bytearray(trial))
+        if best is None:
+            print(f"writer {w.index}: no prefix of its {len(candidates)} writes around T matches the target")
+            return 1
+        j, trial = best
+        for a, b in touched:
+            expected[a:b] = trial[a:b]
+        chosen.append((w, ndef + j))
+    if bytes(expected) != target:
+        diff = next(i for i in range(size) if expected[i] != target[i])
+        print(f"target differs from the image at T at offset {diff}")
+        return 1
+    latest_in = max((w.log[n - 1][0] for w, n in chosen if n), default=float("-inf"))
+    earliest_out = min((w.log[n][1] for w, n in chosen if n < len(w.log)), default=float("inf"))
+    if not latest_in < earliest_out:
+        print(f"cuts are not one instant: a write started at {latest_in} is in, one that ended at "
+              f"{earliest_out} is out")
+        return 1
+    ambiguous = sum(len(c) for _, _, c in cuts)
+    print(f"target equals the image at T ({ambiguous} writes were in flight around T)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
