@@ -348,8 +348,11 @@ int main(int argc, char *argv[])
 	log_info("stopping: cancelling jobs");
 	job_cancel_all_and_wait();
 	ctlfs_shutdown();
-	if (syncfs(d.source_fd) < 0)
+	int sync_fd = open(d.source_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (sync_fd < 0 || syncfs(sync_fd) < 0)
 		log_warn("syncfs %s: %s", d.source_dir, strerror(errno));
+	if (sync_fd >= 0)
+		close(sync_fd);
 	fuse_session_unmount(se);
 	fuse_remove_signal_handlers(se);
 	rc = loop_rc < 0 && loop_rc != -EINTR ? 1 : 0;

@@ -17,6 +17,7 @@ SRC=$T/src MNT=$T/mnt OUT=$T/out
 mkdir -p "$SRC" "$MNT" "$OUT"
 DAEMON_PID=
 BG_PIDS=()
+EXTRA_MOUNTS=()   # other mounts a test made inside $T, unmounted on exit
 
 log() { printf '%s: %s\n' "$(basename "$0")" "$*"; }
 fail() { printf 'FAIL: %s\n' "$*" >&2; exit 1; }
@@ -34,6 +35,7 @@ cleanup() {
 		kill -9 "$DAEMON_PID" 2>/dev/null || true
 		wait "$DAEMON_PID" 2>/dev/null || true
 	fi
+	for p in "${EXTRA_MOUNTS[@]}"; do umount "$p" 2>/dev/null || umount -l "$p" 2>/dev/null || true; done
 	if [ "$rc" != 0 ] && [ -s "$T/daemon.log" ]; then
 		echo "--- daemon log (last 40 lines) ---" >&2
 		tail -n 40 "$T/daemon.log" >&2
