@@ -15,6 +15,15 @@
 #include "fleecefs/target.h"
 
 #define COPY_CHUNK_MAX (1u << 20)
+/* While the guest is busy: smaller chunks (a guest request queued behind one
+ * waits less) and a duty cycle of 1 / (1 + YIELD_FACTOR). */
+#define COPY_CHUNK_GUEST_BUSY (256u << 10)
+#define YIELD_FACTOR 3
+/* Writeback of the target is started every so often while the guest is idle,
+ * so an idle backup overlaps reading and writing instead of syncing at the
+ * end; while the guest is busy it waits (copy-before-write stays a page-cache
+ * copy, the disk serves the guest). */
+#define WRITEBACK_EVERY (64ull << 20)
 #define MAX_COPY_WORKERS 16
 
 struct backup {
@@ -38,6 +47,8 @@ struct backup {
 	atomic_bool broken;
 	/* Where the background copy looks next (a hint; claims decide). */
 	atomic_uint_fast64_t cursor;
+	/* Bytes copied since writeback was last started. */
+	atomic_uint_fast64_t unflushed;
 };
 
 static struct backup *to_backup(struct job *job) { return (struct backup *)job; }
@@ -77,17 +88,43 @@ static void advance_cursor(struct backup *b, uint64_t to)
 		;
 }
 
+/* After a chunk that took `spent` ns: step aside if the guest did I/O on
+ * the image meanwhile, else maybe start writeback. Returns the new "busy". */
+static bool after_chunk(struct backup *b, uint64_t *guest_seen, uint64_t spent, uint64_t copied)
+{
+	uint64_t seen = atomic_load_explicit(&b->image->guest_requests, memory_order_relaxed);
+	bool busy = seen != *guest_seen;
+
+	*guest_seen = seen;
+	if (busy) {
+		job_sleep(&b->job, clock_monotonic_ns() + YIELD_FACTOR * spent);
+	} else if (atomic_fetch_add(&b->unflushed, copied) + copied >= WRITEBACK_EVERY) {
+		atomic_store(&b->unflushed, 0);
+		target_start_writeback(b->target);
+	}
+	return busy;
+}
+
 static void *copy_worker(void *arg)
 {
 	struct backup *b = arg;
 	struct job *job = &b->job;
-	uint64_t chunk_unit = b->bc.cluster_size;
+	uint64_t unit = b->bc.cluster_size;
+	uint64_t guest_seen = atomic_load_explicit(&b->image->guest_requests, memory_order_relaxed);
+	bool guest_busy = false;
 
 	for (;;) {
-		uint64_t chunk = job_chunk_size(job, chunk_unit, max_u64(COPY_CHUNK_MAX, chunk_unit));
+		int queued_error = blockcopy_queue_error(&b->bc);
+		if (queued_error) {
+			job_fail(job, "target write failed: %s", strerror_safe(-queued_error));
+			return NULL;
+		}
+		uint64_t max = guest_busy ? COPY_CHUNK_GUEST_BUSY : COPY_CHUNK_MAX;
+		uint64_t chunk = job_chunk_size(job, unit, max_u64(max, unit));
 		if (!job_throttle(job))
 			return NULL;
 		uint64_t from = atomic_load(&b->cursor), cursor = from, read_bytes = 0;
+		uint64_t start = clock_monotonic_ns();
 		int64_t n = blockcopy_copy_next(&b->bc, &cursor, chunk, &read_bytes);
 		job_charge(job, read_bytes);
 		if (n < 0) {
@@ -96,6 +133,7 @@ static void *copy_worker(void *arg)
 		}
 		if (n > 0) {
 			advance_cursor(b, cursor);
+			guest_busy = after_chunk(b, &guest_seen, clock_monotonic_ns() - start, read_bytes);
 			continue;
 		}
 		/* Nothing unclaimed from `from` on. Done, or start over from 0,
@@ -125,11 +163,15 @@ static enum job_state backup_run(struct job *job)
 
 	enum job_stop stop = job_stop_requested(job);
 	if (stop == JOB_GO_ON && blockcopy_pending_clusters(&b->bc) == 0) {
-		/* All of T is in the target; no guest write needs us any more. */
+		/* All of T is read; no guest write needs us any more. */
 		image_detach(b->image, &b->hook);
 		b->attached = false;
-		int rc = target_finish(b->target);
+		uint64_t where = 0;
+		int rc = blockcopy_drain(&b->bc, &where);
 		if (rc)
+			job_fail(job, "target %s: write at offset %" PRIu64 " failed: %s", b->target_path, where,
+				 strerror_safe(-rc));
+		else if ((rc = target_finish(b->target)))
 			job_fail(job, "target %s: cannot flush: %s", b->target_path, strerror_safe(-rc));
 		else if (b->manifest && (rc = manifest_finish(b->manifest)))
 			job_fail(job, "manifest %s: cannot write: %s", b->manifest->path, strerror_safe(-rc));
@@ -139,8 +181,10 @@ static enum job_state backup_run(struct job *job)
 	}
 	if (final != JOB_COMPLETED) {
 		atomic_store(&b->broken, true);
-		image_detach(b->image, &b->hook);
+		if (b->attached)
+			image_detach(b->image, &b->hook);
 		b->attached = false;
+		blockcopy_stop_writers(&b->bc);
 		target_abort(b->target);
 		if (b->manifest)
 			manifest_abort(b->manifest);
@@ -227,6 +271,7 @@ int backup_prepare(const struct backup_params *p, struct job **out, char *err, s
 	b->copy_workers = p->copy_workers ? p->copy_workers : 1;
 	atomic_init(&b->broken, false);
 	atomic_init(&b->cursor, 0);
+	atomic_init(&b->unflushed, 0);
 	image_ref(p->image);
 	b->image = p->image;
 	b->image_path = strdup(cmd->image);

@@ -2,6 +2,7 @@
 #include "config.h"
 
 #include <errno.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -10,6 +11,15 @@
 #include "fleecefs/manifest.h"
 #include "fleecefs/target.h"
 #include "fleecefs/util.h"
+
+struct writebehind_item {
+	struct writebehind_item *next;
+	uint64_t first, count;       /* clusters */
+	uint64_t len;                /* bytes of data in buf */
+	void *buf;
+};
+
+static void *writer_thread(void *arg);
 
 int blockcopy_init(struct blockcopy *bc, struct image *image, struct target *target,
 		   struct manifest *manifest, uint64_t size, uint32_t cluster_size)
@@ -28,13 +38,43 @@ int blockcopy_init(struct blockcopy *bc, struct image *image, struct target *tar
 	if (rc)
 		return rc;
 	rc = inflight_init(&bc->inflight, bc->nclusters);
-	if (rc)
+	if (rc) {
 		cbitmap_destroy(&bc->pending);
-	return rc;
+		return rc;
+	}
+	pthread_mutex_init(&bc->queue_lock, NULL);
+	pthread_cond_init(&bc->queue_changed, NULL);
+	/* Without writer threads every copy writes the target itself. */
+	for (unsigned i = 0; i < BLOCKCOPY_WRITERS; i++)
+		if (pthread_create(&bc->writers[bc->nwriters], NULL, writer_thread, bc) == 0)
+			bc->nwriters++;
+	return 0;
+}
+
+void blockcopy_stop_writers(struct blockcopy *bc)
+{
+	pthread_mutex_lock(&bc->queue_lock);
+	bc->stopping = true;
+	pthread_cond_broadcast(&bc->queue_changed);
+	pthread_mutex_unlock(&bc->queue_lock);
+	for (unsigned i = 0; i < bc->nwriters; i++)
+		pthread_join(bc->writers[i], NULL);
+	bc->nwriters = 0;
+	/* Whatever is still queued is discarded (the job did not complete). */
+	while (bc->queue_head) {
+		struct writebehind_item *item = bc->queue_head;
+		bc->queue_head = item->next;
+		free(item->buf);
+		free(item);
+	}
+	bc->queue_tail = NULL;
 }
 
 void blockcopy_destroy(struct blockcopy *bc)
 {
+	blockcopy_stop_writers(bc);
+	pthread_cond_destroy(&bc->queue_changed);
+	pthread_mutex_destroy(&bc->queue_lock);
 	inflight_destroy(&bc->inflight);
 	cbitmap_destroy(&bc->pending);
 }
@@ -65,31 +105,43 @@ static bool source_has_data(struct blockcopy *bc, uint64_t off, uint64_t len)
 	return (uint64_t)data < off + len;
 }
 
-/* Copies the claimed run [first, first + count): read once, checksum each
- * cluster, write the non-zero ones. The caller releases the claim. */
-static int copy_run(struct blockcopy *bc, uint64_t first, uint64_t count, void *buf, uint64_t *read_bytes)
+/* Reads the claimed run [first, first + count) into buf and checksums each
+ * cluster. The background copy asks for holes first (they need no read); a
+ * guest write does not: on a file system with few holes the extra lseek only
+ * competes with the guest's own I/O for the inode. */
+static int read_run(struct blockcopy *bc, uint64_t first, uint64_t count, void *buf, bool probe_holes,
+		    uint64_t *read_bytes)
 {
 	uint64_t off = first << bc->cluster_bits;
 	uint64_t len = min_u64(count << bc->cluster_bits, bc->size - off);
-	bool data = source_has_data(bc, off, len);
-	int rc;
+	bool data = !probe_holes || source_has_data(bc, off, len);
 
 	if (data) {
-		rc = read_source(bc, buf, off, len);
+		int rc = read_source(bc, buf, off, len);
 		if (rc)
 			return rc;
 		*read_bytes += len;
 	} else {
 		memset(buf, 0, (size_t)len);
 	}
-	uint64_t write_from = 0, pos = 0;
+	if (bc->manifest)
+		for (uint64_t i = 0, pos = 0; i < count; i++, pos += bc->cluster_size)
+			manifest_set(bc->manifest, first + i, (const char *)buf + pos,
+				     (size_t)min_u64(bc->cluster_size, len - pos));
+	return 0;
+}
+
+/* Writes a run read by read_run: non-zero clusters as data (adjacent ones in
+ * one write), zero clusters as zeroes (nothing at all on a fresh target). */
+static int write_run(struct blockcopy *bc, uint64_t first, uint64_t len, const void *buf)
+{
+	uint64_t off = first << bc->cluster_bits, write_from = 0, pos = 0;
 	bool in_data = false;
-	for (uint64_t i = 0; i < count; i++, pos += bc->cluster_size) {
+	int rc;
+
+	for (; pos < len; pos += bc->cluster_size) {
 		uint64_t clen = min_u64(bc->cluster_size, len - pos);
-		const char *cdata = (const char *)buf + pos;
-		bool zero = !data || buffer_is_zero(cdata, (size_t)clen);
-		if (bc->manifest)
-			manifest_set(bc->manifest, first + i, cdata, (size_t)clen);
+		bool zero = buffer_is_zero((const char *)buf + pos, (size_t)clen);
 		if (!zero && !in_data) {
 			write_from = pos;
 			in_data = true;
@@ -101,11 +153,8 @@ static int copy_run(struct blockcopy *bc, uint64_t first, uint64_t count, void *
 			atomic_fetch_add(&bc->bytes_written, pos - write_from);
 			in_data = false;
 		}
-		if (zero) {
-			rc = target_write_zeroes(bc->target, off + pos, clen);
-			if (rc)
-				return rc;
-		}
+		if (zero && (rc = target_write_zeroes(bc->target, off + pos, clen)))
+			return rc;
 	}
 	if (in_data) {
 		rc = target_write(bc->target, off + write_from, (const char *)buf + write_from,
@@ -115,6 +164,92 @@ static int copy_run(struct blockcopy *bc, uint64_t first, uint64_t count, void *
 		atomic_fetch_add(&bc->bytes_written, len - write_from);
 	}
 	return 0;
+}
+
+/* ---- write-behind ------------------------------------------------------- */
+
+static void *writer_thread(void *arg)
+{
+	struct blockcopy *bc = arg;
+
+	pthread_mutex_lock(&bc->queue_lock);
+	for (;;) {
+		while (!bc->queue_head && !bc->stopping)
+			pthread_cond_wait(&bc->queue_changed, &bc->queue_lock);
+		if (!bc->queue_head)
+			break;
+		struct writebehind_item *item = bc->queue_head;
+		bc->queue_head = item->next;
+		if (!bc->queue_head)
+			bc->queue_tail = NULL;
+		bc->writing++;
+		bool discard = bc->stopping || bc->queue_error;
+		pthread_mutex_unlock(&bc->queue_lock);
+		int rc = discard ? 0 : write_run(bc, item->first, item->len, item->buf);
+		pthread_mutex_lock(&bc->queue_lock);
+		if (rc && !bc->queue_error) {
+			bc->queue_error = rc;
+			bc->queue_error_offset = item->first << bc->cluster_bits;
+		}
+		bc->writing--;
+		bc->queued_bytes -= item->len;
+		pthread_cond_broadcast(&bc->queue_changed);
+		free(item->buf);
+		free(item);
+	}
+	pthread_mutex_unlock(&bc->queue_lock);
+	return NULL;
+}
+
+/* Hands a run's data (buf, malloc'd, owned by the queue from now on) to the
+ * writers. False when the queue is full or gone: the caller writes itself. */
+static bool enqueue_run(struct blockcopy *bc, uint64_t first, uint64_t count, uint64_t len, void *buf)
+{
+	struct writebehind_item *item;
+
+	pthread_mutex_lock(&bc->queue_lock);
+	bool room = bc->nwriters && !bc->stopping && bc->queued_bytes + len <= BLOCKCOPY_QUEUE_MAX;
+	if (room)
+		bc->queued_bytes += len;
+	pthread_mutex_unlock(&bc->queue_lock);
+	if (!room || !(item = malloc(sizeof(*item)))) {
+		if (room) {
+			pthread_mutex_lock(&bc->queue_lock);
+			bc->queued_bytes -= len;
+			pthread_mutex_unlock(&bc->queue_lock);
+		}
+		return false;
+	}
+	*item = (struct writebehind_item){ .first = first, .count = count, .len = len, .buf = buf };
+	pthread_mutex_lock(&bc->queue_lock);
+	if (bc->queue_tail)
+		bc->queue_tail->next = item;
+	else
+		bc->queue_head = item;
+	bc->queue_tail = item;
+	pthread_cond_signal(&bc->queue_changed);
+	pthread_mutex_unlock(&bc->queue_lock);
+	return true;
+}
+
+int blockcopy_drain(struct blockcopy *bc, uint64_t *offset)
+{
+	pthread_mutex_lock(&bc->queue_lock);
+	while (bc->queue_head || bc->writing)
+		pthread_cond_wait(&bc->queue_changed, &bc->queue_lock);
+	int rc = bc->queue_error;
+	if (offset)
+		*offset = bc->queue_error_offset;
+	pthread_mutex_unlock(&bc->queue_lock);
+	return rc;
+}
+
+int blockcopy_queue_error(struct blockcopy *bc)
+{
+	pthread_mutex_lock(&bc->queue_lock);
+	int rc = bc->queue_error;
+	pthread_mutex_unlock(&bc->queue_lock);
+	return rc;
 }
 
 static uint64_t run_bytes(const struct blockcopy *bc, uint64_t first, uint64_t count)
@@ -130,22 +265,33 @@ int blockcopy_before_write(struct blockcopy *bc, uint64_t off, uint64_t len, uin
 	uint64_t end = min_u64(off + len, bc->size);
 	uint64_t first = off >> bc->cluster_bits, stop = ((end - 1) >> bc->cluster_bits) + 1;
 	uint64_t max_run = max_u64(BLOCKCOPY_CBW_MAX >> bc->cluster_bits, 1);
-	void *buf = thread_buffer(THREAD_BUFFER_COPY, (size_t)(max_run << bc->cluster_bits));
 
-	if (!buf)
-		return -ENOMEM;
 	for (;;) {
-		uint64_t run_first, run_count;
+		uint64_t run_first, run_count, read_bytes = 0;
 		int rc = inflight_claim(&bc->inflight, &bc->pending, first, stop, max_run, INFLIGHT_WAIT,
 					deadline_ns, &run_first, &run_count);
 		if (rc <= 0)
 			return rc;
-		uint64_t read_bytes = 0;
-		rc = copy_run(bc, run_first, run_count, buf, &read_bytes);
+		uint64_t bytes = run_bytes(bc, run_first, run_count);
+		/* This buffer goes to the write-behind queue, which frees it; the
+		 * allocation is on the copy path only, never for a copied cluster. */
+		void *buf = NULL;
+		if (posix_memalign(&buf, 4096, (size_t)((bytes + 4095) & ~4095ull)))
+			buf = NULL;
+		if (!buf) {
+			inflight_release(&bc->inflight, &bc->pending, run_first, run_count, false);
+			return -ENOMEM;
+		}
+		rc = read_run(bc, run_first, run_count, buf, false, &read_bytes);
+		if (!rc && !enqueue_run(bc, run_first, run_count, bytes, buf)) {
+			rc = write_run(bc, run_first, bytes, buf);
+			free(buf);
+		} else if (rc) {
+			free(buf);
+		}
 		inflight_release(&bc->inflight, &bc->pending, run_first, run_count, rc == 0);
 		if (rc)
 			return rc;
-		uint64_t bytes = run_bytes(bc, run_first, run_count);
 		atomic_fetch_add(&bc->bytes_done, bytes);
 		atomic_fetch_add(&bc->cbw_bytes, bytes);
 		first = run_first + run_count;
@@ -168,12 +314,14 @@ int64_t blockcopy_copy_next(struct blockcopy *bc, uint64_t *cursor, uint64_t max
 		*cursor = bc->size;
 		return rc;
 	}
-	rc = copy_run(bc, run_first, run_count, buf, read_bytes);
+	uint64_t bytes = run_bytes(bc, run_first, run_count);
+	rc = read_run(bc, run_first, run_count, buf, true, read_bytes);
+	if (!rc)
+		rc = write_run(bc, run_first, bytes, buf);
 	inflight_release(&bc->inflight, &bc->pending, run_first, run_count, rc == 0);
 	*cursor = (run_first + run_count) << bc->cluster_bits;
 	if (rc)
 		return rc;
-	uint64_t bytes = run_bytes(bc, run_first, run_count);
 	atomic_fetch_add(&bc->bytes_done, bytes);
 	return (int64_t)bytes;
 }

@@ -274,7 +274,7 @@ static const char *const backup_keys[] = {
 static int parse_backup(const struct where *w, struct words *words, struct ctl_backup *b)
 {
 	uint64_t seen = 0;
-	int rc, choice;
+	int rc, choice = 0;
 
 	*b = (struct ctl_backup){ .checksum = true };
 	if (words->argc < 3)
@@ -362,7 +362,7 @@ static int parse_backup(const struct where *w, struct words *words, struct ctl_b
 		return fail(w, "compress needs format=qcow2 (raw targets are not compressed)");
 	if (b->backing && !(b->format == FORMAT_QCOW2 && b->sync == SYNC_INCREMENTAL))
 		return fail(w, "backing= applies only to sync=incremental with format=qcow2");
-	if (b->max_store && !b->fleecing)
+	if ((seen & (1ull << BK_MAX_STORE)) && !b->fleecing)
 		return fail(w, "max-store applies only with fleecing=on");
 	if (b->fleecing && b->sync == SYNC_NONE)
 		return fail(w, "fleecing=on needs a background copy (sync=none has none)");
@@ -375,7 +375,7 @@ static const char *const mirror_keys[] = { "sync", "speed", "id", "copy-mode", N
 static int parse_mirror(const struct where *w, struct words *words, struct ctl_mirror *m)
 {
 	uint64_t seen = 0;
-	int rc, choice;
+	int rc, choice = 0;
 
 	*m = (struct ctl_mirror){ 0 };
 	if (words->argc < 3)
@@ -562,15 +562,23 @@ int ctl_parse(const char *text, size_t len, struct ctl_txn *txn, char *err, size
 	int rc = 0;
 
 	*txn = (struct ctl_txn){ 0 };
-	if (memchr(text, '\0', len))
-		return set_error(err, errlen, EINVAL, "command text contains a NUL byte");
+	const char *nul = memchr(text, '\0', len);
+	if (nul) {
+		unsigned line = 1;
+		for (const char *p = text; p < nul; p++)
+			line += *p == '\n';
+		return set_error(err, errlen, EINVAL, "line %u: contains a NUL byte", line);
+	}
 	while (pos < len) {
 		const char *nl = memchr(text + pos, '\n', len - pos);
 		size_t n = nl ? (size_t)(nl - (text + pos)) : len - pos;
 		const char *start = text + pos;
 		pos += n + (nl ? 1 : 0);
 		lineno++;
-		size_t skip = strspn(start, " \t\r");
+		/* The text is not NUL-terminated: never look past this line. */
+		size_t skip = 0;
+		while (skip < n && (start[skip] == ' ' || start[skip] == '\t' || start[skip] == '\r'))
+			skip++;
 		if (skip >= n || start[skip] == '#')
 			continue;
 		if (n > CTL_MAX_LINE) {

@@ -146,13 +146,15 @@ static struct fnode *table_get(const struct stat *st, int fd)
 		return n;
 	}
 	n = malloc(sizeof(*n));
+	/* The key must be set before tsearch compares it. */
+	if (n)
+		*n = (struct fnode){ .dev = st->st_dev, .ino = st->st_ino, .fd = fd, .nlookup = 1 };
 	if (!n || !tsearch(n, &table_root, compare_nodes)) {
 		pthread_mutex_unlock(&table_lock);
 		free(n);
 		close(fd);
 		return NULL;
 	}
-	*n = (struct fnode){ .dev = st->st_dev, .ino = st->st_ino, .fd = fd, .nlookup = 1 };
 	pthread_mutex_unlock(&table_lock);
 	return n;
 }
@@ -383,6 +385,14 @@ static void fs_mkdir(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t
 	reply_new_entry(req, parent, name);
 }
 
+/* Is `name` in dirfd the (hidden) state directory? The kernel never looks
+ * it up successfully, so it sends a rename over it as over a free name. */
+static bool names_state_dir(int dirfd, const char *name)
+{
+	struct stat st;
+	return fstatat(dirfd, name, &st, AT_SYMLINK_NOFOLLOW) == 0 && is_state_dir(&st);
+}
+
 /* Would removing or replacing `name` in dirfd drop a busy image?
  * Call with the namespace lock held. */
 static bool name_is_busy(int dirfd, const char *name)
@@ -429,6 +439,10 @@ static void fs_rename(fuse_req_t req, fuse_ino_t parent, const char *name, fuse_
 		return;
 	}
 	int olddir = node_of(parent)->fd, newdir = node_of(newparent)->fd;
+	if (names_state_dir(olddir, name) || names_state_dir(newdir, newname)) {
+		fuse_reply_err(req, EPERM);
+		return;
+	}
 	image_namespace_lock_shared();
 	/* The renamed image itself may be busy: its job follows the inode. What
 	 * it replaces may not be. */
@@ -643,7 +657,10 @@ static void fs_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
 		fuse_reply_err(req, ENOMEM);
 		return;
 	}
-	ssize_t n = guest_pread(handle_of(fi), buf, size, off);
+	struct fhandle *h = handle_of(fi);
+	if (h->image)
+		image_note_guest_request(h->image);
+	ssize_t n = guest_pread(h, buf, size, off);
 	if (n < 0)
 		fuse_reply_err(req, (int)-n);
 	else

@@ -69,6 +69,7 @@ int image_get(int fd, struct image **out)
 	img->direct_fd = img->read_fd >= 0 ? reopen(fd, O_RDONLY | O_DIRECT) : -1;
 	gate_init(&img->gate);
 	atomic_init(&img->active_jobs, 0);
+	atomic_init(&img->guest_requests, 0);
 	if (!tsearch(img, &registry_root, compare_images)) {
 		pthread_mutex_unlock(&registry_lock);
 		image_put(img);

@@ -40,6 +40,8 @@ uint64_t latency_percentile(const struct latency_histogram *h, unsigned permille
 		total += atomic_load_explicit(&h->count[b], memory_order_relaxed);
 	if (!total)
 		return 0;
+	if (permille > 1000)
+		permille = 1000;
 	uint64_t rank = div_round_up(total * permille, 1000);
 	if (!rank)
 		rank = 1;

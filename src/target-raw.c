@@ -1,15 +1,14 @@
 /* target-raw: a sparse file of the image's size.
  *
- * Writes are buffered; every WRITEBACK_CHUNK bytes the range just written is
- * handed to writeback (sync_file_range) so that the final fdatasync does not
- * meet gigabytes of dirty pages at once and the page cache does not fill with
- * backup data the host will never read again.
+ * Writes are buffered: a copy-before-write costs the guest a page-cache copy,
+ * not a disk write. The job decides when writeback starts (start_writeback,
+ * while the guest is idle); finish makes everything durable and drops the
+ * written pages from the cache, since nobody reads a fresh backup soon.
  */
 #include "config.h"
 
 #include <errno.h>
 #include <fcntl.h>
-#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -17,12 +16,9 @@
 #include "fleecefs/target.h"
 #include "fleecefs/util.h"
 
-#define WRITEBACK_CHUNK (32ull << 20)
-
 struct raw_target {
 	struct target base;
 	int fd;
-	atomic_uint_fast64_t unsynced;
 };
 
 static struct raw_target *raw(struct target *t) { return (struct raw_target *)t; }
@@ -32,14 +28,12 @@ static int raw_write(struct target *t, uint64_t off, const void *buf, size_t len
 	struct raw_target *r = raw(t);
 	ssize_t n = pwrite_full(r->fd, buf, len, off);
 
-	if (n < 0)
-		return (int)n;
-	if (atomic_fetch_add(&r->unsynced, len) + len >= WRITEBACK_CHUNK) {
-		atomic_store(&r->unsynced, 0);
-		/* Start writeback of everything written so far, without waiting. */
-		sync_file_range(r->fd, 0, 0, SYNC_FILE_RANGE_WRITE);
-	}
-	return 0;
+	return n < 0 ? (int)n : 0;
+}
+
+static void raw_start_writeback(struct target *t)
+{
+	sync_file_range(raw(t)->fd, 0, 0, SYNC_FILE_RANGE_WRITE);
 }
 
 static int raw_write_zeroes(struct target *t, uint64_t off, uint64_t len)
@@ -70,6 +64,8 @@ static int raw_finish(struct target *t)
 
 	if (fdatasync(r->fd) < 0)
 		rc = -errno;
+	else
+		posix_fadvise(r->fd, 0, 0, POSIX_FADV_DONTNEED);
 	if (close(r->fd) < 0 && !rc)
 		rc = -errno;
 	r->fd = -1;
@@ -101,6 +97,7 @@ static void raw_free(struct target *t)
 static const struct target_ops raw_ops = {
 	.write = raw_write,
 	.write_zeroes = raw_write_zeroes,
+	.start_writeback = raw_start_writeback,
 	.finish = raw_finish,
 	.abort = raw_abort,
 	.free = raw_free,
@@ -132,7 +129,6 @@ int target_raw_create(const char *path, uint64_t size, struct target **out, char
 		return set_error(err, errlen, e, "target %s: cannot size to %llu bytes: %s", path,
 				 (unsigned long long)size, strerror(e));
 	}
-	atomic_init(&r->unsynced, 0);
 	*out = &r->base;
 	return 0;
 }

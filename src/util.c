@@ -43,8 +43,13 @@ int parse_size(const char *text, uint64_t *out)
 	if (!text)
 		return -EINVAL;
 	len = strlen(text);
-	if (len == 0 || len >= sizeof(digits))
-		return len ? -ERANGE : -EINVAL;
+	if (len == 0)
+		return -EINVAL;
+	/* Digits and one suffix, or it is not a size at all (whatever its length). */
+	if (strspn(text, "0123456789") < len - 1 || !isdigit((unsigned char)text[0]))
+		return -EINVAL;
+	if (len >= sizeof(digits))
+		return -ERANGE;
 	memcpy(digits, text, len + 1);
 	switch (digits[len - 1]) {
 	case 'k': case 'K': shift = 10; break;

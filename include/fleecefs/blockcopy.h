@@ -1,9 +1,10 @@
 /* blockcopy: copies clusters of an image, as they were at a point in time T,
  * into a target. Shared by the background copy and by copy-before-write.
  *
- * State: `pending` (set = the cluster's content at T is not in the target yet)
- * and the in-flight claims (inflight.h). At T every cluster the job must copy
- * is pending; nothing else is, ever again, set.
+ * State: `pending` (set = the cluster's content at T is not safe yet: neither
+ * in the target nor in the write-behind queue) and the in-flight claims
+ * (inflight.h). At T every cluster the job must copy is pending; nothing else
+ * is, ever again, set.
  *
  * The proof that the target equals the image at T:
  *  1. A cluster's content changes after T only through a guest write, and
@@ -15,14 +16,23 @@
  *     claims it, or claimed, and then this thread waits for that claim's
  *     release and looks again. It holds no claim while it waits.
  *  3. A claimer reads the source only after claiming and clears pending only
- *     after its target write succeeded (release store). While a cluster is
- *     claimed every writer to it waits in step 2, so the claimer reads the
- *     content of T. A failed copy leaves the cluster pending and unclaimed:
- *     whoever comes next copies it again.
+ *     after the data read is safe (release store): written to the target, or
+ *     handed to the write-behind queue, which owns it until it is written.
+ *     While a cluster is claimed every writer to it waits in step 2, so the
+ *     claimer reads the content of T. A failed read leaves the cluster
+ *     pending and unclaimed: whoever comes next copies it again.
  *  4. So for every cluster: either it is still pending, and no write touched
  *     it since T (the source still holds T's data), or it is clear and the
- *     target holds T's data. When no cluster is pending the target is exact.
+ *     target or the queue holds T's data. When no cluster is pending and the
+ *     queue has drained without error, the target is exact.
  * After a cluster is copied, a guest write to it costs one atomic load.
+ *
+ * Write-behind: a guest write waits only for the old data to be read; the
+ * target write happens on the engine's writer threads, from a queue bounded
+ * by BLOCKCOPY_QUEUE_MAX bytes. When the queue is full the guest's copy
+ * writes the target itself (back-pressure, never unbounded memory). A failed
+ * queued write cannot be redone from the source (the guest has overwritten
+ * it), so it is kept as the engine's error and the job fails.
  *
  * Zero clusters are never written to a fresh target (it is sparse); holes of
  * the source are found with SEEK_DATA and not even read.
@@ -31,6 +41,7 @@
 #ifndef FLEECEFS_BLOCKCOPY_H
 #define FLEECEFS_BLOCKCOPY_H
 
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -45,6 +56,10 @@ struct manifest;
 /* The most a copy-before-write claims at once: one 1 MiB guest write, or one
  * cluster if clusters are larger. */
 #define BLOCKCOPY_CBW_MAX (1u << 20)
+#define BLOCKCOPY_QUEUE_MAX (64u << 20)
+#define BLOCKCOPY_WRITERS 2
+
+struct writebehind_item;
 
 struct blockcopy {
 	struct image *image;
@@ -59,11 +74,31 @@ struct blockcopy {
 	atomic_uint_fast64_t bytes_done;   /* pending bytes resolved, by anyone */
 	atomic_uint_fast64_t cbw_bytes;    /* of which by copy-before-write */
 	atomic_uint_fast64_t bytes_written; /* bytes that reached the target */
+
+	/* Write-behind queue; queue_lock guards everything below. */
+	pthread_mutex_t queue_lock;
+	pthread_cond_t queue_changed;
+	struct writebehind_item *queue_head, *queue_tail;
+	uint64_t queued_bytes;       /* queued or being written */
+	unsigned writing;
+	int queue_error;             /* first failed queued write, -errno */
+	uint64_t queue_error_offset;
+	bool stopping;
+	pthread_t writers[BLOCKCOPY_WRITERS];
+	unsigned nwriters;
 };
 
 int blockcopy_init(struct blockcopy *bc, struct image *image, struct target *target,
 		   struct manifest *manifest, uint64_t size, uint32_t cluster_size);
+/* Stops the writer threads, discarding what is still queued (the job will
+ * not complete); no target write runs after it returns. */
+void blockcopy_stop_writers(struct blockcopy *bc);
 void blockcopy_destroy(struct blockcopy *bc);
+/* Waits until every queued write reached the target; returns the first
+ * queued write's error (0 if none) and its offset in *offset. */
+int blockcopy_drain(struct blockcopy *bc, uint64_t *offset);
+/* The first queued write's error so far, 0 if none (cheap; for job loops). */
+int blockcopy_queue_error(struct blockcopy *bc);
 
 /* Cheap test for the write path: may [off, off + len) need a copy? */
 static inline bool blockcopy_needs_copy(const struct blockcopy *bc, uint64_t off, uint64_t len)

@@ -51,7 +51,15 @@ struct image {
 	struct image_hook *hooks[IMAGE_MAX_HOOKS];
 	unsigned nhooks;
 	atomic_uint active_jobs;
+	/* Guest reads and writes served, for background copies to notice a busy
+	 * guest and step aside. Relaxed: only "did it move?" matters. */
+	atomic_uint_fast64_t guest_requests;
 };
+
+static inline void image_note_guest_request(struct image *img)
+{
+	atomic_fetch_add_explicit(&img->guest_requests, 1, memory_order_relaxed);
+}
 
 /* Finds or creates the image of the file open on fd (any access mode). */
 int image_get(int fd, struct image **out);
@@ -63,6 +71,7 @@ struct image *image_find(dev_t dev, ino_t ino);
 int image_write_begin_slow(struct image *img, uint64_t off, uint64_t len);
 static inline int image_write_begin(struct image *img, uint64_t off, uint64_t len)
 {
+	image_note_guest_request(img);
 	gate_enter(&img->gate);
 	if (__builtin_expect(img->nhooks == 0, 1))
 		return 0;

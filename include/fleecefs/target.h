@@ -21,6 +21,9 @@ struct target_ops {
 	int (*write)(struct target *t, uint64_t off, const void *buf, size_t len);
 	/* Make [off, off + len) read as zeroes (a hole where possible). */
 	int (*write_zeroes)(struct target *t, uint64_t off, uint64_t len);
+	/* Start writing back what was written so far, without waiting (lets a
+	 * long copy overlap its writeback instead of paying for it at the end). */
+	void (*start_writeback)(struct target *t);
 	/* Durable: data, size and the directory entry. */
 	int (*finish)(struct target *t);
 	/* Close and remove what create made. */
@@ -47,6 +50,11 @@ static inline int target_write(struct target *t, uint64_t off, const void *buf, 
 static inline int target_write_zeroes(struct target *t, uint64_t off, uint64_t len)
 {
 	return t->ops->write_zeroes(t, off, len);
+}
+static inline void target_start_writeback(struct target *t)
+{
+	if (t->ops->start_writeback)
+		t->ops->start_writeback(t);
 }
 int target_finish(struct target *t);
 void target_abort(struct target *t);

@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "fleecefs/cbitmap.h"
+#include "fleecefs/util.h"
 
 static struct cbitmap bm;
 
@@ -297,25 +298,28 @@ Test(cbitmap, matches_reference_model)
 
 /* ---- concurrency -------------------------------------------------------- */
 
-#define NTHREADS 8
-#define CONC_BITS 512 /* 8 words: every word is shared by all threads */
-#define ROUNDS 20000
+#define NTHREADS 4
+#define CONC_BITS 128 /* two words, so threads collide often */
+#define RUN_NS 500000000ull
 
 struct toggler {
 	unsigned index;
-	atomic_bool *go;
-	unsigned lost; /* times this thread saw its own bit in the wrong state */
+	atomic_bool *go, *stop;
+	unsigned lost;   /* times this thread saw its own bit in the wrong state */
+	unsigned rounds;
 };
 
-/* Thread t owns bits t*8 .. t*8+7 of every word: each word is shared by all
- * threads, so a non-atomic read-modify-write would drop neighbours' updates. */
+/* Thread t owns bits t*8 .. t*8+7 of every word. Every word is shared, so a
+ * non-atomic read-modify-write would drop the neighbours' updates; few
+ * threads and words keep them truly concurrent on few CPUs. */
 static void *toggle_bits(void *arg)
 {
 	struct toggler *t = arg;
 
 	while (!atomic_load(t->go))
 		;
-	for (unsigned round = 0; round < ROUNDS; round++) {
+	for (unsigned round = 0; !atomic_load_explicit(t->stop, memory_order_relaxed); round++) {
+		t->rounds++;
 		uint64_t first = (round % (CONC_BITS / 64)) * 64 + t->index * 8;
 		uint64_t bit = first + (round / (CONC_BITS / 64)) % 8;
 		cbitmap_set(&bm, bit);
@@ -343,19 +347,24 @@ Test(cbitmap, concurrent_distinct_bits_lose_no_update, .timeout = 20)
 {
 	pthread_t threads[NTHREADS];
 	struct toggler t[NTHREADS];
-	atomic_bool go = false;
+	atomic_bool go = false, stop = false;
 
 	cr_assert_eq(cbitmap_init(&bm, CONC_BITS, false), 0);
 	for (unsigned i = 0; i < NTHREADS; i++) {
-		t[i] = (struct toggler){ .index = i, .go = &go };
+		t[i] = (struct toggler){ .index = i, .go = &go, .stop = &stop };
 		cr_assert_eq(pthread_create(&threads[i], NULL, toggle_bits, &t[i]), 0);
 	}
 	atomic_store(&go, true);
+	sleep_until_ns(clock_monotonic_ns() + RUN_NS);
+	atomic_store(&stop, true);
 	for (unsigned i = 0; i < NTHREADS; i++)
 		pthread_join(threads[i], NULL);
-	for (unsigned i = 0; i < NTHREADS; i++)
+	for (unsigned i = 0; i < NTHREADS; i++) {
 		cr_assert_eq(t[i].lost, 0, "thread %u saw %u lost updates of its own bits", i, t[i].lost);
+		cr_assert_gt(t[i].rounds, 0, "thread %u never ran", i);
+	}
 	for (uint64_t bit = 0; bit < CONC_BITS; bit++)
-		cr_assert_eq(cbitmap_test(&bm, bit), bit % 2 == 0, "bit %llu", (unsigned long long)bit);
-	cr_assert_eq(cbitmap_count(&bm), CONC_BITS / 2);
+		cr_assert_eq(cbitmap_test(&bm, bit), bit % 64 < NTHREADS * 8 && bit % 2 == 0, "bit %llu",
+			     (unsigned long long)bit);
+	cr_assert_eq(cbitmap_count(&bm), CONC_BITS / 64 * NTHREADS * 4);
 }
