@@ -40,6 +40,9 @@ struct fhandle {
 	int buffered_fd;     /* without O_DIRECT, for unaligned requests; or fd */
 	bool direct;
 	struct image *image; /* regular files */
+	/* All live handles, so that those a guest still holds when the daemon
+	 * stops (no RELEASE will come) are closed at teardown. handles_lock. */
+	struct fhandle *prev, *next;
 };
 
 struct dir_entry {
@@ -58,6 +61,10 @@ static const struct fleece_daemon *daemon_ctx;
 static pthread_mutex_t table_lock = PTHREAD_MUTEX_INITIALIZER;
 static void *table_root;
 static struct fnode root_node;
+static pthread_mutex_t handles_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct fhandle *live_handles;
+
+static void free_handle(struct fhandle *h);
 
 static struct fnode *node_of(fuse_ino_t ino)
 {
@@ -117,6 +124,8 @@ static void free_node(void *p)
 
 void fs_teardown(void)
 {
+	while (live_handles)
+		free_handle(live_handles);
 	tdestroy(table_root, free_node);
 	table_root = NULL;
 	if (root_node.fd >= 0)
@@ -475,8 +484,26 @@ static void reply_open_file(fuse_req_t req, struct fuse_file_info *fi)
 #endif
 }
 
+static void link_handle(struct fhandle *h)
+{
+	pthread_mutex_lock(&handles_lock);
+	h->next = live_handles;
+	if (live_handles)
+		live_handles->prev = h;
+	live_handles = h;
+	pthread_mutex_unlock(&handles_lock);
+}
+
 static void free_handle(struct fhandle *h)
 {
+	pthread_mutex_lock(&handles_lock);
+	if (h->prev)
+		h->prev->next = h->next;
+	else if (live_handles == h)
+		live_handles = h->next;
+	if (h->next)
+		h->next->prev = h->prev;
+	pthread_mutex_unlock(&handles_lock);
 	if (h->buffered_fd >= 0 && h->buffered_fd != h->fd)
 		close(h->buffered_fd);
 	if (h->fd >= 0)
@@ -516,6 +543,7 @@ static int make_handle(int fd, int flags, struct fuse_file_info *fi)
 		}
 	}
 	fi->fh = (uintptr_t)h;
+	link_handle(h);
 	return 0;
 fail:
 	free_handle(h);

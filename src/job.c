@@ -89,9 +89,10 @@ static void emit_state_event(struct job *job, const char *event)
 		events_emit("id=%s type=%s event=%s", job->id, job->driver->type, event);
 }
 
-/* Drops the oldest concluded jobs beyond JOB_CONCLUDED_KEPT. Registry lock held;
- * returns the unlinked jobs to free outside of it. */
-static struct job *prune_locked(void)
+/* Drops the oldest concluded jobs beyond JOB_CONCLUDED_KEPT, never `keep`
+ * (the job concluding now: whoever waits for it must be able to read how it
+ * ended). Registry lock held; returns the unlinked jobs to free outside it. */
+static struct job *prune_locked(const struct job *keep)
 {
 	unsigned concluded = 0;
 	struct job *dropped = NULL;
@@ -106,7 +107,7 @@ static struct job *prune_locked(void)
 		pthread_mutex_lock(&j->lock);
 		bool done = job_state_concluded(j->state);
 		pthread_mutex_unlock(&j->lock);
-		if (!done) {
+		if (!done || j == keep) {
 			pp = &j->next;
 			continue;
 		}
@@ -157,8 +158,7 @@ static void job_conclude(struct job *job, enum job_state final)
 	emit_state_event(job, job_state_name(final));
 	pthread_mutex_unlock(&job->lock);
 	pthread_cond_broadcast(&registry_changed);
-	/* Never drop the job that concludes now: it is the newest concluded. */
-	struct job *dropped = prune_locked();
+	struct job *dropped = prune_locked(job);
 	pthread_mutex_unlock(&registry_lock);
 	free_dropped(dropped);
 }

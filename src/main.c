@@ -26,6 +26,8 @@
 
 struct options {
 	char *source;
+	char *mountpoint;
+	char *extra_arg;
 	char *state_dir;
 	char *cluster_size;
 	char *threads;
@@ -65,11 +67,15 @@ static int option_proc(void *data, const char *arg, int key, struct fuse_args *o
 		o->show_help = 1;
 		return 0;
 	case FUSE_OPT_KEY_NONOPT:
-		if (!o->source) {
+		/* Both paths are ours to check (libfuse would print its own
+		 * message for a bad mount point). */
+		if (!o->source)
 			o->source = strdup(arg);
-			return 0;
-		}
-		return 1;
+		else if (!o->mountpoint)
+			o->mountpoint = strdup(arg);
+		else if (!o->extra_arg)
+			o->extra_arg = strdup(arg);
+		return 0;
 	default:
 		return 1;
 	}
@@ -105,6 +111,30 @@ static int die(const char *fmt, ...)
 	va_end(ap);
 	fputc('\n', stderr);
 	return 1;
+}
+
+/* libfuse's own messages, in our format: one line, our name. libfuse may
+ * print one message in several calls; lines are assembled first. Messages
+ * come from the main thread before the session runs and rarely after. */
+static void fuse_log_to_ours(enum fuse_log_level level, const char *fmt, va_list ap)
+{
+	static char line[1024];
+	size_t n = strlen(line);
+
+	vsnprintf(line + n, sizeof(line) - n, fmt, ap);
+	n = strlen(line);
+	if (n + 1 < sizeof(line) && (n == 0 || line[n - 1] != '\n'))
+		return;
+	while (n && line[n - 1] == '\n')
+		line[--n] = '\0';
+	const char *text = strncmp(line, "fuse: ", 6) == 0 ? line + 6 : line;
+	if (level <= FUSE_LOG_ERR)
+		log_error("%s", text);
+	else if (level <= FUSE_LOG_NOTICE)
+		log_info("%s", text);
+	else
+		log_debug("%s", text);
+	line[0] = '\0';
 }
 
 static char *absolute_dir(const char *what, const char *path, int *rc)
@@ -156,6 +186,10 @@ static int prepare_state_dir(struct fleece_daemon *d, const char *requested)
 	free(path);
 	if (!d->state_dir)
 		return rc;
+	if (strcmp(d->state_dir, d->source_dir) == 0)
+		return die("state_dir %s: must not be SOURCE_DIR itself", d->state_dir);
+	if (path_is_inside(d->state_dir, d->mountpoint))
+		return die("state_dir %s: lies inside MOUNTPOINT %s", d->state_dir, d->mountpoint);
 	char probe[PATH_MAX];
 	snprintf(probe, sizeof(probe), "%s/.write-test-%d", d->state_dir, (int)getpid());
 	int fd = open(probe, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
@@ -226,21 +260,30 @@ int main(int argc, char *argv[])
 	int rc = 1;
 	uint64_t value;
 
-	if (fuse_opt_parse(&args, &opts, option_spec, option_proc) != 0)
-		return die("bad options (see fleecefs --help)");
-	if (opts.show_help) {
-		usage(argv[0]);
-		return 0;
+	log_setup(true, false);
+	fuse_set_log_func(fuse_log_to_ours);
+	if (fuse_opt_parse(&args, &opts, option_spec, option_proc) != 0) {
+		rc = die("bad options (see fleecefs --help)");
+		goto out;
 	}
-	if (opts.show_version) {
-		printf("fleecefs %s (libfuse %s)\n", PACKAGE_VERSION, fuse_pkgversion());
-		return 0;
+	if (opts.show_help || opts.show_version) {
+		if (opts.show_help)
+			usage(argv[0]);
+		else
+			printf("fleecefs %s (libfuse %s)\n", PACKAGE_VERSION, fuse_pkgversion());
+		rc = 0;
+		goto out;
 	}
-	if (fuse_parse_cmdline(&args, &cli) != 0)
-		return die("bad options (see fleecefs --help)");
-	if (!opts.source || !cli.mountpoint) {
-		usage(argv[0]);
-		rc = die("SOURCE_DIR and MOUNTPOINT are required");
+	if (fuse_parse_cmdline(&args, &cli) != 0) {
+		rc = die("bad options (see fleecefs --help)");
+		goto out;
+	}
+	if (!opts.source || !opts.mountpoint) {
+		rc = die("SOURCE_DIR and MOUNTPOINT are required (see fleecefs --help)");
+		goto out;
+	}
+	if (opts.extra_arg) {
+		rc = die("unexpected argument '%s' after MOUNTPOINT", opts.extra_arg);
 		goto out;
 	}
 
@@ -264,7 +307,7 @@ int main(int argc, char *argv[])
 	d.copy_workers = d.threads / 16 < 1 ? 1 : d.threads / 16 > 4 ? 4 : d.threads / 16;
 
 	if (!(d.source_dir = absolute_dir("SOURCE_DIR", opts.source, &rc)) ||
-	    !(d.mountpoint = absolute_dir("MOUNTPOINT", cli.mountpoint, &rc)))
+	    !(d.mountpoint = absolute_dir("MOUNTPOINT", opts.mountpoint, &rc)))
 		goto out;
 	if (path_is_inside(d.mountpoint, d.source_dir)) {
 		rc = die("MOUNTPOINT %s lies inside SOURCE_DIR %s", d.mountpoint, d.source_dir);
@@ -279,15 +322,6 @@ int main(int argc, char *argv[])
 		rc = die("SOURCE_DIR %s: %s", d.source_dir, strerror(errno));
 		goto out;
 	}
-	if ((rc = prepare_state_dir(&d, opts.state_dir)))
-		goto out;
-	rc = 1;
-	d.owner_uid = getuid();
-	d.owner_gid = getgid();
-	d.started_ns = clock_realtime_ns();
-
-	/* The kernel applies the caller's umask; ours must not apply twice. */
-	umask(0);
 	char fsname[PATH_MAX + 16];
 	snprintf(fsname, sizeof(fsname), "-ofsname=%s", d.source_dir);
 	/* Permission checks by the kernel against the source's modes; without
@@ -297,17 +331,26 @@ int main(int argc, char *argv[])
 		rc = die("out of memory");
 		goto out;
 	}
+	/* Checks the remaining -o options (libfuse says which it does not know)
+	 * before anything is created on disk. */
+	se = fuse_session_new(&args, &fs_operations, sizeof(fs_operations), &d);
+	if (!se)
+		goto out;
+	if ((rc = prepare_state_dir(&d, opts.state_dir)))
+		goto out;
+	rc = 1;
+	d.owner_uid = getuid();
+	d.owner_gid = getgid();
+	d.started_ns = clock_realtime_ns();
+
+	/* The kernel applies the caller's umask; ours must not apply twice. */
+	umask(0);
 	log_setup(cli.foreground || opts.debug, opts.debug);
 	if (fs_setup(&d) < 0) {
 		rc = die("SOURCE_DIR %s: %s", d.source_dir, strerror(errno));
 		goto out;
 	}
 	ctlfs_init(&d);
-	se = fuse_session_new(&args, &fs_operations, sizeof(fs_operations), &d);
-	if (!se) {
-		rc = die("cannot create the FUSE session (bad -o option?)");
-		goto out;
-	}
 	if (fuse_set_signal_handlers(se) != 0) {
 		rc = die("cannot install signal handlers");
 		goto out;
@@ -371,6 +414,8 @@ out:
 	free(d.mountpoint);
 	free(d.state_dir);
 	free(opts.source);
+	free(opts.mountpoint);
+	free(opts.extra_arg);
 	free(opts.state_dir);
 	free(opts.cluster_size);
 	free(opts.threads);

@@ -23,8 +23,14 @@ run_refused() {
 	pid=$!
 	for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
 	if kill -0 "$pid" 2>/dev/null; then
-		BG_PIDS+=("$pid")
-		fail "$what: fleecefs $* is still running after 5 s (it should have refused)"
+		# It took the arguments and (probably) mounted: stop it here, since
+		# this may run in a subshell (soft) that cannot hand it to cleanup.
+		kill -TERM "$pid" 2>/dev/null || true
+		for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
+		kill -9 "$pid" 2>/dev/null || true
+		wait "$pid" 2>/dev/null || true
+		mountpoint -q "$MNT" && { fusermount3 -u "$MNT" 2>/dev/null || fusermount3 -uz "$MNT" || true; }
+		fail "$what: fleecefs $* accepted the arguments and ran (it should have refused)"
 	fi
 	wait "$pid" || rc=$?
 	[ "$rc" != 0 ] || fail "$what: fleecefs $* exited 0"
@@ -72,6 +78,13 @@ soft run_refused "cluster_size too large" 'cluster_size' -f -o cluster_size=32M 
 soft run_refused "cluster_size garbage" 'cluster_size' -f -o cluster_size=lots "$SRC" "$MNT"
 soft run_refused "threads=0" 'threads' -f -o threads=0 "$SRC" "$MNT"
 soft run_refused "threads garbage" 'threads' -f -o threads=many "$SRC" "$MNT"
+# A state dir that would be visible through the mount (it is the source dir
+# itself) or that lies inside the mount point (the daemon would reach it
+# through its own mount, if at all).
+mkdir -p "$T/src3"
+soft run_refused "state_dir is SOURCE_DIR" 'state_dir' -f -o "state_dir=$T/src3" "$T/src3" "$MNT"
+soft run_refused "state_dir inside MOUNTPOINT" 'state_dir' -f -o "state_dir=$MNT/state" "$T/src3" "$MNT"
+rmdir "$MNT/state" 2>/dev/null || true
 # An option neither fleecefs nor FUSE knows (in its own source dir: whether a
 # refused start may create the state dir is not what this checks).
 soft run_refused "unknown -o option" 'no_such_option' -f -o no_such_option "$T/src2" "$MNT"

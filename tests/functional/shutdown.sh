@@ -8,15 +8,18 @@
 # writer.py IMAGE LOG: writes numbered records until the mount goes away,
 # logging each acknowledged one; then checks the source file has them all.
 cat > "$T/writer.py" <<'PY'
-import os, random, sys
+import os, random, signal, sys
 path, logpath = sys.argv[1], sys.argv[2]
+# SIGTERM ends the loop between records, never between a write and its log line.
+stop = []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
 fd = os.open(path, os.O_RDWR)
 size = os.fstat(fd).st_size
 rng = random.Random(7)
 acked = open(logpath, "w")
 seq = 0
 try:
-    while True:
+    while not stop:
         off = rng.randrange(0, (8 << 20) - 4096) & ~7  # word-aligned records; most clusters stay for the slow job
         data = seq.to_bytes(8, "little") * 512
         os.pwrite(fd, data, off)
