@@ -202,34 +202,40 @@ static void *writer_thread(void *arg)
 }
 
 /* Hands a run's data (buf, malloc'd, owned by the queue from now on) to the
- * writers. False when the queue is full or gone: the caller writes itself. */
-static bool enqueue_run(struct blockcopy *bc, uint64_t first, uint64_t count, uint64_t len, void *buf)
-{
-	struct writebehind_item *item;
+ * writers. A guest write may fill the whole queue and never waits for room:
+ * when it is full it writes itself. The background copy may fill only
+ * BACKGROUND_SHARE of it, so a busy guest always finds room, and waits for
+ * room instead of writing itself (one writer per target keeps its inode lock
+ * uncontended). False: not queued, the caller writes. */
+#define BACKGROUND_SHARE(max) ((max) / 4 * 3)
 
-	pthread_mutex_lock(&bc->queue_lock);
-	bool room = bc->nwriters && !bc->stopping && bc->queued_bytes + len <= BLOCKCOPY_QUEUE_MAX;
-	if (room)
-		bc->queued_bytes += len;
-	pthread_mutex_unlock(&bc->queue_lock);
-	if (!room || !(item = malloc(sizeof(*item)))) {
-		if (room) {
-			pthread_mutex_lock(&bc->queue_lock);
-			bc->queued_bytes -= len;
-			pthread_mutex_unlock(&bc->queue_lock);
-		}
+static bool enqueue_run(struct blockcopy *bc, uint64_t first, uint64_t count, uint64_t len, void *buf,
+			bool background)
+{
+	struct writebehind_item *item = malloc(sizeof(*item));
+	uint64_t limit = background ? BACKGROUND_SHARE(BLOCKCOPY_QUEUE_MAX) : BLOCKCOPY_QUEUE_MAX;
+
+	if (!item)
 		return false;
-	}
 	*item = (struct writebehind_item){ .first = first, .count = count, .len = len, .buf = buf };
 	pthread_mutex_lock(&bc->queue_lock);
-	if (bc->queue_tail)
-		bc->queue_tail->next = item;
-	else
-		bc->queue_head = item;
-	bc->queue_tail = item;
-	pthread_cond_signal(&bc->queue_changed);
+	while (background && bc->nwriters && !bc->stopping && !bc->queue_error &&
+	       bc->queued_bytes + len > limit && bc->queued_bytes)
+		pthread_cond_wait(&bc->queue_changed, &bc->queue_lock);
+	bool room = bc->nwriters && !bc->stopping && (bc->queued_bytes + len <= limit || !bc->queued_bytes);
+	if (room) {
+		bc->queued_bytes += len;
+		if (bc->queue_tail)
+			bc->queue_tail->next = item;
+		else
+			bc->queue_head = item;
+		bc->queue_tail = item;
+		pthread_cond_broadcast(&bc->queue_changed);
+	}
 	pthread_mutex_unlock(&bc->queue_lock);
-	return true;
+	if (!room)
+		free(item);
+	return room;
 }
 
 int blockcopy_drain(struct blockcopy *bc, uint64_t *offset)
@@ -283,7 +289,7 @@ int blockcopy_before_write(struct blockcopy *bc, uint64_t off, uint64_t len, uin
 			return -ENOMEM;
 		}
 		rc = read_run(bc, run_first, run_count, buf, false, &read_bytes);
-		if (!rc && !enqueue_run(bc, run_first, run_count, bytes, buf)) {
+		if (!rc && !enqueue_run(bc, run_first, run_count, bytes, buf, false)) {
 			rc = write_run(bc, run_first, bytes, buf);
 			free(buf);
 		} else if (rc) {
@@ -303,11 +309,8 @@ int64_t blockcopy_copy_next(struct blockcopy *bc, uint64_t *cursor, uint64_t max
 	uint64_t max_run = max_u64(max_bytes >> bc->cluster_bits, 1);
 	uint64_t first = *cursor >> bc->cluster_bits;
 	uint64_t run_first, run_count;
-	void *buf = thread_buffer(THREAD_BUFFER_COPY, (size_t)(max_run << bc->cluster_bits));
 	int rc;
 
-	if (!buf)
-		return -ENOMEM;
 	rc = inflight_claim(&bc->inflight, &bc->pending, first, bc->nclusters, max_run, INFLIGHT_SKIP, 0,
 			    &run_first, &run_count);
 	if (rc <= 0) {
@@ -315,9 +318,18 @@ int64_t blockcopy_copy_next(struct blockcopy *bc, uint64_t *cursor, uint64_t max
 		return rc;
 	}
 	uint64_t bytes = run_bytes(bc, run_first, run_count);
+	void *buf = NULL;
+	if (posix_memalign(&buf, 4096, (size_t)((bytes + 4095) & ~4095ull))) {
+		inflight_release(&bc->inflight, &bc->pending, run_first, run_count, false);
+		return -ENOMEM;
+	}
 	rc = read_run(bc, run_first, run_count, buf, true, read_bytes);
-	if (!rc)
+	if (!rc && !enqueue_run(bc, run_first, run_count, bytes, buf, true)) {
 		rc = write_run(bc, run_first, bytes, buf);
+		free(buf);
+	} else if (rc) {
+		free(buf);
+	}
 	inflight_release(&bc->inflight, &bc->pending, run_first, run_count, rc == 0);
 	*cursor = (run_first + run_count) << bc->cluster_bits;
 	if (rc)

@@ -28,11 +28,13 @@
  * After a cluster is copied, a guest write to it costs one atomic load.
  *
  * Write-behind: a guest write waits only for the old data to be read; the
- * target write happens on the engine's writer threads, from a queue bounded
- * by BLOCKCOPY_QUEUE_MAX bytes. When the queue is full the guest's copy
- * writes the target itself (back-pressure, never unbounded memory). A failed
- * queued write cannot be redone from the source (the guest has overwritten
- * it), so it is kept as the engine's error and the job fails.
+ * target write happens on the engine's writer thread, from a queue bounded
+ * by BLOCKCOPY_QUEUE_MAX bytes. The background copy queues its chunks too and
+ * waits when its share (3/4) is used; a guest write never waits for room:
+ * when the queue is full it writes the target itself. One writer keeps the
+ * target's inode lock uncontended (buffered writes serialize on it anyway).
+ * A failed queued write cannot be redone from the source (the guest has
+ * overwritten it), so it is kept as the engine's error and the job fails.
  *
  * Zero clusters are never written to a fresh target (it is sparse); holes of
  * the source are found with SEEK_DATA and not even read.
@@ -57,7 +59,7 @@ struct manifest;
  * cluster if clusters are larger. */
 #define BLOCKCOPY_CBW_MAX (1u << 20)
 #define BLOCKCOPY_QUEUE_MAX (64u << 20)
-#define BLOCKCOPY_WRITERS 2
+#define BLOCKCOPY_WRITERS 1
 
 struct writebehind_item;
 
