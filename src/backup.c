@@ -49,6 +49,7 @@ struct backup {
 	atomic_uint_fast64_t cursor;
 	/* Bytes copied since writeback was last started. */
 	atomic_uint_fast64_t unflushed;
+	uint64_t run_start_ns;
 };
 
 static struct backup *to_backup(struct job *job) { return (struct backup *)job; }
@@ -154,6 +155,7 @@ static enum job_state backup_run(struct job *job)
 	unsigned nhelpers = 0;
 	enum job_state final;
 
+	b->run_start_ns = clock_monotonic_ns();
 	for (unsigned i = 1; i < b->copy_workers && nhelpers < MAX_COPY_WORKERS; i++)
 		if (pthread_create(&helpers[nhelpers], NULL, copy_worker, b) == 0)
 			nhelpers++;
@@ -161,6 +163,7 @@ static enum job_state backup_run(struct job *job)
 	for (unsigned i = 0; i < nhelpers; i++)
 		pthread_join(helpers[i], NULL);
 
+	uint64_t copied_ns = clock_monotonic_ns();
 	enum job_stop stop = job_stop_requested(job);
 	if (stop == JOB_GO_ON && blockcopy_pending_clusters(&b->bc) == 0) {
 		/* All of T is read; no guest write needs us any more. */
@@ -168,6 +171,7 @@ static enum job_state backup_run(struct job *job)
 		b->attached = false;
 		uint64_t where = 0;
 		int rc = blockcopy_drain(&b->bc, &where);
+		uint64_t drained_ns = clock_monotonic_ns();
 		if (rc)
 			job_fail(job, "target %s: write at offset %" PRIu64 " failed: %s", b->target_path, where,
 				 strerror_safe(-rc));
@@ -176,6 +180,9 @@ static enum job_state backup_run(struct job *job)
 		else if (b->manifest && (rc = manifest_finish(b->manifest)))
 			job_fail(job, "manifest %s: cannot write: %s", b->manifest->path, strerror_safe(-rc));
 		final = rc ? JOB_FAILED : JOB_COMPLETED;
+		log_debug("backup %s: read in %.3f s, queue drained in %.3f s, target and manifest durable in %.3f s",
+			  job->id, (copied_ns - b->run_start_ns) / 1e9, (drained_ns - copied_ns) / 1e9,
+			  (clock_monotonic_ns() - drained_ns) / 1e9);
 	} else {
 		final = stop == JOB_STOP_CANCEL ? JOB_CANCELLED : JOB_FAILED;
 	}
