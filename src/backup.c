@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <inttypes.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -19,11 +20,9 @@
  * waits less) and a duty cycle of 1 / (1 + YIELD_FACTOR). */
 #define COPY_CHUNK_GUEST_BUSY (256u << 10)
 #define YIELD_FACTOR 3
-/* Writeback of the target is started every so often while the guest is idle,
- * so an idle backup overlaps reading and writing instead of syncing at the
- * end; while the guest is busy it waits (copy-before-write stays a page-cache
- * copy, the disk serves the guest). */
-#define WRITEBACK_EVERY (64ull << 20)
+/* A pass that skipped clusters after ignored errors waits this long before
+ * the next, so a source that keeps failing is not hammered. */
+#define IGNORED_ERROR_BACKOFF_NS 100000000ull
 #define MAX_COPY_WORKERS 16
 
 struct backup {
@@ -35,6 +34,9 @@ struct backup {
 	enum backup_sync sync;
 	enum target_format format;
 	bool checksum;
+	enum error_policy on_source_error, on_target_error;
+	enum cbw_policy on_cbw_error;
+	uint64_t cbw_timeout_ms;
 	struct target *target;
 	struct manifest *manifest;
 	struct blockcopy bc;
@@ -47,8 +49,8 @@ struct backup {
 	atomic_bool broken;
 	/* Where the background copy looks next (a hint; claims decide). */
 	atomic_uint_fast64_t cursor;
-	/* Bytes copied since writeback was last started. */
-	atomic_uint_fast64_t unflushed;
+	/* Errors were ignored in this pass: back off before the next. */
+	atomic_bool skipped_errors;
 	uint64_t run_start_ns;
 };
 
@@ -60,24 +62,110 @@ static const char *strerror_safe(int e)
 	return strerror_r(e, buf, sizeof(buf));
 }
 
+static const char *policy_name(enum error_policy p)
+{
+	return p == POLICY_STOP ? "stop" : p == POLICY_IGNORE ? "ignore" : "report";
+}
+
+/* "reading the image at offset N: Input/output error" */
+static void describe_error(const struct blockcopy_error *e, char *buf, size_t len)
+{
+	snprintf(buf, len, "%s at offset %" PRIu64 ": %s", e->target ? "writing the target" : "reading the image",
+		 e->offset, strerror_safe(-e->err));
+}
+
 /* ---- the guest write path ----------------------------------------------- */
 
 static int backup_before_write(struct image_hook *hook, uint64_t off, uint64_t len)
 {
 	struct backup *b = (struct backup *)((char *)hook - offsetof(struct backup, hook));
+	struct blockcopy_error e;
+	char what[200];
 
 	if (!blockcopy_needs_copy(&b->bc, off, len) || atomic_load(&b->broken))
 		return 0;
 	uint64_t start = clock_monotonic_ns();
-	int rc = blockcopy_before_write(&b->bc, off, len, 0);
+	int rc = blockcopy_before_write(&b->bc, off, len, b->cbw_timeout_ms * 1000000ull, &e);
 	latency_record(&b->job.cbw_wait, (clock_monotonic_ns() - start) / 1000);
 	if (rc == 0)
 		return 0;
-	/* on-cbw-error=break-snapshot: the guest write goes on, the backup can
-	 * no longer be exact and fails. */
+	if (rc == -ETIMEDOUT)
+		snprintf(what, sizeof(what), "copy-before-write of offset %" PRIu64 " took longer than cbw-timeout=%" PRIu64
+			 " ms", off, b->cbw_timeout_ms);
+	else
+		describe_error(&e, what, sizeof(what));
+	if (b->on_cbw_error == CBW_BREAK_GUEST_WRITE) {
+		/* The snapshot stays exact: the guest's write does not happen
+		 * (its old data was not saved). */
+		log_warn("backup %s: %s: failing the guest write (on-cbw-error=break-guest-write)", b->job.id, what);
+		return -EIO;
+	}
+	/* break-snapshot: the guest write goes on, the backup can no longer be
+	 * exact and fails. */
 	atomic_store(&b->broken, true);
-	job_fail(&b->job, "copy-before-write of offset %" PRIu64 " failed: %s", off, strerror_safe(-rc));
+	job_fail(&b->job, "copy-before-write: %s", what);
 	return 0;
+}
+
+/* ---- errors of the copy ------------------------------------------------- */
+
+/* A background copy failed: the job's policy for that side decides.
+ * Returns false when the worker should stop. */
+static bool handle_copy_error(struct backup *b, const struct blockcopy_error *e)
+{
+	enum error_policy policy = e->target ? b->on_target_error : b->on_source_error;
+	char what[200];
+
+	describe_error(e, what, sizeof(what));
+	switch (policy) {
+	case POLICY_IGNORE:
+		/* The clusters stay pending; a later pass copies them. */
+		log_warn("backup %s: %s (on-%s-error=ignore: retrying later)", b->job.id, what,
+			 e->target ? "target" : "source");
+		atomic_store(&b->skipped_errors, true);
+		return true;
+	case POLICY_STOP:
+		/* Retried from here after resume. */
+		atomic_store(&b->cursor, e->offset);
+		job_pause_on_error(&b->job, "%s (on-%s-error=stop)", what, e->target ? "target" : "source");
+		return true;
+	case POLICY_REPORT:
+		break;
+	}
+	job_fail(&b->job, "%s", what);
+	return false;
+}
+
+/* The write-behind thread could not write queued data (blockcopy.h). */
+static bool backup_queued_write_failed(void *owner, int err, uint64_t offset)
+{
+	struct backup *b = owner;
+	struct blockcopy_error e = { .err = err, .target = true, .offset = offset };
+	char what[200];
+
+	describe_error(&e, what, sizeof(what));
+	switch (b->on_target_error) {
+	case POLICY_IGNORE:
+		log_warn("backup %s: %s (on-target-error=ignore: retrying)", b->job.id, what);
+		return true;
+	case POLICY_STOP:
+		blockcopy_hold_writes(&b->bc, true);
+		job_pause_on_error(&b->job, "%s (on-target-error=stop)", what);
+		return true;
+	case POLICY_REPORT:
+		break;
+	}
+	job_fail(&b->job, "%s", what);
+	return false;
+}
+
+static const struct blockcopy_ops backup_copy_ops = {
+	.queued_write_failed = backup_queued_write_failed,
+};
+
+static void backup_resumed(struct job *job)
+{
+	blockcopy_hold_writes(&to_backup(job)->bc, false);
 }
 
 /* ---- the background copy ------------------------------------------------ */
@@ -90,19 +178,15 @@ static void advance_cursor(struct backup *b, uint64_t to)
 }
 
 /* After a chunk that took `spent` ns: step aside if the guest did I/O on
- * the image meanwhile, else maybe start writeback. Returns the new "busy". */
-static bool after_chunk(struct backup *b, uint64_t *guest_seen, uint64_t spent, uint64_t copied)
+ * the image meanwhile. Returns the new "guest busy". */
+static bool after_chunk(struct backup *b, uint64_t *guest_seen, uint64_t spent)
 {
 	uint64_t seen = atomic_load_explicit(&b->image->guest_requests, memory_order_relaxed);
 	bool busy = seen != *guest_seen;
 
 	*guest_seen = seen;
-	if (busy) {
+	if (busy)
 		job_sleep(&b->job, clock_monotonic_ns() + YIELD_FACTOR * spent);
-	} else if (atomic_fetch_add(&b->unflushed, copied) + copied >= WRITEBACK_EVERY) {
-		atomic_store(&b->unflushed, 0);
-		target_start_writeback(b->target);
-	}
 	return busy;
 }
 
@@ -115,37 +199,76 @@ static void *copy_worker(void *arg)
 	bool guest_busy = false;
 
 	for (;;) {
-		int queued_error = blockcopy_queue_error(&b->bc);
-		if (queued_error) {
-			job_fail(job, "target write failed: %s", strerror_safe(-queued_error));
-			return NULL;
-		}
 		uint64_t max = guest_busy ? COPY_CHUNK_GUEST_BUSY : COPY_CHUNK_MAX;
 		uint64_t chunk = job_chunk_size(job, unit, max_u64(max, unit));
 		if (!job_throttle(job))
 			return NULL;
 		uint64_t from = atomic_load(&b->cursor), cursor = from, read_bytes = 0;
 		uint64_t start = clock_monotonic_ns();
-		int64_t n = blockcopy_copy_next(&b->bc, &cursor, chunk, &read_bytes);
+		struct blockcopy_error e;
+		int64_t n = blockcopy_copy_next(&b->bc, &cursor, chunk, &read_bytes, &e);
 		job_charge(job, read_bytes);
 		if (n < 0) {
-			job_fail(job, "background copy at offset %" PRIu64 ": %s", cursor, strerror_safe((int)-n));
-			return NULL;
+			if (!handle_copy_error(b, &e))
+				return NULL;
+			if (e.err && atomic_load(&b->cursor) != e.offset)
+				advance_cursor(b, cursor);
+			continue;
 		}
 		if (n > 0) {
 			advance_cursor(b, cursor);
-			guest_busy = after_chunk(b, &guest_seen, clock_monotonic_ns() - start, read_bytes);
+			guest_busy = after_chunk(b, &guest_seen, clock_monotonic_ns() - start);
 			continue;
 		}
 		/* Nothing unclaimed from `from` on. Done, or start over from 0,
 		 * or everything left is being copied by others: wait for them. */
 		if (blockcopy_pending_clusters(&b->bc) == 0)
 			return NULL;
-		if (from == 0)
+		if (from == 0) {
 			inflight_wait_idle(&b->bc.inflight);
+			if (atomic_exchange(&b->skipped_errors, false))
+				job_sleep(job, clock_monotonic_ns() + IGNORED_ERROR_BACKOFF_NS);
+		}
 		uint_fast64_t expected = from;
 		atomic_compare_exchange_strong(&b->cursor, &expected, 0);
 	}
+}
+
+static bool backup_gives_up(void *arg)
+{
+	return job_stop_requested(arg) != JOB_GO_ON;
+}
+
+/* Everything of T is read: the guest needs us no more; wait for the queued
+ * writes, make the target durable, conclude with the group. */
+static int finish_copy(struct backup *b)
+{
+	struct job *job = &b->job;
+	uint64_t copied_ns = clock_monotonic_ns(), where = 0;
+	char what[200];
+
+	image_detach(b->image, &b->hook);
+	b->attached = false;
+	int rc = blockcopy_drain(&b->bc, &where, backup_gives_up, job);
+	if (rc == -ECANCELED)
+		return rc;
+	uint64_t drained_ns = clock_monotonic_ns();
+	if (rc) {
+		struct blockcopy_error e = { .err = rc, .target = true, .offset = where };
+		describe_error(&e, what, sizeof(what));
+		job_fail(job, "%s", what);
+	} else if ((rc = target_finish(b->target))) {
+		job_fail(job, "target %s: cannot flush: %s", b->target_path, strerror_safe(-rc));
+	} else if (b->manifest && (rc = manifest_finish(b->manifest))) {
+		job_fail(job, "manifest %s: cannot write: %s", b->manifest->path, strerror_safe(-rc));
+	}
+	log_debug("backup %s: read in %.3f s, queue drained in %.3f s, target and manifest durable in %.3f s",
+		  job->id, (copied_ns - b->run_start_ns) / 1e9, (drained_ns - copied_ns) / 1e9,
+		  (clock_monotonic_ns() - drained_ns) / 1e9);
+	if (rc)
+		return rc;
+	/* Grouped jobs complete together or not at all. */
+	return job_group_wait(job) ? 0 : -ECANCELED;
 }
 
 static enum job_state backup_run(struct job *job)
@@ -153,7 +276,7 @@ static enum job_state backup_run(struct job *job)
 	struct backup *b = to_backup(job);
 	pthread_t helpers[MAX_COPY_WORKERS];
 	unsigned nhelpers = 0;
-	enum job_state final;
+	enum job_state final = JOB_FAILED;
 
 	b->run_start_ns = clock_monotonic_ns();
 	for (unsigned i = 1; i < b->copy_workers && nhelpers < MAX_COPY_WORKERS; i++)
@@ -163,28 +286,15 @@ static enum job_state backup_run(struct job *job)
 	for (unsigned i = 0; i < nhelpers; i++)
 		pthread_join(helpers[i], NULL);
 
-	uint64_t copied_ns = clock_monotonic_ns();
-	enum job_stop stop = job_stop_requested(job);
-	if (stop == JOB_GO_ON && blockcopy_pending_clusters(&b->bc) == 0) {
-		/* All of T is read; no guest write needs us any more. */
-		image_detach(b->image, &b->hook);
-		b->attached = false;
-		uint64_t where = 0;
-		int rc = blockcopy_drain(&b->bc, &where);
-		uint64_t drained_ns = clock_monotonic_ns();
-		if (rc)
-			job_fail(job, "target %s: write at offset %" PRIu64 " failed: %s", b->target_path, where,
-				 strerror_safe(-rc));
-		else if ((rc = target_finish(b->target)))
-			job_fail(job, "target %s: cannot flush: %s", b->target_path, strerror_safe(-rc));
-		else if (b->manifest && (rc = manifest_finish(b->manifest)))
-			job_fail(job, "manifest %s: cannot write: %s", b->manifest->path, strerror_safe(-rc));
-		final = rc ? JOB_FAILED : JOB_COMPLETED;
-		log_debug("backup %s: read in %.3f s, queue drained in %.3f s, target and manifest durable in %.3f s",
-			  job->id, (copied_ns - b->run_start_ns) / 1e9, (drained_ns - copied_ns) / 1e9,
-			  (clock_monotonic_ns() - drained_ns) / 1e9);
+	/* A paused job does not complete until it is resumed. */
+	if (job_wait_running(job) && blockcopy_pending_clusters(&b->bc) == 0) {
+		int rc = finish_copy(b);
+		if (!rc)
+			final = JOB_COMPLETED;
+		else if (rc == -ECANCELED && job_stop_requested(job) != JOB_STOP_FAIL)
+			final = JOB_CANCELLED;
 	} else {
-		final = stop == JOB_STOP_CANCEL ? JOB_CANCELLED : JOB_FAILED;
+		final = job_stop_requested(job) == JOB_STOP_CANCEL ? JOB_CANCELLED : JOB_FAILED;
 	}
 	if (final != JOB_COMPLETED) {
 		atomic_store(&b->broken, true);
@@ -217,6 +327,10 @@ static void backup_status(struct job *job, struct strbuf *out)
 	strbuf_printf(out, "image=%s\ntarget=%s\nsync=%s\nformat=%s\nchecksum=%s\ncluster_size=%" PRIu32 "\n",
 		      b->image_path, b->target_path, ctl_sync_name(b->sync), ctl_format_name(b->format),
 		      b->checksum ? "xxh3" : "none", b->bc.cluster_size);
+	strbuf_printf(out, "on_source_error=%s\non_target_error=%s\non_cbw_error=%s\ncbw_timeout=%" PRIu64 "\n",
+		      policy_name(b->on_source_error), policy_name(b->on_target_error),
+		      b->on_cbw_error == CBW_BREAK_GUEST_WRITE ? "break-guest-write" : "break-snapshot",
+		      b->cbw_timeout_ms);
 }
 
 static void backup_abandon(struct job *job)
@@ -256,6 +370,7 @@ static const struct job_driver backup_driver = {
 	.status = backup_status,
 	.abandon = backup_abandon,
 	.free = backup_free,
+	.resumed = backup_resumed,
 };
 
 int backup_prepare(const struct backup_params *p, struct job **out, char *err, size_t errlen)
@@ -275,10 +390,14 @@ int backup_prepare(const struct backup_params *p, struct job **out, char *err, s
 	b->sync = cmd->sync;
 	b->format = cmd->format;
 	b->checksum = cmd->checksum;
+	b->on_source_error = cmd->on_source_error;
+	b->on_target_error = cmd->on_target_error;
+	b->on_cbw_error = cmd->on_cbw_error;
+	b->cbw_timeout_ms = cmd->cbw_timeout_ms;
 	b->copy_workers = p->copy_workers ? p->copy_workers : 1;
 	atomic_init(&b->broken, false);
 	atomic_init(&b->cursor, 0);
-	atomic_init(&b->unflushed, 0);
+	atomic_init(&b->skipped_errors, false);
 	image_ref(p->image);
 	b->image = p->image;
 	b->image_path = strdup(cmd->image);
@@ -299,27 +418,31 @@ int backup_prepare(const struct backup_params *p, struct job **out, char *err, s
 	if (cmd->checksum &&
 	    (rc = manifest_create(cmd->target, (uint64_t)size, p->cluster_size, &b->manifest, err, errlen)))
 		goto fail;
-	if ((rc = blockcopy_init(&b->bc, p->image, b->target, b->manifest, (uint64_t)size, p->cluster_size))) {
+	if ((rc = blockcopy_init(&b->bc, p->image, b->target, b->manifest, (uint64_t)size, p->cluster_size,
+				 &backup_copy_ops, b))) {
 		rc = set_error(err, errlen, -rc, "backup %s: out of memory for %" PRIu64 " clusters", cmd->image,
 			       div_round_up((uint64_t)size, p->cluster_size));
 		goto fail;
 	}
 	b->bc_ready = true;
 	if ((rc = image_attach_locked(p->image, &b->hook))) {
-		rc = set_error(err, errlen, EBUSY, "backup %s: too many jobs on this image (at most %d)", cmd->image,
-			       IMAGE_MAX_HOOKS);
+		rc = set_error(err, errlen, -rc, "backup %s: out of memory", cmd->image);
 		goto fail;
 	}
 	b->attached = true;
 	/* Counted before the thread can run, so it can never count down first. */
 	atomic_fetch_add(&p->image->active_jobs, 1);
 	b->counted_active = true;
+	if (p->group)
+		job_group_add(p->group, &b->job);
 	if ((rc = job_spawn(&b->job, err, errlen)))
 		goto fail;
 	*out = &b->job;
 	return 0;
 fail:
 	backup_abandon(&b->job);
+	if (b->job.group)
+		job_group_put(b->job.group);
 	pthread_cond_destroy(&b->job.wake);
 	pthread_mutex_destroy(&b->job.lock);
 	backup_free(&b->job);

@@ -2,12 +2,14 @@
 #include "config.h"
 
 #include <errno.h>
+#include <time.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
 #include "fleecefs/blockcopy.h"
 #include "fleecefs/image.h"
+#include "fleecefs/inject.h"
 #include "fleecefs/manifest.h"
 #include "fleecefs/target.h"
 #include "fleecefs/util.h"
@@ -22,11 +24,14 @@ struct writebehind_item {
 static void *writer_thread(void *arg);
 
 int blockcopy_init(struct blockcopy *bc, struct image *image, struct target *target,
-		   struct manifest *manifest, uint64_t size, uint32_t cluster_size)
+		   struct manifest *manifest, uint64_t size, uint32_t cluster_size,
+		   const struct blockcopy_ops *ops, void *owner)
 {
 	int rc;
 
 	memset(bc, 0, sizeof(*bc));
+	bc->ops = ops;
+	bc->owner = owner;
 	bc->image = image;
 	bc->target = target;
 	bc->manifest = manifest;
@@ -83,8 +88,11 @@ void blockcopy_destroy(struct blockcopy *bc)
  * rounded up to 4 KiB). Bytes past the current end of file read as zero. */
 static int read_source(struct blockcopy *bc, void *buf, uint64_t off, uint64_t len)
 {
-	ssize_t got = -EINVAL;
+	ssize_t got = inject_check(INJECT_SOURCE_READ, off, len);
 
+	if (got)
+		return (int)got;
+	got = -EINVAL;
 	if (bc->image->direct_fd >= 0 && off % 4096 == 0)
 		got = pread_full(bc->image->direct_fd, buf, (size_t)((len + 4095) & ~4095ull), off);
 	if (got == -EINVAL)
@@ -137,8 +145,10 @@ static int write_run(struct blockcopy *bc, uint64_t first, uint64_t len, const v
 {
 	uint64_t off = first << bc->cluster_bits, write_from = 0, pos = 0;
 	bool in_data = false;
-	int rc;
+	int rc = inject_check(INJECT_TARGET_WRITE, off, len);
 
+	if (rc)
+		return rc;
 	for (; pos < len; pos += bc->cluster_size) {
 		uint64_t clen = min_u64(bc->cluster_size, len - pos);
 		bool zero = buffer_is_zero((const char *)buf + pos, (size_t)clen);
@@ -168,30 +178,61 @@ static int write_run(struct blockcopy *bc, uint64_t first, uint64_t len, const v
 
 /* ---- write-behind ------------------------------------------------------- */
 
+/* Queue lock held. */
+static void append_locked(struct blockcopy *bc, struct writebehind_item *item)
+{
+	item->next = NULL;
+	if (bc->queue_tail)
+		bc->queue_tail->next = item;
+	else
+		bc->queue_head = item;
+	bc->queue_tail = item;
+}
+
 static void *writer_thread(void *arg)
 {
 	struct blockcopy *bc = arg;
+	uint64_t unwritten = 0;
 
 	pthread_mutex_lock(&bc->queue_lock);
 	for (;;) {
-		while (!bc->queue_head && !bc->stopping)
+		while ((!bc->queue_head || bc->held) && !bc->stopping)
 			pthread_cond_wait(&bc->queue_changed, &bc->queue_lock);
-		if (!bc->queue_head)
+		if (bc->stopping)
 			break;
 		struct writebehind_item *item = bc->queue_head;
 		bc->queue_head = item->next;
 		if (!bc->queue_head)
 			bc->queue_tail = NULL;
 		bc->writing++;
-		bool discard = bc->stopping || bc->queue_error;
+		bool discard = bc->queue_error != 0;
 		pthread_mutex_unlock(&bc->queue_lock);
 		int rc = discard ? 0 : write_run(bc, item->first, item->len, item->buf);
+		/* Hand what was written to writeback as we go: dirty pages stay
+		 * bounded, and the final sync of the target finds little to do. */
+		unwritten += item->len;
+		if (unwritten >= BLOCKCOPY_WRITEBACK_EVERY) {
+			unwritten = 0;
+			target_start_writeback(bc->target);
+		}
+		/* The data exists nowhere else (the guest may have overwritten
+		 * the source): keep it for another try if the job wants that. */
+		uint64_t off = item->first << bc->cluster_bits;
+		bool retry = rc && bc->ops && bc->ops->queued_write_failed(bc->owner, rc, off);
 		pthread_mutex_lock(&bc->queue_lock);
+		bc->writing--;
+		if (retry) {
+			append_locked(bc, item);
+			/* Not in a tight loop against a target that keeps failing. */
+			struct timespec ts;
+			timespec_from_ns(&ts, clock_realtime_ns() + 100000000ull);
+			pthread_cond_timedwait(&bc->queue_changed, &bc->queue_lock, &ts);
+			continue;
+		}
 		if (rc && !bc->queue_error) {
 			bc->queue_error = rc;
-			bc->queue_error_offset = item->first << bc->cluster_bits;
+			bc->queue_error_offset = off;
 		}
-		bc->writing--;
 		bc->queued_bytes -= item->len;
 		pthread_cond_broadcast(&bc->queue_changed);
 		free(item->buf);
@@ -199,6 +240,14 @@ static void *writer_thread(void *arg)
 	}
 	pthread_mutex_unlock(&bc->queue_lock);
 	return NULL;
+}
+
+void blockcopy_hold_writes(struct blockcopy *bc, bool hold)
+{
+	pthread_mutex_lock(&bc->queue_lock);
+	bc->held = hold;
+	pthread_cond_broadcast(&bc->queue_changed);
+	pthread_mutex_unlock(&bc->queue_lock);
 }
 
 /* Hands a run's data (buf, malloc'd, owned by the queue from now on) to the
@@ -225,11 +274,7 @@ static bool enqueue_run(struct blockcopy *bc, uint64_t first, uint64_t count, ui
 	bool room = bc->nwriters && !bc->stopping && (bc->queued_bytes + len <= limit || !bc->queued_bytes);
 	if (room) {
 		bc->queued_bytes += len;
-		if (bc->queue_tail)
-			bc->queue_tail->next = item;
-		else
-			bc->queue_head = item;
-		bc->queue_tail = item;
+		append_locked(bc, item);
 		pthread_cond_broadcast(&bc->queue_changed);
 	}
 	pthread_mutex_unlock(&bc->queue_lock);
@@ -238,12 +283,24 @@ static bool enqueue_run(struct blockcopy *bc, uint64_t first, uint64_t count, ui
 	return room;
 }
 
-int blockcopy_drain(struct blockcopy *bc, uint64_t *offset)
+int blockcopy_drain(struct blockcopy *bc, uint64_t *offset, bool (*give_up)(void *arg), void *arg)
 {
+	int rc = 0;
+
 	pthread_mutex_lock(&bc->queue_lock);
-	while (bc->queue_head || bc->writing)
-		pthread_cond_wait(&bc->queue_changed, &bc->queue_lock);
-	int rc = bc->queue_error;
+	while ((bc->queue_head || bc->writing) && !bc->queue_error) {
+		if (give_up && give_up(arg)) {
+			rc = -ECANCELED;
+			break;
+		}
+		/* Polls, since what ends a wait may be outside the engine (a
+		 * job cancelled while its writes are held). */
+		struct timespec ts;
+		timespec_from_ns(&ts, clock_realtime_ns() + 50000000ull);
+		pthread_cond_timedwait(&bc->queue_changed, &bc->queue_lock, &ts);
+	}
+	if (!rc)
+		rc = bc->queue_error;
 	if (offset)
 		*offset = bc->queue_error_offset;
 	pthread_mutex_unlock(&bc->queue_lock);
@@ -264,53 +321,79 @@ static uint64_t run_bytes(const struct blockcopy *bc, uint64_t first, uint64_t c
 	return min_u64(count << bc->cluster_bits, bc->size - off);
 }
 
-int blockcopy_before_write(struct blockcopy *bc, uint64_t off, uint64_t len, uint64_t deadline_ns)
+/* Copies a run this thread has claimed and releases the claim: reads it
+ * into a buffer of its own, which the write-behind queue takes over (or, if
+ * the queue is full for a guest's copy, writes it right away). The claim is
+ * released as copied only once the data is safe. The buffer is allocated per
+ * copy, which only ever happens once per cluster. */
+static int copy_claimed_run(struct blockcopy *bc, uint64_t run_first, uint64_t run_count, bool background,
+			    uint64_t *read_bytes, struct blockcopy_error *e)
+{
+	uint64_t bytes = run_bytes(bc, run_first, run_count);
+	void *buf = NULL;
+	int rc;
+
+	*e = (struct blockcopy_error){ .offset = run_first << bc->cluster_bits };
+	if (posix_memalign(&buf, 4096, (size_t)((bytes + 4095) & ~4095ull))) {
+		inflight_release(&bc->inflight, &bc->pending, run_first, run_count, false);
+		return e->err = -ENOMEM;
+	}
+	rc = read_run(bc, run_first, run_count, buf, background, read_bytes);
+	if (!rc && enqueue_run(bc, run_first, run_count, bytes, buf, background)) {
+		buf = NULL;
+	} else if (!rc) {
+		rc = write_run(bc, run_first, bytes, buf);
+		e->target = rc != 0;
+	}
+	free(buf);
+	inflight_release(&bc->inflight, &bc->pending, run_first, run_count, rc == 0);
+	e->err = rc;
+	return rc;
+}
+
+int blockcopy_before_write(struct blockcopy *bc, uint64_t off, uint64_t len, uint64_t timeout_ns,
+			   struct blockcopy_error *e)
 {
 	if (off >= bc->size || len == 0)
 		return 0;
+	uint64_t start = timeout_ns ? clock_monotonic_ns() : 0;
+	uint64_t deadline = timeout_ns ? start + timeout_ns : 0;
 	uint64_t end = min_u64(off + len, bc->size);
 	uint64_t first = off >> bc->cluster_bits, stop = ((end - 1) >> bc->cluster_bits) + 1;
 	uint64_t max_run = max_u64(BLOCKCOPY_CBW_MAX >> bc->cluster_bits, 1);
+	int rc;
 
+	*e = (struct blockcopy_error){ .offset = off };
+	if ((rc = inject_check(INJECT_CBW, off, len)))
+		return e->err = rc;
 	for (;;) {
 		uint64_t run_first, run_count, read_bytes = 0;
-		int rc = inflight_claim(&bc->inflight, &bc->pending, first, stop, max_run, INFLIGHT_WAIT,
-					deadline_ns, &run_first, &run_count);
+		rc = inflight_claim(&bc->inflight, &bc->pending, first, stop, max_run, INFLIGHT_WAIT, deadline,
+				    &run_first, &run_count);
 		if (rc <= 0)
-			return rc;
+			break;
 		uint64_t bytes = run_bytes(bc, run_first, run_count);
-		/* This buffer goes to the write-behind queue, which frees it; the
-		 * allocation is on the copy path only, never for a copied cluster. */
-		void *buf = NULL;
-		if (posix_memalign(&buf, 4096, (size_t)((bytes + 4095) & ~4095ull)))
-			buf = NULL;
-		if (!buf) {
-			inflight_release(&bc->inflight, &bc->pending, run_first, run_count, false);
-			return -ENOMEM;
-		}
-		rc = read_run(bc, run_first, run_count, buf, false, &read_bytes);
-		if (!rc && !enqueue_run(bc, run_first, run_count, bytes, buf, false)) {
-			rc = write_run(bc, run_first, bytes, buf);
-			free(buf);
-		} else if (rc) {
-			free(buf);
-		}
-		inflight_release(&bc->inflight, &bc->pending, run_first, run_count, rc == 0);
+		rc = copy_claimed_run(bc, run_first, run_count, false, &read_bytes, e);
 		if (rc)
 			return rc;
 		atomic_fetch_add(&bc->bytes_done, bytes);
 		atomic_fetch_add(&bc->cbw_bytes, bytes);
 		first = run_first + run_count;
 	}
+	if (!rc && deadline && clock_monotonic_ns() > deadline)
+		rc = -ETIMEDOUT;
+	return e->err = rc;
 }
 
-int64_t blockcopy_copy_next(struct blockcopy *bc, uint64_t *cursor, uint64_t max_bytes, uint64_t *read_bytes)
+int64_t blockcopy_copy_next(struct blockcopy *bc, uint64_t *cursor, uint64_t max_bytes, uint64_t *read_bytes,
+			    struct blockcopy_error *e)
 {
 	uint64_t max_run = max_u64(max_bytes >> bc->cluster_bits, 1);
 	uint64_t first = *cursor >> bc->cluster_bits;
 	uint64_t run_first, run_count;
 	int rc;
 
+	*e = (struct blockcopy_error){ .offset = *cursor };
 	rc = inflight_claim(&bc->inflight, &bc->pending, first, bc->nclusters, max_run, INFLIGHT_SKIP, 0,
 			    &run_first, &run_count);
 	if (rc <= 0) {
@@ -318,19 +401,7 @@ int64_t blockcopy_copy_next(struct blockcopy *bc, uint64_t *cursor, uint64_t max
 		return rc;
 	}
 	uint64_t bytes = run_bytes(bc, run_first, run_count);
-	void *buf = NULL;
-	if (posix_memalign(&buf, 4096, (size_t)((bytes + 4095) & ~4095ull))) {
-		inflight_release(&bc->inflight, &bc->pending, run_first, run_count, false);
-		return -ENOMEM;
-	}
-	rc = read_run(bc, run_first, run_count, buf, true, read_bytes);
-	if (!rc && !enqueue_run(bc, run_first, run_count, bytes, buf, true)) {
-		rc = write_run(bc, run_first, bytes, buf);
-		free(buf);
-	} else if (rc) {
-		free(buf);
-	}
-	inflight_release(&bc->inflight, &bc->pending, run_first, run_count, rc == 0);
+	rc = copy_claimed_run(bc, run_first, run_count, true, read_bytes, e);
 	*cursor = (run_first + run_count) << bc->cluster_bits;
 	if (rc)
 		return rc;

@@ -12,12 +12,13 @@
 
 #include "fleecefs/ctlfs.h"
 #include "fleecefs/events.h"
+#include "fleecefs/inject.h"
 #include "fleecefs/job.h"
 #include "fleecefs/transaction.h"
 #include "fleecefs/util.h"
 
 enum ctl_kind {
-	K_DIR = 1, K_CTL, K_VERSION, K_EVENTS, K_JOBS, K_SNAPSHOTS, K_BITMAPS, K_JOB_DIR, K_JOB_STATUS,
+	K_DIR = 1, K_CTL, K_VERSION, K_EVENTS, K_JOBS, K_SNAPSHOTS, K_BITMAPS, K_JOB_DIR, K_JOB_STATUS, K_INJECT,
 };
 
 #define INO(kind, serial) ((fuse_ino_t)(CTLFS_INO_FLAG | ((uint64_t)(serial) << 8) | (uint64_t)(kind)))
@@ -31,7 +32,7 @@ static const struct {
 	enum ctl_kind kind;
 } top_entries[] = {
 	{ "ctl", K_CTL }, { "version", K_VERSION }, { "events", K_EVENTS },
-	{ "jobs", K_JOBS }, { "snapshots", K_SNAPSHOTS }, { "bitmaps", K_BITMAPS },
+	{ "jobs", K_JOBS }, { "snapshots", K_SNAPSHOTS }, { "bitmaps", K_BITMAPS }, { "inject", K_INJECT },
 };
 
 /* One open control file. */
@@ -65,7 +66,7 @@ static mode_t mode_of(enum ctl_kind k)
 {
 	switch (k) {
 	case K_DIR: return S_IFDIR | 0700;
-	case K_CTL: return S_IFREG | 0600;
+	case K_CTL: case K_INJECT: return S_IFREG | 0600;
 	case K_JOBS: case K_SNAPSHOTS: case K_BITMAPS: case K_JOB_DIR: return S_IFDIR | 0500;
 	default: return S_IFREG | 0400;
 	}
@@ -77,7 +78,7 @@ static int fill_attr(fuse_ino_t ino, struct stat *st)
 	enum ctl_kind k = kind_of(ino);
 	uint64_t t = daemon_ctx->started_ns;
 
-	if (k < K_DIR || k > K_JOB_STATUS)
+	if (k < K_DIR || k > K_INJECT)
 		return -ENOENT;
 	if (k == K_JOB_DIR || k == K_JOB_STATUS) {
 		struct job *job = job_find_by_serial(serial_of(ino));
@@ -171,7 +172,7 @@ void ctlfs_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_set
 {
 	(void)attr;
 	/* `echo cmd > ctl` truncates first: allow that, and nothing else. */
-	if (kind_of(ino) != K_CTL || (to_set & ~(FUSE_SET_ATTR_SIZE | FUSE_SET_ATTR_MTIME | FUSE_SET_ATTR_MTIME_NOW |
+	if ((kind_of(ino) != K_CTL && kind_of(ino) != K_INJECT) || (to_set & ~(FUSE_SET_ATTR_SIZE | FUSE_SET_ATTR_MTIME | FUSE_SET_ATTR_MTIME_NOW |
 						 FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_ATIME_NOW | FUSE_SET_ATTR_CTIME))) {
 		fuse_reply_err(req, EPERM);
 		return;
@@ -184,7 +185,8 @@ void ctlfs_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_set
 static char *version_text(void)
 {
 	struct strbuf sb = { 0 };
-	strbuf_printf(&sb, "version=%s\nfeatures=backup sync-full format-raw checksum-xxh3 events\n"
+	strbuf_printf(&sb, "version=%s\nfeatures=backup sync-full format-raw checksum-xxh3 events pause error-policies "
+			   "groups inject\n"
 			   "cluster_size=%" PRIu32 "\n", PACKAGE_VERSION, daemon_ctx->cluster_size);
 	return strbuf_steal(&sb);
 }
@@ -210,7 +212,7 @@ void ctlfs_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 		fuse_reply_err(req, EISDIR);
 		return;
 	}
-	if (k != K_CTL && acc != O_RDONLY) {
+	if (k != K_CTL && k != K_INJECT && acc != O_RDONLY) {
 		fuse_reply_err(req, EACCES);
 		return;
 	}
@@ -223,6 +225,8 @@ void ctlfs_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 	pthread_mutex_init(&f->lock, NULL);
 	if (k == K_VERSION) {
 		f->text = version_text();
+	} else if (k == K_INJECT) {
+		f->text = inject_describe();
 	} else if (k == K_JOB_STATUS) {
 		struct job *job = job_find_by_serial(serial_of(ino));
 		if (job) {
@@ -254,7 +258,7 @@ void ctlfs_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 	f->len = f->text ? strlen(f->text) : 0;
 	fi->fh = (uintptr_t)f;
 	fi->direct_io = 1;
-	fi->nonseekable = k == K_EVENTS || k == K_CTL;
+	fi->nonseekable = k == K_EVENTS || k == K_CTL || k == K_INJECT;
 	if (fuse_reply_open(req, fi) != 0) {
 		if (k == K_EVENTS)
 			remove_reader(f);
@@ -384,14 +388,15 @@ void ctlfs_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct f
 		return;
 	}
 	pthread_mutex_lock(&f->lock);
-	/* ctl: the answer is read from the start after each write, whatever the
-	 * file offset; the other files are plain text at an offset. */
-	size_t pos = f->kind == K_CTL ? f->pos : (off < 0 ? f->len : min_u64((uint64_t)off, f->len));
+	/* ctl and inject: the answer is read from the start after each write,
+	 * whatever the file offset; the other files are plain text at an offset. */
+	bool cursor = f->kind == K_CTL || f->kind == K_INJECT;
+	size_t pos = cursor ? f->pos : (off < 0 ? f->len : min_u64((uint64_t)off, f->len));
 	size_t n = min_u64(size, f->len - pos);
 	char *copy = n ? malloc(n) : NULL;
 	if (n && copy)
 		memcpy(copy, f->text + pos, n);
-	if (f->kind == K_CTL && copy)
+	if (cursor && copy)
 		f->pos += n;
 	pthread_mutex_unlock(&f->lock);
 	if (n && !copy)
@@ -406,11 +411,22 @@ void ctlfs_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, s
 	struct ctl_file *f = (struct ctl_file *)(uintptr_t)fi->fh;
 	char *answer = NULL;
 
-	if (kind_of(ino) != K_CTL) {
+	int rc;
+	if (kind_of(ino) == K_CTL) {
+		rc = txn_execute(daemon_ctx, buf, size, &answer);
+	} else if (kind_of(ino) == K_INJECT) {
+		char err[256];
+		struct strbuf sb = { 0 };
+		rc = inject_apply(buf, size, err, sizeof(err));
+		if (rc)
+			strbuf_printf(&sb, "error: %s\n", err);
+		else
+			strbuf_printf(&sb, "ok\n");
+		answer = strbuf_steal(&sb);
+	} else {
 		fuse_reply_err(req, EACCES);
 		return;
 	}
-	int rc = txn_execute(daemon_ctx, buf, size, &answer);
 	pthread_mutex_lock(&f->lock);
 	free(f->text);
 	f->text = answer;

@@ -114,6 +114,7 @@ void image_put(struct image *img)
 	if (img->direct_fd >= 0)
 		close(img->direct_fd);
 	gate_destroy(&img->gate);
+	free(img->hooks);
 	free(img);
 }
 
@@ -131,8 +132,14 @@ int image_write_begin_slow(struct image *img, uint64_t off, uint64_t len)
 
 int image_attach_locked(struct image *img, struct image_hook *hook)
 {
-	if (img->nhooks == IMAGE_MAX_HOOKS)
-		return -EBUSY;
+	if (img->nhooks == img->hooks_cap) {
+		unsigned cap = img->hooks_cap ? img->hooks_cap * 2 : 4;
+		struct image_hook **grown = realloc(img->hooks, cap * sizeof(*grown));
+		if (!grown)
+			return -ENOMEM;
+		img->hooks = grown;
+		img->hooks_cap = cap;
+	}
 	img->hooks[img->nhooks++] = hook;
 	return 0;
 }

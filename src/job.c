@@ -5,10 +5,22 @@
 #include <inttypes.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "fleecefs/events.h"
 #include "fleecefs/job.h"
+
+struct job_group {
+	char name[FLEECE_NAME_MAX + 1];
+	pthread_mutex_t lock;
+	pthread_cond_t changed;
+	struct job *members;      /* lock */
+	unsigned nmembers;        /* lock */
+	unsigned succeeded;       /* members waiting in job_group_wait; lock */
+	bool broken;              /* a member failed or was cancelled; lock */
+	unsigned refs;            /* lock */
+};
 
 static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t registry_changed = PTHREAD_COND_INITIALIZER;
@@ -74,8 +86,13 @@ int job_init(struct job *job, const struct job_driver *driver, const char *id, u
 	return 0;
 }
 
+static void group_leave(struct job *job);
+static void wake_group(struct job *job);
+static int request_cancel(struct job *job, char *err, size_t errlen);
+
 static void job_destroy(struct job *job)
 {
+	group_leave(job);
 	pthread_cond_destroy(&job->wake);
 	pthread_mutex_destroy(&job->lock);
 	job->driver->free(job);
@@ -83,7 +100,7 @@ static void job_destroy(struct job *job)
 
 static void emit_state_event(struct job *job, const char *event)
 {
-	if (job->error[0] && (job->state == JOB_FAILED))
+	if (job->error[0] && (job->state == JOB_FAILED || job->state == JOB_PAUSED))
 		events_emit("id=%s type=%s event=%s error=%s", job->id, job->driver->type, event, job->error);
 	else
 		events_emit("id=%s type=%s event=%s", job->id, job->driver->type, event);
@@ -163,6 +180,23 @@ static void job_conclude(struct job *job, enum job_state final)
 	free_dropped(dropped);
 }
 
+/* A member failed or was cancelled: the others are cancelled. */
+static void group_break(struct job *job)
+{
+	struct job_group *g = job->group;
+	char ignored[JOB_ERROR_MAX];
+
+	if (!g)
+		return;
+	pthread_mutex_lock(&g->lock);
+	g->broken = true;
+	for (struct job *m = g->members; m; m = m->next_in_group)
+		if (m != job)
+			request_cancel(m, ignored, sizeof(ignored));
+	pthread_cond_broadcast(&g->changed);
+	pthread_mutex_unlock(&g->lock);
+}
+
 static void *job_thread(void *arg)
 {
 	struct job *job = arg;
@@ -174,7 +208,10 @@ static void *job_thread(void *arg)
 	pthread_mutex_unlock(&job->lock);
 	if (abandoned)
 		return NULL;
-	job_conclude(job, job->driver->run(job));
+	enum job_state final = job->driver->run(job);
+	if (final != JOB_COMPLETED)
+		group_break(job);
+	job_conclude(job, final);
 	return NULL;
 }
 
@@ -242,8 +279,10 @@ void job_format_status(struct job *job, struct strbuf *out)
 	strbuf_printf(out, "id=%s\ntype=%s\n", job->id, job->driver->type);
 	job->driver->status(job, out);
 	strbuf_printf(out, "state=%s\n", job_state_name(job->state));
+	if (job->group)
+		strbuf_printf(out, "group=%s\n", job->group->name);
 	strbuf_printf(out, "bytes_total=%" PRIu64 "\nbytes_done=%" PRIu64 "\ncbw_bytes=%" PRIu64 "\n",
-		      p.bytes_total, p.bytes_done, p.cbw_bytes);
+		      p.bytes_total, job->state == JOB_PAUSED ? job->frozen_bytes_done : p.bytes_done, p.cbw_bytes);
 	strbuf_printf(out, "speed=%" PRIu64 "\nrate=%" PRIu64 "\n", job->speed,
 		      job_state_concluded(job->state) ? 0 : job->rate);
 	strbuf_printf(out, "cbw_wait_us_p50=%" PRIu64 "\ncbw_wait_us_p99=%" PRIu64 "\n",
@@ -270,30 +309,156 @@ struct job *job_find_by_serial(uint64_t serial)
 	return found;
 }
 
-int job_cancel(struct job *job, char *err, size_t errlen)
-{
-	int rc = 0;
+static const char *const verb_names[] = { "cancel", "pause", "resume", "complete", "set", "dismiss" };
+static const char *const verb_applies[] = {
+	"a running, paused or ready job", "a running job", "a paused job",
+	"a ready job or a sync=none backup", "a running, paused or ready job", "a concluded job",
+};
 
+/* job->lock held. */
+static int check_verb_locked(struct job *job, enum job_verb verb, char *err, size_t errlen)
+{
+	bool ok;
+
+	switch (verb) {
+	case JOB_VERB_PAUSE: ok = job->state == JOB_RUNNING; break;
+	case JOB_VERB_RESUME: ok = job->state == JOB_PAUSED; break;
+	case JOB_VERB_COMPLETE:
+		ok = job->state == JOB_READY ||
+		     (!job_state_concluded(job->state) && job->driver->completable && job->driver->completable(job));
+		break;
+	case JOB_VERB_DISMISS: ok = job_state_concluded(job->state); break;
+	default: ok = !job_state_concluded(job->state); break;
+	}
+	/* A stop already on its way makes the job as good as concluded. */
+	if (ok && verb != JOB_VERB_DISMISS && job->stop != JOB_GO_ON)
+		return set_error(err, errlen, EBUSY, "%s %s: job is %s", verb_names[verb], job->id,
+				 job->stop == JOB_STOP_CANCEL ? "being cancelled" : "failing");
+	if (ok)
+		return 0;
+	return set_error(err, errlen, EBUSY, "%s %s: job is %s (%s applies to %s)", verb_names[verb], job->id,
+			 job_state_name(job->state), verb_names[verb], verb_applies[verb]);
+}
+
+int job_check_verb(struct job *job, enum job_verb verb, char *err, size_t errlen)
+{
 	pthread_mutex_lock(&job->lock);
-	if (job_state_concluded(job->state))
-		rc = set_error(err, errlen, EBUSY, "cancel %s: job is %s", job->id, job_state_name(job->state));
-	else if (job->stop == JOB_GO_ON)
+	int rc = check_verb_locked(job, verb, err, errlen);
+	pthread_mutex_unlock(&job->lock);
+	return rc;
+}
+
+static void wake_group(struct job *job)
+{
+	if (job->group) {
+		pthread_mutex_lock(&job->group->lock);
+		pthread_cond_broadcast(&job->group->changed);
+		pthread_mutex_unlock(&job->group->lock);
+	}
+}
+
+/* Sets the stop request; does not touch the job's group (its lock may be
+ * held by the caller). */
+static int request_cancel(struct job *job, char *err, size_t errlen)
+{
+	pthread_mutex_lock(&job->lock);
+	int rc = check_verb_locked(job, JOB_VERB_CANCEL, err, errlen);
+	if (!rc)
 		job->stop = JOB_STOP_CANCEL;
 	pthread_cond_broadcast(&job->wake);
 	pthread_mutex_unlock(&job->lock);
 	return rc;
 }
 
+int job_cancel(struct job *job, char *err, size_t errlen)
+{
+	int rc = request_cancel(job, err, errlen);
+	if (!rc)
+		wake_group(job);
+	return rc;
+}
+
+static void pause_locked(struct job *job)
+{
+	struct job_progress p = { 0 };
+
+	job->driver->progress(job, &p);
+	job->frozen_bytes_done = p.bytes_done;
+	job->state = JOB_PAUSED;
+	emit_state_event(job, "paused");
+}
+
+int job_pause(struct job *job, char *err, size_t errlen)
+{
+	pthread_mutex_lock(&job->lock);
+	int rc = check_verb_locked(job, JOB_VERB_PAUSE, err, errlen);
+	if (!rc)
+		pause_locked(job);
+	pthread_mutex_unlock(&job->lock);
+	return rc;
+}
+
+int job_resume(struct job *job, char *err, size_t errlen)
+{
+	pthread_mutex_lock(&job->lock);
+	int rc = check_verb_locked(job, JOB_VERB_RESUME, err, errlen);
+	if (!rc) {
+		job->state = JOB_RUNNING;
+		job->error[0] = '\0';
+		emit_state_event(job, "resumed");
+		pthread_cond_broadcast(&job->wake);
+	}
+	pthread_mutex_unlock(&job->lock);
+	if (!rc && job->driver->resumed)
+		job->driver->resumed(job);
+	return rc;
+}
+
+int job_complete(struct job *job, char *err, size_t errlen)
+{
+	pthread_mutex_lock(&job->lock);
+	int rc = check_verb_locked(job, JOB_VERB_COMPLETE, err, errlen);
+	if (!rc)
+		job->complete_requested = true;
+	pthread_cond_broadcast(&job->wake);
+	pthread_mutex_unlock(&job->lock);
+	return rc;
+}
+
+void job_pause_on_error(struct job *job, const char *fmt, ...)
+{
+	va_list ap;
+
+	pthread_mutex_lock(&job->lock);
+	if (job->stop == JOB_GO_ON && (job->state == JOB_RUNNING || job->state == JOB_READY)) {
+		va_start(ap, fmt);
+		vsnprintf(job->error, sizeof(job->error), fmt, ap);
+		va_end(ap);
+		for (char *p = job->error; *p; p++)
+			if (*p == '\n')
+				*p = ' ';
+		pause_locked(job);
+	}
+	pthread_mutex_unlock(&job->lock);
+}
+
+bool job_wait_running(struct job *job)
+{
+	pthread_mutex_lock(&job->lock);
+	while (job->state == JOB_PAUSED && job->stop == JOB_GO_ON)
+		pthread_cond_wait(&job->wake, &job->lock);
+	bool go_on = job->stop == JOB_GO_ON;
+	pthread_mutex_unlock(&job->lock);
+	return go_on;
+}
+
 int job_dismiss(struct job *job, char *err, size_t errlen)
 {
 	pthread_mutex_lock(&registry_lock);
-	pthread_mutex_lock(&job->lock);
-	enum job_state state = job->state;
-	pthread_mutex_unlock(&job->lock);
-	if (!job_state_concluded(state)) {
+	int rc = job_check_verb(job, JOB_VERB_DISMISS, err, errlen);
+	if (rc) {
 		pthread_mutex_unlock(&registry_lock);
-		return set_error(err, errlen, EBUSY, "dismiss %s: job is %s (only a concluded job can be dismissed)",
-				 job->id, job_state_name(state));
+		return rc;
 	}
 	for (struct job **pp = &jobs_head; *pp; pp = &(*pp)->next) {
 		if (*pp == job) {
@@ -309,12 +474,9 @@ int job_dismiss(struct job *job, char *err, size_t errlen)
 
 int job_set_speed(struct job *job, uint64_t speed, char *err, size_t errlen)
 {
-	int rc = 0;
-
 	pthread_mutex_lock(&job->lock);
-	if (job_state_concluded(job->state)) {
-		rc = set_error(err, errlen, EBUSY, "set %s: job is %s", job->id, job_state_name(job->state));
-	} else {
+	int rc = check_verb_locked(job, JOB_VERB_SET, err, errlen);
+	if (!rc) {
 		job->speed = speed;
 		ratelimit_set(&job->ratelimit, speed);
 		pthread_cond_broadcast(&job->wake);
@@ -369,6 +531,15 @@ bool job_throttle(struct job *job)
 	for (;;) {
 		uint64_t now = clock_monotonic_ns();
 		update_rate_locked(job, now, p.bytes_done);
+		if (job->state == JOB_PAUSED && job->stop == JOB_GO_ON) {
+			pthread_cond_wait(&job->wake, &job->lock);
+			/* The pause is not progress: restart the rate window. */
+			job->rate = 0;
+			job->rate_mark_ns = clock_monotonic_ns();
+			job->driver->progress(job, &p);
+			job->rate_mark_bytes = p.bytes_done;
+			continue;
+		}
 		if (job->stop != JOB_GO_ON) {
 			pthread_mutex_unlock(&job->lock);
 			return false;
@@ -421,6 +592,7 @@ void job_cancel_all_and_wait(void)
 			j->stop = JOB_STOP_CANCEL;
 		pthread_cond_broadcast(&j->wake);
 		pthread_mutex_unlock(&j->lock);
+		wake_group(j);
 	}
 	for (;;) {
 		bool running = false;
@@ -443,4 +615,93 @@ void job_free_all(void)
 	jobs_head = NULL;
 	pthread_mutex_unlock(&registry_lock);
 	free_dropped(all);
+}
+
+struct job_group *job_group_new(const char *name)
+{
+	struct job_group *g = calloc(1, sizeof(*g));
+
+	if (!g)
+		return NULL;
+	snprintf(g->name, sizeof(g->name), "%s", name);
+	pthread_mutex_init(&g->lock, NULL);
+	pthread_cond_init(&g->changed, NULL);
+	g->refs = 1;
+	return g;
+}
+
+void job_group_put(struct job_group *g)
+{
+	pthread_mutex_lock(&g->lock);
+	bool last = --g->refs == 0;
+	pthread_mutex_unlock(&g->lock);
+	if (last) {
+		pthread_cond_destroy(&g->changed);
+		pthread_mutex_destroy(&g->lock);
+		free(g);
+	}
+}
+
+void job_group_add(struct job_group *g, struct job *job)
+{
+	pthread_mutex_lock(&g->lock);
+	g->refs++;
+	g->nmembers++;
+	job->group = g;
+	job->next_in_group = g->members;
+	g->members = job;
+	pthread_mutex_unlock(&g->lock);
+}
+
+static void group_leave(struct job *job)
+{
+	struct job_group *g = job->group;
+
+	if (!g)
+		return;
+	pthread_mutex_lock(&g->lock);
+	for (struct job **pp = &g->members; *pp; pp = &(*pp)->next_in_group) {
+		if (*pp == job) {
+			*pp = job->next_in_group;
+			break;
+		}
+	}
+	pthread_mutex_unlock(&g->lock);
+	job->group = NULL;
+	job_group_put(g);
+}
+
+bool job_group_wait(struct job *job)
+{
+	struct job_group *g = job->group;
+	bool ok;
+
+	if (!g)
+		return job_stop_requested(job) == JOB_GO_ON;
+	pthread_mutex_lock(&g->lock);
+	g->succeeded++;
+	pthread_cond_broadcast(&g->changed);
+	for (;;) {
+		if (g->broken || job_stop_requested(job) != JOB_GO_ON) {
+			ok = false;
+			break;
+		}
+		if (g->succeeded == g->nmembers) {
+			ok = true;
+			break;
+		}
+		pthread_cond_wait(&g->changed, &g->lock);
+	}
+	pthread_mutex_unlock(&g->lock);
+	return ok;
+}
+
+const char *job_group_name(const struct job *job)
+{
+	return job->group ? job->group->name : NULL;
+}
+
+const char *job_group_name_of(const struct job_group *group)
+{
+	return group->name;
 }

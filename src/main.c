@@ -18,6 +18,7 @@
 #include "fleecefs/ctlfs.h"
 #include "fleecefs/daemon.h"
 #include "fleecefs/fs.h"
+#include "fleecefs/inject.h"
 #include "fleecefs/job.h"
 #include "fleecefs/util.h"
 
@@ -407,6 +408,7 @@ out:
 	if (se)
 		fuse_session_destroy(se);
 	job_free_all();
+	inject_clear();
 	fs_teardown();
 	if (d.source_fd >= 0)
 		close(d.source_fd);

@@ -1,9 +1,10 @@
 /* target-raw: a sparse file of the image's size.
  *
- * Writes are buffered: a copy-before-write costs the guest a page-cache copy,
- * not a disk write. The job decides when writeback starts (start_writeback,
- * while the guest is idle); finish makes everything durable and drops the
- * written pages from the cache, since nobody reads a fresh backup soon.
+ * Writes are buffered (one writer thread, see blockcopy.h): on this kind of
+ * target, O_DIRECT writes into a sparse file serialize on allocation and
+ * were no faster. The copy engine starts writeback as it goes
+ * (start_writeback); finish makes everything durable and drops the written
+ * pages from the cache, since nobody reads a fresh backup soon.
  */
 #include "config.h"
 

@@ -37,6 +37,8 @@ struct txn_state {
 	struct resolved *res;
 	struct image *gates[CTL_MAX_IMAGES * 4];
 	unsigned ngates;
+	struct job_group **groups;    /* one per group name, this write only */
+	unsigned ngroups;
 	char err[ERR_MAX];
 };
 
@@ -146,11 +148,6 @@ static int check_backup(struct txn_state *s, unsigned i)
 		return not_yet(line, "backup bitmap=", s->err, sizeof(s->err));
 	if (b->fleecing)
 		return not_yet(line, "backup fleecing=on", s->err, sizeof(s->err));
-	if (b->group)
-		return not_yet(line, "backup group=", s->err, sizeof(s->err));
-	if (b->on_source_error != POLICY_REPORT || b->on_target_error != POLICY_REPORT ||
-	    b->on_cbw_error != CBW_BREAK_SNAPSHOT || b->cbw_timeout_ms)
-		return not_yet(line, "backup error policies other than the defaults", s->err, sizeof(s->err));
 	if (b->id) {
 		if (job_id_taken(b->id))
 			return set_error(s->err, sizeof(s->err), EEXIST, "line %u: backup: id %s is taken", line, b->id);
@@ -181,31 +178,37 @@ static int check_backup(struct txn_state *s, unsigned i)
 	return 0;
 }
 
+static enum job_verb job_verb_of(enum ctl_verb verb)
+{
+	switch (verb) {
+	case CTL_PAUSE: return JOB_VERB_PAUSE;
+	case CTL_RESUME: return JOB_VERB_RESUME;
+	case CTL_COMPLETE: return JOB_VERB_COMPLETE;
+	case CTL_DISMISS: return JOB_VERB_DISMISS;
+	case CTL_SET: return JOB_VERB_SET;
+	default: return JOB_VERB_CANCEL;
+	}
+}
+
 static int check_job_verb(struct txn_state *s, unsigned i)
 {
 	const struct ctl_command *c = &s->parsed.cmds[i];
 	const char *verb = ctl_verb_name(c->verb);
 	struct job *job = job_find(c->u.job.id);
+	char msg[ERR_MAX - 32];
 
 	if (!job)
 		return set_error(s->err, sizeof(s->err), ENOENT, "line %u: %s: no job %s", c->line, verb, c->u.job.id);
 	s->res[i].job = job;
-	pthread_mutex_lock(&job->lock);
-	enum job_state state = job->state;
-	pthread_mutex_unlock(&job->lock);
-	bool concluded = job_state_concluded(state);
-	if (c->verb == CTL_DISMISS && !concluded)
-		return set_error(s->err, sizeof(s->err), EBUSY,
-				 "line %u: dismiss %s: job is %s (only a concluded job can be dismissed)", c->line,
-				 job->id, job_state_name(state));
-	if ((c->verb == CTL_CANCEL || c->verb == CTL_SET) && concluded)
-		return set_error(s->err, sizeof(s->err), EBUSY, "line %u: %s %s: job is %s", c->line, verb, job->id,
-				 job_state_name(state));
 	for (unsigned j = 0; j < i; j++)
-		if (s->res[j].job == job && s->parsed.cmds[j].verb == CTL_DISMISS)
-			return set_error(s->err, sizeof(s->err), ENOENT, "line %u: %s: job %s is dismissed on line %u",
-					 c->line, verb, job->id, s->parsed.cmds[j].line);
-	return 0;
+		if (s->res[j].job == job)
+			return set_error(s->err, sizeof(s->err), EINVAL,
+					 "line %u: %s %s: the job is already acted on by line %u of this write", c->line,
+					 verb, job->id, s->parsed.cmds[j].line);
+	int rc = job_check_verb(job, job_verb_of(c->verb), msg, sizeof(msg));
+	if (rc)
+		snprintf(s->err, sizeof(s->err), "line %u: %s", c->line, msg);
+	return rc;
 }
 
 static int check_all(struct txn_state *s)
@@ -218,6 +221,9 @@ static int check_all(struct txn_state *s)
 			rc = check_backup(s, i);
 			break;
 		case CTL_CANCEL:
+		case CTL_PAUSE:
+		case CTL_RESUME:
+		case CTL_COMPLETE:
 		case CTL_DISMISS:
 		case CTL_SET:
 			rc = check_job_verb(s, i);
@@ -261,13 +267,31 @@ static void open_gates(struct txn_state *s)
 		gate_open(&s->gates[i]->gate);
 }
 
+/* The group object for NAME, shared by the lines of this write that name it. */
+static struct job_group *group_for(struct txn_state *s, const char *name)
+{
+	if (!name)
+		return NULL;
+	for (unsigned i = 0; i < s->ngroups; i++)
+		if (strcmp(job_group_name_of(s->groups[i]), name) == 0)
+			return s->groups[i];
+	struct job_group *g = job_group_new(name);
+	if (g)
+		s->groups[s->ngroups++] = g;
+	return g;
+}
+
 static int prepare_all(struct txn_state *s)
 {
 	for (unsigned i = 0; i < s->parsed.ncmds; i++) {
 		const struct ctl_command *c = &s->parsed.cmds[i];
 		if (c->verb != CTL_BACKUP)
 			continue;
+		struct job_group *group = group_for(s, c->u.backup.group);
+		if (c->u.backup.group && !group)
+			return set_error(s->err, sizeof(s->err), ENOMEM, "line %u: out of memory", c->line);
 		struct backup_params p = {
+			.group = group,
 			.cmd = &c->u.backup,
 			.image = s->res[i].image,
 			.image_path = c->u.backup.image,
@@ -298,12 +322,22 @@ static void commit_all(struct txn_state *s, struct strbuf *answer)
 			strbuf_printf(answer, " id=%s", s->res[i].prepared->id);
 			s->res[i].prepared = NULL;
 			break;
-		/* Checked in step 2; a job that concluded since then needs no cancel. */
+		/* Checked in step 2; a job whose state moved on since (it
+		 * concluded, an error paused it) keeps its new state. */
 		case CTL_CANCEL:
 			job_cancel(job, ignored, sizeof(ignored));
 			break;
 		case CTL_SET:
 			job_set_speed(job, c->u.job.speed, ignored, sizeof(ignored));
+			break;
+		case CTL_PAUSE:
+			job_pause(job, ignored, sizeof(ignored));
+			break;
+		case CTL_RESUME:
+			job_resume(job, ignored, sizeof(ignored));
+			break;
+		case CTL_COMPLETE:
+			job_complete(job, ignored, sizeof(ignored));
 			break;
 		case CTL_DISMISS:
 			job_dismiss(job, ignored, sizeof(ignored));
@@ -345,7 +379,8 @@ int txn_execute(const struct fleece_daemon *d, const char *text, size_t len, cha
 
 	pthread_mutex_lock(&control_mutex);
 	rc = ctl_parse(text, len, &s.parsed, s.err, sizeof(s.err));
-	if (!rc && !(s.res = calloc(s.parsed.ncmds, sizeof(*s.res))))
+	if (!rc && (!(s.res = calloc(s.parsed.ncmds, sizeof(*s.res))) ||
+		    !(s.groups = calloc(s.parsed.ncmds, sizeof(*s.groups)))))
 		rc = set_error(s.err, sizeof(s.err), ENOMEM, "out of memory");
 	if (!rc)
 		rc = check_all(&s);
@@ -361,6 +396,9 @@ int txn_execute(const struct fleece_daemon *d, const char *text, size_t len, cha
 		image_namespace_unlock();
 	}
 	release_resolved(&s);
+	for (unsigned i = 0; i < s.ngroups; i++)
+		job_group_put(s.groups[i]);
+	free(s.groups);
 	ctl_txn_free(&s.parsed);
 	pthread_mutex_unlock(&control_mutex);
 	if (rc) {

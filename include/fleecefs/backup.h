@@ -8,6 +8,12 @@
  * writes copy what they are about to overwrite (blockcopy.h); the job ends
  * completed once nothing is pending and the target and manifest are durable,
  * cancelled or failed otherwise (target and manifest removed).
+ * Errors follow the job's policies (SPEC section 3): on-source-error and
+ * on-target-error for the background copy and the write-behind queue
+ * (report: fail; ignore: retry later; stop: pause with the error, retry on
+ * resume), on-cbw-error and cbw-timeout for a guest write's copy
+ * (break-snapshot: the write goes on, the job fails; break-guest-write: the
+ * write fails with EIO, the job goes on).
  * Locking: see job.h and blockcopy.h; `broken` is atomic.
  * Errors: 0 or -errno with a one-line message.
  */
@@ -20,6 +26,7 @@
 struct ctl_backup;
 struct image;
 struct job;
+struct job_group;
 
 struct backup_params {
 	const struct ctl_backup *cmd;
@@ -27,6 +34,7 @@ struct backup_params {
 	const char *image_path;    /* as the user named it, for status */
 	uint32_t cluster_size;
 	unsigned copy_workers;
+	struct job_group *group;   /* NULL: none */
 };
 
 int backup_prepare(const struct backup_params *p, struct job **out, char *err, size_t errlen);

@@ -59,9 +59,24 @@ struct manifest;
  * cluster if clusters are larger. */
 #define BLOCKCOPY_CBW_MAX (1u << 20)
 #define BLOCKCOPY_QUEUE_MAX (64u << 20)
+#define BLOCKCOPY_WRITEBACK_EVERY (64u << 20)
 #define BLOCKCOPY_WRITERS 1
 
 struct writebehind_item;
+
+/* Where a copy failed. */
+struct blockcopy_error {
+	int err;            /* -errno */
+	bool target;        /* writing the target (else reading the source) */
+	uint64_t offset;
+};
+
+struct blockcopy_ops {
+	/* A queued target write failed: true keeps its data queued to be
+	 * written again (after a pause, or while writes are held), false gives
+	 * up (the engine keeps the error; the job cannot complete). */
+	bool (*queued_write_failed)(void *owner, int err, uint64_t offset);
+};
 
 struct blockcopy {
 	struct image *image;
@@ -86,19 +101,26 @@ struct blockcopy {
 	int queue_error;             /* first failed queued write, -errno */
 	uint64_t queue_error_offset;
 	bool stopping;
+	bool held;                   /* writers wait (a job stopped on error) */
+	const struct blockcopy_ops *ops;
+	void *owner;
 	pthread_t writers[BLOCKCOPY_WRITERS];
 	unsigned nwriters;
 };
 
 int blockcopy_init(struct blockcopy *bc, struct image *image, struct target *target,
-		   struct manifest *manifest, uint64_t size, uint32_t cluster_size);
+		   struct manifest *manifest, uint64_t size, uint32_t cluster_size,
+		   const struct blockcopy_ops *ops, void *owner);
+/* Writers stop taking queued writes while held (and go on when released). */
+void blockcopy_hold_writes(struct blockcopy *bc, bool hold);
 /* Stops the writer threads, discarding what is still queued (the job will
  * not complete); no target write runs after it returns. */
 void blockcopy_stop_writers(struct blockcopy *bc);
 void blockcopy_destroy(struct blockcopy *bc);
 /* Waits until every queued write reached the target; returns the first
- * queued write's error (0 if none) and its offset in *offset. */
-int blockcopy_drain(struct blockcopy *bc, uint64_t *offset);
+ * queued write's error (0 if none) and its offset in *offset, or -ECANCELED
+ * as soon as give_up(arg) says so (checked every 50 ms; NULL: never). */
+int blockcopy_drain(struct blockcopy *bc, uint64_t *offset, bool (*give_up)(void *arg), void *arg);
 /* The first queued write's error so far, 0 if none (cheap; for job loops). */
 int blockcopy_queue_error(struct blockcopy *bc);
 
@@ -113,16 +135,19 @@ static inline bool blockcopy_needs_copy(const struct blockcopy *bc, uint64_t off
 }
 
 /* Returns once the content at T of every cluster overlapping [off, off + len)
- * is in the target: 0, the copy's -errno, or -ETIMEDOUT when waiting for
- * another copier outlasted deadline_ns (monotonic, 0 = no limit). */
-int blockcopy_before_write(struct blockcopy *bc, uint64_t off, uint64_t len, uint64_t deadline_ns);
+ * is safe: 0, or the copy's -errno (details in *e). With timeout_ns (0 =
+ * none), a copy that took longer, waits included, fails with -ETIMEDOUT
+ * (what it copied stays copied). */
+int blockcopy_before_write(struct blockcopy *bc, uint64_t off, uint64_t len, uint64_t timeout_ns,
+			   struct blockcopy_error *e);
 
 /* Background copy: copies the next unclaimed pending run at or after *cursor
  * (at most max_bytes, whole clusters). Returns the bytes resolved (> 0), 0 when
  * no unclaimed pending cluster is left from *cursor on, or -errno (the run
- * stays pending). *cursor moves past the run; *read_bytes grows by what was
- * read from the source (holes are not read). */
-int64_t blockcopy_copy_next(struct blockcopy *bc, uint64_t *cursor, uint64_t max_bytes, uint64_t *read_bytes);
+ * stays pending; details in *e). *cursor moves past the run; *read_bytes
+ * grows by what was read from the source (holes are not read). */
+int64_t blockcopy_copy_next(struct blockcopy *bc, uint64_t *cursor, uint64_t max_bytes, uint64_t *read_bytes,
+			    struct blockcopy_error *e);
 
 /* Clusters still pending (each at most cluster_size bytes). */
 static inline uint64_t blockcopy_pending_clusters(const struct blockcopy *bc)

@@ -5,6 +5,7 @@
  *     version           key=value lines
  *     events            blocking, pollable stream of event lines
  *     jobs/ID/status    one job's status, taken when the file is opened
+ *     inject            error injection rules (inject.h): write rules, read them
  *     snapshots/ bitmaps/   (empty until those features exist)
  *
  * Inode numbers of control nodes carry CTLFS_INO_FLAG, which no pointer-based

@@ -34,8 +34,6 @@
 
 #include "fleecefs/gate.h"
 
-#define IMAGE_MAX_HOOKS 16
-
 struct image_hook {
 	/* Before the guest changes [off, off + len) of the image. */
 	int (*before_write)(struct image_hook *hook, uint64_t off, uint64_t len);
@@ -48,8 +46,8 @@ struct image {
 	int read_fd;            /* O_RDONLY, -1 if the daemon may not read it */
 	int direct_fd;          /* O_RDONLY|O_DIRECT, -1 if unsupported */
 	struct gate gate;
-	struct image_hook *hooks[IMAGE_MAX_HOOKS];
-	unsigned nhooks;
+	struct image_hook **hooks;   /* grows; changed only with the gate closed */
+	unsigned nhooks, hooks_cap;
 	atomic_uint active_jobs;
 	/* Guest reads and writes served, for background copies to notice a busy
 	 * guest and step aside. Relaxed: only "did it move?" matters. */
@@ -79,7 +77,7 @@ static inline int image_write_begin(struct image *img, uint64_t off, uint64_t le
 }
 static inline void image_write_end(struct image *img) { gate_exit(&img->gate); }
 
-/* With the gate closed by the caller. Fail with -EBUSY when the list is full. */
+/* With the gate closed by the caller. 0 or -ENOMEM. */
 int image_attach_locked(struct image *img, struct image_hook *hook);
 void image_detach_locked(struct image *img, struct image_hook *hook);
 /* Closes the gate (draining writes), detaches, reopens. */

@@ -37,7 +37,18 @@ const char *job_state_name(enum job_state s);
 
 enum job_stop { JOB_GO_ON, JOB_STOP_CANCEL, JOB_STOP_FAIL };
 
+/* The verbs of .fleece/ctl that act on a job, for the legality table:
+ *   cancel    running, paused, ready
+ *   pause     running
+ *   resume    paused
+ *   complete  ready, or when the driver says so (a sync=none backup)
+ *   set       running, paused, ready
+ *   dismiss   completed, failed, cancelled
+ * Anything else fails with EBUSY and a message naming the state. */
+enum job_verb { JOB_VERB_CANCEL, JOB_VERB_PAUSE, JOB_VERB_RESUME, JOB_VERB_COMPLETE, JOB_VERB_SET, JOB_VERB_DISMISS };
+
 struct job;
+struct job_group;
 
 struct job_progress {
 	uint64_t bytes_total, bytes_done, cbw_bytes;
@@ -54,6 +65,10 @@ struct job_driver {
 	/* Undo prepare after an abandoned transaction (the thread has exited). */
 	void (*abandon)(struct job *job);
 	void (*free)(struct job *job);
+	/* May `complete` end the job while it is not ready? NULL: no. */
+	bool (*completable)(struct job *job);
+	/* The job left a pause (resume): wake what an error stop held. NULL: none. */
+	void (*resumed)(struct job *job);
 };
 
 struct job {
@@ -65,6 +80,10 @@ struct job {
 	enum job_state state;
 	enum { JOB_PREPARED, JOB_COMMITTED, JOB_ABANDONED } phase;
 	enum job_stop stop;
+	bool complete_requested;
+	/* While paused, status shows the progress of the moment of the pause
+	 * (in-flight copies and copy-before-write still finish meanwhile). */
+	uint64_t frozen_bytes_done;
 	char error[JOB_ERROR_MAX];
 	uint64_t started_ns, finished_ns;  /* realtime */
 	uint64_t speed;
@@ -76,6 +95,8 @@ struct job {
 	bool thread_spawned;
 	unsigned refs;                 /* registry_lock; the list holds one */
 	struct job *next;              /* registry_lock */
+	struct job_group *group;       /* set before commit, then constant */
+	struct job *next_in_group;     /* group's lock */
 };
 
 /* Fills the generic part; `id` NULL or "" picks the next free "job-N". */
@@ -100,17 +121,40 @@ void job_for_each(void (*fn)(struct job *job, void *arg), void *arg);
 struct job *job_find_by_serial(uint64_t serial);
 void job_format_status(struct job *job, struct strbuf *out);
 
+/* 0 when VERB is legal in the job's current state, else -EBUSY and
+ * "VERB ID: job is STATE (VERB applies to ...)". */
+int job_check_verb(struct job *job, enum job_verb verb, char *err, size_t errlen);
 int job_cancel(struct job *job, char *err, size_t errlen);
+int job_pause(struct job *job, char *err, size_t errlen);
+int job_resume(struct job *job, char *err, size_t errlen);
+int job_complete(struct job *job, char *err, size_t errlen);
 int job_dismiss(struct job *job, char *err, size_t errlen);
 int job_set_speed(struct job *job, uint64_t speed, char *err, size_t errlen);
+
+/* Groups: jobs of one transaction with the same group= conclude together.
+ * A member whose work succeeded waits in job_group_wait until every member
+ * succeeded (true) or one failed or was cancelled (false: it ends cancelled,
+ * its result removed); a member that fails or is cancelled cancels the others. */
+struct job_group *job_group_new(const char *name);
+/* Before commit; the job holds a reference to the group from then on. */
+void job_group_add(struct job_group *group, struct job *job);
+void job_group_put(struct job_group *group);
+bool job_group_wait(struct job *job);
+const char *job_group_name(const struct job *job);
+const char *job_group_name_of(const struct job_group *group);
 
 /* For the driver's thread. */
 enum job_stop job_stop_requested(struct job *job);
 /* Records the first error and asks the job thread to stop as failed; safe
  * from any thread (the copy-before-write path uses it). */
 void job_fail(struct job *job, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-/* Waits until the rate limiter lets more through; false when a stop is
- * requested instead. */
+/* on-*-error=stop: the job pauses with this error in its status and its
+ * "paused" event, until resume; safe from any thread. */
+void job_pause_on_error(struct job *job, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Blocks while the job is paused; false when a stop is requested. */
+bool job_wait_running(struct job *job);
+/* Waits while paused, then until the rate limiter lets more through; false
+ * when a stop is requested instead. */
 bool job_throttle(struct job *job);
 /* Accounts n bytes copied (the rate limit paces what was really read). */
 void job_charge(struct job *job, uint64_t n);

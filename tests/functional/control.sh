@@ -7,28 +7,6 @@
 # and a blocked reader killed with SIGKILL.
 . "$TESTS_DIR/lib.sh"
 
-PY=python3
-[ -x /usr/bin/python3 ] && PY=/usr/bin/python3   # also usable by user nobody
-AS=()
-# pyerr CODE [ARGS...]: prints OK or the errno name CODE (python, args in A) raised.
-pyerr() {
-	"${AS[@]}" "$PY" -c '
-import errno, os, sys
-A = sys.argv[2:]
-try:
-    exec(sys.argv[1])
-    print("OK")
-except OSError as e:
-    print(errno.errorcode.get(e.errno, str(e.errno)))
-' "$@"
-}
-expect() {
-	local want=$1 got
-	shift
-	got=$(pyerr "$@")
-	[ "$got" = "$want" ] || fail "$1 (${*:2}): got $got, want $want"
-}
-
 jobs_list() { ls -A "$MNT/.fleece/jobs" | sort | tr '\n' ' '; }
 
 # refuse ERRNO COMMAND [PATH...]: the write fails with ERRNO, answers one line
@@ -105,7 +83,7 @@ fi
 [ "$(pyerr 'os.unlink(A[0])' "$MNT/.fleece/ctl")" != OK ] || fail "unlink of .fleece/ctl succeeded"
 expect EACCES 'os.open(A[0], os.O_WRONLY)' "$MNT/.fleece/version"
 expect EACCES 'os.open(A[0], os.O_WRONLY)' "$MNT/.fleece/jobs/perm/status"
-[ "$(ls -A "$MNT/.fleece" | sort | tr '\n' ' ')" = "bitmaps ctl events jobs snapshots version " ] ||
+[ "$(ls -A "$MNT/.fleece" | sort | tr '\n' ' ')" = "bitmaps ctl events inject jobs snapshots version " ] ||
 	fail ".fleece holds: $(ls -A "$MNT/.fleece")"
 
 # ---- version ----------------------------------------------------------------------
@@ -269,9 +247,11 @@ refuse ENOTSUP "mirror vm.img $OUT/m.raw" "$OUT/m.raw" >/dev/null
 refuse ENOTSUP "snapshot s1 vm.img" >/dev/null
 refuse ENOTSUP "release s1" >/dev/null
 refuse ENOTSUP "bitmap add vm.img b1" >/dev/null
-refuse ENOTSUP "pause perm" >/dev/null
-refuse ENOTSUP "resume perm" >/dev/null
-refuse ENOTSUP "complete perm" >/dev/null
+# perm has completed: the job verbs other than dismiss are refused by state.
+for v in pause resume complete; do
+	ans=$(refuse EBUSY "$v perm")
+	grep -q "job is completed" <<<"$ans" || fail "$v of a completed job: the message does not name its state: $ans"
+done
 refuse ENOTSUP "$(printf 'backup vm.img %s id=tx1\nsnapshot s1 vm.img' "$OUT/tx1.raw")" "$OUT/tx1.raw" >/dev/null
 # A NUL byte in the command text.
 "$PY" - "$MNT/.fleece/ctl" "$OUT/nul.raw" <<'EOF' || fail "NUL byte"

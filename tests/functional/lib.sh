@@ -133,3 +133,37 @@ end_test() {
 	[ "$SOFT_FAILS" = 0 ] || fail "$SOFT_FAILS check(s) failed (see FAIL lines above)"
 	log "PASS"
 }
+
+# Python for small probes: /usr/bin/python3 when there (usable by user nobody,
+# and much quicker to start than a pyenv shim).
+PY=python3
+[ -x /usr/bin/python3 ] && PY=/usr/bin/python3
+AS=()   # put in front of pyerr's python, e.g. to run as another user
+
+# pyerr CODE [ARGS...]: runs python CODE (os, sys, errno, ctypes imported, the
+# ARGS in A, renameat2(a, b, flags) available); prints OK, or the errno name
+# of the OSError it raised.
+pyerr() {
+	"${AS[@]}" "$PY" -c '
+import ctypes, errno, os, sys
+A = sys.argv[2:]
+def renameat2(a, b, flags):
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.renameat2(-100, a.encode(), -100, b.encode(), flags) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+try:
+    exec(sys.argv[1])
+    print("OK")
+except OSError as e:
+    print(errno.errorcode.get(e.errno, str(e.errno)))
+' "$@"
+}
+
+# expect WANT CODE [ARGS...]: pyerr must print WANT.
+expect() {
+	local want=$1 got
+	shift
+	got=$(pyerr "$@")
+	[ "$got" = "$want" ] || fail "$1 (${*:2}): got $got, want $want"
+}

@@ -10,37 +10,8 @@
 # running job.
 . "$TESTS_DIR/lib.sh"
 
-PY=python3
-[ -x /usr/bin/python3 ] && PY=/usr/bin/python3   # also usable by user nobody
 AS_NOBODY=(setpriv --reuid=65534 --regid=65534 --clear-groups)
 
-# pyerr CODE [ARGS...]: runs python CODE (os, sys, errno, ctypes imported, the
-# ARGS in A); prints OK, or the errno name of the OSError it raised. AS (an
-# array) is put in front, to run as another user.
-AS=()
-pyerr() {
-	"${AS[@]}" "$PY" -c '
-import ctypes, errno, os, sys
-A = sys.argv[2:]
-def renameat2(a, b, flags):
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.renameat2(-100, a.encode(), -100, b.encode(), flags) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-try:
-    exec(sys.argv[1])
-    print("OK")
-except OSError as e:
-    print(errno.errorcode.get(e.errno, str(e.errno)))
-' "$@"
-}
-# expect WANT CODE [ARGS...]: pyerr must print WANT.
-expect() {
-	local want=$1 got
-	shift
-	got=$(pyerr "$@")
-	[ "$got" = "$want" ] || fail "$1 (${*:2}): got $got, want $want"
-}
 # same_errno CODE MNT_PATH SRC_PATH [ARGS...]: CODE (which uses A[0] as its
 # path) gives the same result through the mount and on the source.
 same_errno() {
