@@ -250,30 +250,54 @@ void blockcopy_hold_writes(struct blockcopy *bc, bool hold)
 	pthread_mutex_unlock(&bc->queue_lock);
 }
 
-/* Hands a run's data (buf, malloc'd, owned by the queue from now on) to the
- * writers. A guest write may fill the whole queue and never waits for room:
- * when it is full it writes itself. The background copy may fill only
- * BACKGROUND_SHARE of it, so a busy guest always finds room, and waits for
- * room instead of writing itself (one writer per target keeps its inode lock
- * uncontended). False: not queued, the caller writes. */
+/* The background copy may fill only BACKGROUND_SHARE of the queue, so a busy
+ * guest always finds room; a guest write never waits for room (when the
+ * queue is full it writes itself). */
 #define BACKGROUND_SHARE(max) ((max) / 4 * 3)
 
+/* Background copy: waits for room for `bytes` in its share of the queue and
+ * books it, before claiming anything, so that it never holds a claim (which
+ * a guest write may be waiting for) while it waits for the writers. False:
+ * the queue is gone or failed; the caller copies without it. */
+static bool reserve_room(struct blockcopy *bc, uint64_t bytes)
+{
+	uint64_t limit = BACKGROUND_SHARE(BLOCKCOPY_QUEUE_MAX);
+
+	pthread_mutex_lock(&bc->queue_lock);
+	while (bc->nwriters && !bc->stopping && !bc->queue_error && bc->queued_bytes &&
+	       bc->queued_bytes + bytes > limit)
+		pthread_cond_wait(&bc->queue_changed, &bc->queue_lock);
+	bool ok = bc->nwriters && !bc->stopping && !bc->queue_error;
+	if (ok)
+		bc->queued_bytes += bytes;
+	pthread_mutex_unlock(&bc->queue_lock);
+	return ok;
+}
+
+static void unreserve_room(struct blockcopy *bc, uint64_t bytes)
+{
+	pthread_mutex_lock(&bc->queue_lock);
+	bc->queued_bytes -= bytes;
+	pthread_cond_broadcast(&bc->queue_changed);
+	pthread_mutex_unlock(&bc->queue_lock);
+}
+
+/* Hands a run's data (buf, malloc'd, owned by the queue from now on) to the
+ * writers, in `reserved` bytes booked by reserve_room (0: a guest's copy,
+ * which takes room if there is some). False: not queued, the caller writes. */
 static bool enqueue_run(struct blockcopy *bc, uint64_t first, uint64_t count, uint64_t len, void *buf,
-			bool background)
+			uint64_t reserved)
 {
 	struct writebehind_item *item = malloc(sizeof(*item));
-	uint64_t limit = background ? BACKGROUND_SHARE(BLOCKCOPY_QUEUE_MAX) : BLOCKCOPY_QUEUE_MAX;
 
 	if (!item)
 		return false;
 	*item = (struct writebehind_item){ .first = first, .count = count, .len = len, .buf = buf };
 	pthread_mutex_lock(&bc->queue_lock);
-	while (background && bc->nwriters && !bc->stopping && !bc->queue_error &&
-	       bc->queued_bytes + len > limit && bc->queued_bytes)
-		pthread_cond_wait(&bc->queue_changed, &bc->queue_lock);
-	bool room = bc->nwriters && !bc->stopping && (bc->queued_bytes + len <= limit || !bc->queued_bytes);
+	bool room = bc->nwriters && !bc->stopping &&
+		    (reserved || bc->queued_bytes + len <= BLOCKCOPY_QUEUE_MAX || !bc->queued_bytes);
 	if (room) {
-		bc->queued_bytes += len;
+		bc->queued_bytes += len - reserved;
 		append_locked(bc, item);
 		pthread_cond_broadcast(&bc->queue_changed);
 	}
@@ -326,25 +350,31 @@ static uint64_t run_bytes(const struct blockcopy *bc, uint64_t first, uint64_t c
  * the queue is full for a guest's copy, writes it right away). The claim is
  * released as copied only once the data is safe. The buffer is allocated per
  * copy, which only ever happens once per cluster. */
-static int copy_claimed_run(struct blockcopy *bc, uint64_t run_first, uint64_t run_count, bool background,
+static int copy_claimed_run(struct blockcopy *bc, uint64_t run_first, uint64_t run_count, uint64_t reserved,
 			    uint64_t *read_bytes, struct blockcopy_error *e)
 {
 	uint64_t bytes = run_bytes(bc, run_first, run_count);
+	bool background = reserved != 0;
 	void *buf = NULL;
 	int rc;
 
 	*e = (struct blockcopy_error){ .offset = run_first << bc->cluster_bits };
 	if (posix_memalign(&buf, 4096, (size_t)((bytes + 4095) & ~4095ull))) {
 		inflight_release(&bc->inflight, &bc->pending, run_first, run_count, false);
+		if (reserved)
+			unreserve_room(bc, reserved);
 		return e->err = -ENOMEM;
 	}
 	rc = read_run(bc, run_first, run_count, buf, background, read_bytes);
-	if (!rc && enqueue_run(bc, run_first, run_count, bytes, buf, background)) {
+	if (!rc && enqueue_run(bc, run_first, run_count, bytes, buf, reserved)) {
 		buf = NULL;
+		reserved = 0;
 	} else if (!rc) {
 		rc = write_run(bc, run_first, bytes, buf);
 		e->target = rc != 0;
 	}
+	if (reserved)
+		unreserve_room(bc, reserved);
 	free(buf);
 	inflight_release(&bc->inflight, &bc->pending, run_first, run_count, rc == 0);
 	e->err = rc;
@@ -373,7 +403,7 @@ int blockcopy_before_write(struct blockcopy *bc, uint64_t off, uint64_t len, uin
 		if (rc <= 0)
 			break;
 		uint64_t bytes = run_bytes(bc, run_first, run_count);
-		rc = copy_claimed_run(bc, run_first, run_count, false, &read_bytes, e);
+		rc = copy_claimed_run(bc, run_first, run_count, 0, &read_bytes, e);
 		if (rc)
 			return rc;
 		atomic_fetch_add(&bc->bytes_done, bytes);
@@ -394,14 +424,20 @@ int64_t blockcopy_copy_next(struct blockcopy *bc, uint64_t *cursor, uint64_t max
 	int rc;
 
 	*e = (struct blockcopy_error){ .offset = *cursor };
+	uint64_t reserved = max_run << bc->cluster_bits;
+	if (!reserve_room(bc, reserved))
+		reserved = 0;
 	rc = inflight_claim(&bc->inflight, &bc->pending, first, bc->nclusters, max_run, INFLIGHT_SKIP, 0,
 			    &run_first, &run_count);
 	if (rc <= 0) {
+		if (reserved)
+			unreserve_room(bc, reserved);
 		*cursor = bc->size;
 		return rc;
 	}
 	uint64_t bytes = run_bytes(bc, run_first, run_count);
-	rc = copy_claimed_run(bc, run_first, run_count, true, read_bytes, e);
+	/* Without room booked (no writers) the copy writes the target itself. */
+	rc = copy_claimed_run(bc, run_first, run_count, reserved ? reserved : 0, read_bytes, e);
 	*cursor = (run_first + run_count) << bc->cluster_bits;
 	if (rc)
 		return rc;
