@@ -395,6 +395,8 @@ int job_pause(struct job *job, char *err, size_t errlen)
 	if (!rc)
 		pause_locked(job);
 	pthread_mutex_unlock(&job->lock);
+	if (!rc)
+		wake_group(job);
 	return rc;
 }
 
@@ -411,6 +413,8 @@ int job_resume(struct job *job, char *err, size_t errlen)
 	pthread_mutex_unlock(&job->lock);
 	if (!rc && job->driver->resumed)
 		job->driver->resumed(job);
+	if (!rc)
+		wake_group(job);
 	return rc;
 }
 
@@ -671,13 +675,27 @@ static void group_leave(struct job *job)
 	job_group_put(g);
 }
 
+/* Group lock held. A paused member holds the whole group back: nobody
+ * concludes while one of them is paused. */
+static bool any_member_paused(struct job_group *g)
+{
+	for (struct job *m = g->members; m; m = m->next_in_group) {
+		pthread_mutex_lock(&m->lock);
+		bool paused = m->state == JOB_PAUSED;
+		pthread_mutex_unlock(&m->lock);
+		if (paused)
+			return true;
+	}
+	return false;
+}
+
 bool job_group_wait(struct job *job)
 {
 	struct job_group *g = job->group;
 	bool ok;
 
 	if (!g)
-		return job_stop_requested(job) == JOB_GO_ON;
+		return job_wait_running(job);
 	pthread_mutex_lock(&g->lock);
 	g->succeeded++;
 	pthread_cond_broadcast(&g->changed);
@@ -686,7 +704,7 @@ bool job_group_wait(struct job *job)
 			ok = false;
 			break;
 		}
-		if (g->succeeded == g->nmembers) {
+		if (g->succeeded == g->nmembers && !any_member_paused(g)) {
 			ok = true;
 			break;
 		}

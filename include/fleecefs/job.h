@@ -133,8 +133,10 @@ int job_set_speed(struct job *job, uint64_t speed, char *err, size_t errlen);
 
 /* Groups: jobs of one transaction with the same group= conclude together.
  * A member whose work succeeded waits in job_group_wait until every member
- * succeeded (true) or one failed or was cancelled (false: it ends cancelled,
- * its result removed); a member that fails or is cancelled cancels the others. */
+ * succeeded and none is paused (true) or one failed or was cancelled (false:
+ * it ends cancelled, its result removed); a member that fails or is
+ * cancelled cancels the others. Without a group, job_group_wait waits while
+ * the job is paused: a paused job never concludes as completed. */
 struct job_group *job_group_new(const char *name);
 /* Before commit; the job holds a reference to the group from then on. */
 void job_group_add(struct job_group *group, struct job *job);
