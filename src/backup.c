@@ -20,6 +20,7 @@
  * waits less) and a duty cycle of 1 / (1 + YIELD_FACTOR). */
 #define COPY_CHUNK_GUEST_BUSY (256u << 10)
 #define YIELD_FACTOR 3
+#define YIELD_MAX_NS 200000000ull  /* a pathologically slow chunk is no reason to idle long */
 /* A pass that skipped clusters after ignored errors waits this long before
  * the next, so a source that keeps failing is not hammered. */
 #define IGNORED_ERROR_BACKOFF_NS 100000000ull
@@ -70,8 +71,9 @@ static const char *policy_name(enum error_policy p)
 /* "reading the image at offset N: Input/output error" */
 static void describe_error(const struct blockcopy_error *e, char *buf, size_t len)
 {
-	snprintf(buf, len, "%s at offset %" PRIu64 ": %s", e->target ? "writing the target" : "reading the image",
-		 e->offset, strerror_safe(-e->err));
+	const char *what = e->injected ? "copy-before-write (injected)" :
+			   e->target ? "writing the target" : "reading the image";
+	snprintf(buf, len, "%s at offset %" PRIu64 ": %s", what, e->offset, strerror_safe(-e->err));
 }
 
 /* ---- the guest write path ----------------------------------------------- */
@@ -186,7 +188,7 @@ static bool after_chunk(struct backup *b, uint64_t *guest_seen, uint64_t spent)
 
 	*guest_seen = seen;
 	if (busy)
-		job_sleep(&b->job, clock_monotonic_ns() + YIELD_FACTOR * spent);
+		job_sleep(&b->job, clock_monotonic_ns() + min_u64(YIELD_FACTOR * spent, YIELD_MAX_NS));
 	return busy;
 }
 

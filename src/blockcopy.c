@@ -394,8 +394,10 @@ int blockcopy_before_write(struct blockcopy *bc, uint64_t off, uint64_t len, uin
 	int rc;
 
 	*e = (struct blockcopy_error){ .offset = off };
-	if ((rc = inject_check(INJECT_CBW, off, len)))
+	if ((rc = inject_check(INJECT_CBW, off, len))) {
+		e->injected = true;
 		return e->err = rc;
+	}
 	for (;;) {
 		uint64_t run_first, run_count, read_bytes = 0;
 		rc = inflight_claim(&bc->inflight, &bc->pending, first, stop, max_run, INFLIGHT_WAIT, deadline,

@@ -101,7 +101,7 @@ static const char *errno_name(int e)
 static int parse_rule(char *line, unsigned lineno, struct rule *r, char *err, size_t errlen)
 {
 	char *save = NULL, *word = strtok_r(line, " \t\r", &save);
-	bool have_err = false, have_occ = false;
+	bool have_err = false, have_occ = false, have_offset = false;
 	int point = -1;
 
 	*r = (struct rule){ .occurrence = OCCUR_ONCE };
@@ -125,12 +125,14 @@ static int parse_rule(char *line, unsigned lineno, struct rule *r, char *err, si
 			if (parse_u64(v, &r->n) || r->n == 0)
 				return set_error(err, errlen, EINVAL, "line %u: %s=%s: expected a count from 1", lineno,
 						 word, v);
-		} else if (!strcmp(word, "offset") && eq) {
+		} else if (!strcmp(word, "offset") && eq && !have_offset) {
 			char *dash = strchr(v, '-');
+			have_offset = true;
 			if (dash)
 				*dash = '\0';
-			if (parse_size(v, &r->start) || (dash && dash[1] && parse_size(dash + 1, &r->end)) ||
-			    (r->end && r->end <= r->start))
+			bool has_end = dash && dash[1];
+			if (parse_size(v, &r->start) || (has_end && parse_size(dash + 1, &r->end)) ||
+			    (has_end && r->end <= r->start))
 				return set_error(err, errlen, EINVAL, "line %u: offset: expected START-END with END > START",
 						 lineno);
 		} else if (!strcmp(word, "errno") && eq && !have_err) {
@@ -181,7 +183,12 @@ int inject_apply(const char *text, size_t len, char *err, size_t errlen)
 			rc = set_error(err, errlen, ENOMEM, "line %u: out of memory", lineno);
 			break;
 		}
-		if (memchr(line, '\0', n) || line[strspn(line, " \t\r")] == '\0' || line[strspn(line, " \t\r")] == '#') {
+		if (memchr(text + pos - n - (nl ? 1 : 0), '\0', n)) {
+			free(line);
+			rc = set_error(err, errlen, EINVAL, "line %u: contains a NUL byte", lineno);
+			break;
+		}
+		if (line[strspn(line, " \t\r")] == '\0' || line[strspn(line, " \t\r")] == '#') {
 			free(line);
 			continue;
 		}

@@ -8,6 +8,10 @@
 
 void ratelimit_set(struct ratelimit *rl, uint64_t rate)
 {
+	/* The debt was counted at the old rate (at 1 KiB/s one chunk is a
+	 * minute ahead): a new rate starts from now. */
+	if (rate != rl->rate)
+		rl->next_ns = 0;
 	rl->rate = rate;
 }
 

@@ -68,6 +68,7 @@ struct writebehind_item;
 struct blockcopy_error {
 	int err;            /* -errno */
 	bool target;        /* writing the target (else reading the source) */
+	bool injected;      /* an injected copy-before-write error (inject.h) */
 	uint64_t offset;
 };
 

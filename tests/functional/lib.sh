@@ -167,3 +167,22 @@ expect() {
 	got=$(pyerr "$@")
 	[ "$got" = "$want" ] || fail "$1 (${*:2}): got $got, want $want"
 }
+
+# inject RULES: one write of RULES (lines) to .fleece/inject; fails the test
+# unless the answer is "ok". inject_rules: what reading it lists now.
+inject() {
+	local out
+	out=$("$PY" - "$MNT/.fleece/inject" "$1" <<'PY'
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+try:
+    os.write(fd, (sys.argv[2] + "\n").encode())
+except OSError as e:
+    print(os.read(fd, 4096).decode().strip() or e)
+    sys.exit(1)
+print(os.read(fd, 4096).decode(), end="")
+PY
+) || fail "inject '$1' refused: $out"
+	[ "$out" = ok ] || fail "inject '$1': answer '$out'"
+}
+inject_rules() { cat "$MNT/.fleece/inject"; }
