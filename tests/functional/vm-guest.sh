@@ -8,9 +8,13 @@
 # the last round wrote it.
 . "$TESTS_DIR/lib.sh"
 
-SHARED_DIR=${SHARED_DIR:-$TESTS_DIR/../../../shared}
-RUN_GUEST=$SHARED_DIR/vm/run-guest.sh
-[ -x "$RUN_GUEST" ] || { echo "SKIP: $RUN_GUEST not found"; exit 77; }
+# The VM kit lives beside the project (../shared/vm); a clone elsewhere finds
+# it at the workplace's fixed location.
+for d in "${SHARED_DIR:-}" "$TESTS_DIR/../../../shared" /work/shared; do
+	[ -n "$d" ] && [ -x "$d/vm/run-guest.sh" ] && { SHARED_DIR=$d; break; }
+done
+RUN_GUEST=${SHARED_DIR:-/nonexistent}/vm/run-guest.sh
+[ -x "$RUN_GUEST" ] || { echo "SKIP: the VM kit (shared/vm/run-guest.sh) was not found"; exit 77; }
 command -v qemu-system-x86_64 >/dev/null || { echo "SKIP: qemu-system-x86_64 not installed"; exit 77; }
 # The VM kit's cache: inside this test's directory unless the caller shares one.
 export FLEECE_VM_CACHE=${FLEECE_VM_CACHE:-$T/vm-cache}
