@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "fleecefs/backup.h"
 #include "fleecefs/blockcopy.h"
@@ -13,6 +14,8 @@
 #include "fleecefs/image.h"
 #include "fleecefs/job.h"
 #include "fleecefs/manifest.h"
+#include "fleecefs/snapshot.h"
+#include "fleecefs/snapstore.h"
 #include "fleecefs/target.h"
 
 #define COPY_CHUNK_MAX (1u << 20)
@@ -40,6 +43,11 @@ struct backup {
 	uint64_t cbw_timeout_ms;
 	struct target *target;
 	struct manifest *manifest;
+	struct copy_source *source;
+	struct job *snapshot;           /* reading one of its views; referenced */
+	struct snapstore fleece;        /* fleecing=on: the frozen image */
+	bool fleecing;
+	uint64_t bytes_total;
 	struct blockcopy bc;
 	bool bc_ready;
 	bool counted_active;
@@ -52,6 +60,7 @@ struct backup {
 	atomic_uint_fast64_t cursor;
 	/* Errors were ignored in this pass: back off before the next. */
 	atomic_bool skipped_errors;
+	atomic_uint_fast64_t fleece_used;
 	uint64_t run_start_ns;
 };
 
@@ -170,6 +179,12 @@ static void backup_resumed(struct job *job)
 	blockcopy_hold_writes(&to_backup(job)->bc, false);
 }
 
+static void fleece_broke(void *owner, const char *reason)
+{
+	struct backup *b = owner;
+	job_fail(&b->job, "fleecing store: %s", reason);
+}
+
 /* ---- the background copy ------------------------------------------------ */
 
 static void advance_cursor(struct backup *b, uint64_t to)
@@ -219,6 +234,11 @@ static void *copy_worker(void *arg)
 		}
 		if (n > 0) {
 			advance_cursor(b, cursor);
+			if (b->fleecing) {
+				/* In the target (or its queue) now: the store may let go. */
+				uint64_t count = div_round_up((uint64_t)n, unit);
+				snapstore_discard(&b->fleece, (cursor >> b->bc.cluster_bits) - count, count);
+			}
 			guest_busy = after_chunk(b, &guest_seen, clock_monotonic_ns() - start);
 			continue;
 		}
@@ -249,7 +269,8 @@ static int finish_copy(struct backup *b)
 	uint64_t copied_ns = clock_monotonic_ns(), where = 0;
 	char what[200];
 
-	image_detach(b->image, &b->hook);
+	if (b->attached)
+		image_detach(b->image, &b->hook);
 	b->attached = false;
 	int rc = blockcopy_drain(&b->bc, &where, backup_gives_up, job);
 	if (rc == -ECANCELED)
@@ -281,15 +302,21 @@ static enum job_state backup_run(struct job *job)
 	enum job_state final = JOB_FAILED;
 
 	b->run_start_ns = clock_monotonic_ns();
-	for (unsigned i = 1; i < b->copy_workers && nhelpers < MAX_COPY_WORKERS; i++)
-		if (pthread_create(&helpers[nhelpers], NULL, copy_worker, b) == 0)
-			nhelpers++;
-	copy_worker(b);
-	for (unsigned i = 0; i < nhelpers; i++)
-		pthread_join(helpers[i], NULL);
+	if (b->sync == SYNC_NONE) {
+		/* Only copy-before-write: the job runs until `complete`. */
+		while (job_stop_requested(job) == JOB_GO_ON && !job_complete_requested(job))
+			job_sleep(job, clock_monotonic_ns() + 1000000000ull);
+	} else {
+		for (unsigned i = 1; i < b->copy_workers && nhelpers < MAX_COPY_WORKERS; i++)
+			if (pthread_create(&helpers[nhelpers], NULL, copy_worker, b) == 0)
+				nhelpers++;
+		copy_worker(b);
+		for (unsigned i = 0; i < nhelpers; i++)
+			pthread_join(helpers[i], NULL);
+	}
 
 	/* A paused job does not complete until it is resumed. */
-	if (job_wait_running(job) && blockcopy_pending_clusters(&b->bc) == 0) {
+	if (job_wait_running(job) && (b->sync == SYNC_NONE || blockcopy_pending_clusters(&b->bc) == 0)) {
 		int rc = finish_copy(b);
 		if (!rc)
 			final = JOB_COMPLETED;
@@ -308,8 +335,13 @@ static enum job_state backup_run(struct job *job)
 		if (b->manifest)
 			manifest_abort(b->manifest);
 	}
-	atomic_fetch_sub(&b->image->active_jobs, 1);
+	if (b->fleecing)
+		snapstore_close(&b->fleece, false);   /* keeps its counters readable */
+	if (b->counted_active)
+		atomic_fetch_sub(&b->image->active_jobs, 1);
 	b->counted_active = false;
+	if (b->snapshot)
+		snapshot_use(b->snapshot, false);
 	return final;
 }
 
@@ -318,9 +350,10 @@ static enum job_state backup_run(struct job *job)
 static void backup_progress(struct job *job, struct job_progress *out)
 {
 	struct backup *b = to_backup(job);
-	out->bytes_total = b->bc.size;
+	out->bytes_total = b->bytes_total;
 	out->bytes_done = atomic_load(&b->bc.bytes_done);
-	out->cbw_bytes = atomic_load(&b->bc.cbw_bytes);
+	/* With fleecing, guest writes copy into the store, not the target. */
+	out->cbw_bytes = atomic_load(b->fleecing ? &b->fleece.bc.cbw_bytes : &b->bc.cbw_bytes);
 }
 
 static void backup_status(struct job *job, struct strbuf *out)
@@ -329,6 +362,9 @@ static void backup_status(struct job *job, struct strbuf *out)
 	strbuf_printf(out, "image=%s\ntarget=%s\nsync=%s\nformat=%s\nchecksum=%s\ncluster_size=%" PRIu32 "\n",
 		      b->image_path, b->target_path, ctl_sync_name(b->sync), ctl_format_name(b->format),
 		      b->checksum ? "xxh3" : "none", b->bc.cluster_size);
+	strbuf_printf(out, "fleecing=%s\n", b->fleecing ? "on" : "off");
+	if (b->fleecing)
+		strbuf_printf(out, "store_bytes=%" PRIu64 "\n", (uint64_t)atomic_load(b->fleece.store_used));
 	strbuf_printf(out, "on_source_error=%s\non_target_error=%s\non_cbw_error=%s\ncbw_timeout=%" PRIu64 "\n",
 		      policy_name(b->on_source_error), policy_name(b->on_target_error),
 		      b->on_cbw_error == CBW_BREAK_GUEST_WRITE ? "break-guest-write" : "break-snapshot",
@@ -342,6 +378,11 @@ static void backup_abandon(struct job *job)
 	if (b->attached)
 		image_detach_locked(b->image, &b->hook);
 	b->attached = false;
+	if (b->fleecing)
+		snapstore_close(&b->fleece, true);
+	b->fleecing = false;
+	if (b->snapshot)
+		snapshot_use(b->snapshot, false);
 	if (b->counted_active)
 		atomic_fetch_sub(&b->image->active_jobs, 1);
 	b->counted_active = false;
@@ -360,13 +401,21 @@ static void backup_free(struct job *job)
 	manifest_free(b->manifest);
 	if (b->image)
 		image_put(b->image);
+	if (b->snapshot)
+		job_put(b->snapshot);
 	free(b->image_path);
 	free(b->target_path);
 	free(b);
 }
 
+static bool backup_completable(struct job *job)
+{
+	return to_backup(job)->sync == SYNC_NONE;
+}
+
 static const struct job_driver backup_driver = {
 	.type = "backup",
+	.completable = backup_completable,
 	.run = backup_run,
 	.progress = backup_progress,
 	.status = backup_status,
@@ -400,6 +449,7 @@ int backup_prepare(const struct backup_params *p, struct job **out, char *err, s
 	atomic_init(&b->broken, false);
 	atomic_init(&b->cursor, 0);
 	atomic_init(&b->skipped_errors, false);
+	atomic_init(&b->fleece_used, 0);
 	image_ref(p->image);
 	b->image = p->image;
 	b->image_path = strdup(cmd->image);
@@ -408,33 +458,62 @@ int backup_prepare(const struct backup_params *p, struct job **out, char *err, s
 		rc = set_error(err, errlen, ENOMEM, "backup %s: out of memory", cmd->image);
 		goto fail;
 	}
-	/* The gate is closed: this size is the size at T. */
-	int64_t size = image_size(p->image);
-	if (size < 0) {
-		rc = set_error(err, errlen, (int)-size, "backup %s: cannot read the image: %s", cmd->image,
-			       strerror_safe((int)-size));
-		goto fail;
+	/* Where T is read from: a snapshot view (frozen already), a private
+	 * frozen image (fleecing), or the image itself, protected by our own
+	 * copy-before-write hook. The image's gate is closed: this is T. */
+	uint64_t size;
+	if (p->view) {
+		job_get(p->snapshot);
+		b->snapshot = p->snapshot;
+		snapshot_use(p->snapshot, true);
+		b->source = &p->view->source;
+		size = p->view->size;
+	} else if (cmd->fleecing) {
+		char store[4200], msg[300];
+		snprintf(store, sizeof(store), "%s/fleecing", p->state_dir);
+		mkdir(store, 0700);
+		snprintf(store, sizeof(store), "%s/fleecing/%s.%" PRIu64 ".store", p->state_dir, b->job.id, b->job.serial);
+		if ((rc = snapstore_open(&b->fleece, p->image, store, p->cluster_size, cmd->max_store, &b->fleece_used,
+					 fleece_broke, b, msg, sizeof(msg)))) {
+			rc = set_error(err, errlen, -rc, "backup %s: fleecing store: %s", cmd->image, msg);
+			goto fail;
+		}
+		b->fleecing = true;
+		b->fleece.cbw_wait = &b->job.cbw_wait;
+		b->source = &b->fleece.source;
+		size = b->fleece.size;
+	} else {
+		int64_t now = image_size(p->image);
+		if (now < 0) {
+			rc = set_error(err, errlen, (int)-now, "backup %s: cannot read the image: %s", cmd->image,
+				       strerror_safe((int)-now));
+			goto fail;
+		}
+		b->source = &p->image->source;
+		size = (uint64_t)now;
 	}
-	if ((rc = target_raw_create(cmd->target, (uint64_t)size, &b->target, err, errlen)))
+	if ((rc = target_raw_create(cmd->target, size, &b->target, err, errlen)))
 		goto fail;
-	if (cmd->checksum &&
-	    (rc = manifest_create(cmd->target, (uint64_t)size, p->cluster_size, &b->manifest, err, errlen)))
+	if (cmd->checksum && (rc = manifest_create(cmd->target, size, p->cluster_size, &b->manifest, err, errlen)))
 		goto fail;
-	if ((rc = blockcopy_init(&b->bc, p->image, b->target, b->manifest, (uint64_t)size, p->cluster_size,
-				 &backup_copy_ops, b))) {
+	if ((rc = blockcopy_init(&b->bc, b->source, b->target, b->manifest, size, p->cluster_size, &backup_copy_ops,
+				 b))) {
 		rc = set_error(err, errlen, -rc, "backup %s: out of memory for %" PRIu64 " clusters", cmd->image,
-			       div_round_up((uint64_t)size, p->cluster_size));
+			       div_round_up(size, p->cluster_size));
 		goto fail;
 	}
 	b->bc_ready = true;
-	if ((rc = image_attach_locked(p->image, &b->hook))) {
-		rc = set_error(err, errlen, -rc, "backup %s: out of memory", cmd->image);
-		goto fail;
+	b->bytes_total = cmd->sync == SYNC_TOP ? blockcopy_only_data(&b->bc) : size;
+	if (!p->view && !cmd->fleecing) {
+		if ((rc = image_attach_locked(p->image, &b->hook))) {
+			rc = set_error(err, errlen, -rc, "backup %s: out of memory", cmd->image);
+			goto fail;
+		}
+		b->attached = true;
+		/* Counted before the thread can run, so it can never count down first. */
+		atomic_fetch_add(&p->image->active_jobs, 1);
+		b->counted_active = true;
 	}
-	b->attached = true;
-	/* Counted before the thread can run, so it can never count down first. */
-	atomic_fetch_add(&p->image->active_jobs, 1);
-	b->counted_active = true;
 	if (p->group)
 		job_group_add(p->group, &b->job);
 	if ((rc = job_spawn(&b->job, err, errlen)))

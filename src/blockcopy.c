@@ -8,7 +8,7 @@
 #include <unistd.h>
 
 #include "fleecefs/blockcopy.h"
-#include "fleecefs/image.h"
+#include "fleecefs/source.h"
 #include "fleecefs/inject.h"
 #include "fleecefs/manifest.h"
 #include "fleecefs/target.h"
@@ -23,7 +23,7 @@ struct writebehind_item {
 
 static void *writer_thread(void *arg);
 
-int blockcopy_init(struct blockcopy *bc, struct image *image, struct target *target,
+int blockcopy_init(struct blockcopy *bc, struct copy_source *source, struct target *target,
 		   struct manifest *manifest, uint64_t size, uint32_t cluster_size,
 		   const struct blockcopy_ops *ops, void *owner)
 {
@@ -32,7 +32,7 @@ int blockcopy_init(struct blockcopy *bc, struct image *image, struct target *tar
 	memset(bc, 0, sizeof(*bc));
 	bc->ops = ops;
 	bc->owner = owner;
-	bc->image = image;
+	bc->source = source;
 	bc->target = target;
 	bc->manifest = manifest;
 	bc->size = size;
@@ -44,6 +44,12 @@ int blockcopy_init(struct blockcopy *bc, struct image *image, struct target *tar
 		return rc;
 	rc = inflight_init(&bc->inflight, bc->nclusters);
 	if (rc) {
+		cbitmap_destroy(&bc->pending);
+		return rc;
+	}
+	rc = cbitmap_init(&bc->queued, bc->nclusters, false);
+	if (rc) {
+		inflight_destroy(&bc->inflight);
 		cbitmap_destroy(&bc->pending);
 		return rc;
 	}
@@ -80,37 +86,9 @@ void blockcopy_destroy(struct blockcopy *bc)
 	blockcopy_stop_writers(bc);
 	pthread_cond_destroy(&bc->queue_changed);
 	pthread_mutex_destroy(&bc->queue_lock);
+	cbitmap_destroy(&bc->queued);
 	inflight_destroy(&bc->inflight);
 	cbitmap_destroy(&bc->pending);
-}
-
-/* Reads [off, off + len) of the source into buf (page aligned, room for len
- * rounded up to 4 KiB). Bytes past the current end of file read as zero. */
-static int read_source(struct blockcopy *bc, void *buf, uint64_t off, uint64_t len)
-{
-	ssize_t got = inject_check(INJECT_SOURCE_READ, off, len);
-
-	if (got)
-		return (int)got;
-	got = -EINVAL;
-	if (bc->image->direct_fd >= 0 && off % 4096 == 0)
-		got = pread_full(bc->image->direct_fd, buf, (size_t)((len + 4095) & ~4095ull), off);
-	if (got == -EINVAL)
-		got = pread_full(bc->image->read_fd, buf, (size_t)len, off);
-	if (got < 0)
-		return (int)got;
-	if ((uint64_t)got < len)
-		memset((char *)buf + got, 0, (size_t)(len - (uint64_t)got));
-	return 0;
-}
-
-/* Does the source hold data anywhere in [off, off + len)? Errors count as yes. */
-static bool source_has_data(struct blockcopy *bc, uint64_t off, uint64_t len)
-{
-	off_t data = lseek(bc->image->read_fd, (off_t)off, SEEK_DATA);
-	if (data < 0)
-		return errno != ENXIO;
-	return (uint64_t)data < off + len;
 }
 
 /* Reads the claimed run [first, first + count) into buf and checksums each
@@ -122,10 +100,12 @@ static int read_run(struct blockcopy *bc, uint64_t first, uint64_t count, void *
 {
 	uint64_t off = first << bc->cluster_bits;
 	uint64_t len = min_u64(count << bc->cluster_bits, bc->size - off);
-	bool data = !probe_holes || source_has_data(bc, off, len);
+	bool data = !probe_holes || source_has_data(bc->source, off, len);
 
 	if (data) {
-		int rc = read_source(bc, buf, off, len);
+		int rc = inject_check(INJECT_SOURCE_READ, off, len);
+		if (!rc)
+			rc = source_read(bc->source, buf, off, len);
 		if (rc)
 			return rc;
 		*read_bytes += len;
@@ -234,6 +214,7 @@ static void *writer_thread(void *arg)
 			bc->queue_error_offset = off;
 		}
 		bc->queued_bytes -= item->len;
+		cbitmap_clear_range(&bc->queued, item->first, item->count);
 		pthread_cond_broadcast(&bc->queue_changed);
 		free(item->buf);
 		free(item);
@@ -298,6 +279,7 @@ static bool enqueue_run(struct blockcopy *bc, uint64_t first, uint64_t count, ui
 		    (reserved || bc->queued_bytes + len <= BLOCKCOPY_QUEUE_MAX || !bc->queued_bytes);
 	if (room) {
 		bc->queued_bytes += len - reserved;
+		cbitmap_set_range(&bc->queued, first, count);
 		append_locked(bc, item);
 		pthread_cond_broadcast(&bc->queue_changed);
 	}
@@ -329,6 +311,16 @@ int blockcopy_drain(struct blockcopy *bc, uint64_t *offset, bool (*give_up)(void
 		*offset = bc->queue_error_offset;
 	pthread_mutex_unlock(&bc->queue_lock);
 	return rc;
+}
+
+void blockcopy_wait_written(struct blockcopy *bc, uint64_t first, uint64_t count)
+{
+	if (!cbitmap_any_set(&bc->queued, first, count))
+		return;
+	pthread_mutex_lock(&bc->queue_lock);
+	while (cbitmap_any_set(&bc->queued, first, count) && !bc->stopping && !bc->queue_error)
+		pthread_cond_wait(&bc->queue_changed, &bc->queue_lock);
+	pthread_mutex_unlock(&bc->queue_lock);
 }
 
 int blockcopy_queue_error(struct blockcopy *bc)
@@ -445,4 +437,27 @@ int64_t blockcopy_copy_next(struct blockcopy *bc, uint64_t *cursor, uint64_t max
 		return rc;
 	atomic_fetch_add(&bc->bytes_done, bytes);
 	return (int64_t)bytes;
+}
+
+uint64_t blockcopy_only_data(struct blockcopy *bc)
+{
+	uint64_t cs = bc->cluster_size, pos = 0;
+
+	/* Walk the holes: every cluster wholly inside one holds no data. */
+	while (pos < bc->size) {
+		int64_t hole = source_seek(bc->source, pos, SEEK_HOLE);
+		if (hole < 0 || (uint64_t)hole >= bc->size)
+			break;
+		int64_t data = source_seek(bc->source, (uint64_t)hole, SEEK_DATA);
+		uint64_t hole_end = data < 0 ? bc->size : min_u64((uint64_t)data, bc->size);
+		uint64_t first = div_round_up((uint64_t)hole, cs);
+		uint64_t end = hole_end == bc->size ? bc->nclusters : hole_end / cs;
+		if (end > first)
+			cbitmap_clear_range(&bc->pending, first, end - first);
+		pos = hole_end;
+	}
+	uint64_t total = 0;
+	for (uint64_t c = cbitmap_next_set(&bc->pending, 0); c < bc->nclusters; c = cbitmap_next_set(&bc->pending, c + 1))
+		total += min_u64(cs, bc->size - (c << bc->cluster_bits));
+	return total;
 }

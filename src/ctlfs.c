@@ -9,21 +9,30 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "fleecefs/ctlfs.h"
 #include "fleecefs/events.h"
 #include "fleecefs/inject.h"
 #include "fleecefs/job.h"
+#include "fleecefs/snapshot.h"
+#include "fleecefs/snapstore.h"
 #include "fleecefs/transaction.h"
 #include "fleecefs/util.h"
 
 enum ctl_kind {
 	K_DIR = 1, K_CTL, K_VERSION, K_EVENTS, K_JOBS, K_SNAPSHOTS, K_BITMAPS, K_JOB_DIR, K_JOB_STATUS, K_INJECT,
+	K_SNAP_DIR, K_VIEW,
 };
 
-#define INO(kind, serial) ((fuse_ino_t)(CTLFS_INO_FLAG | ((uint64_t)(serial) << 8) | (uint64_t)(kind)))
+/* flag | index (23 bits) | job serial (32 bits) | kind (8 bits) */
+#define INO2(kind, serial, index)                                                                   \
+	((fuse_ino_t)(CTLFS_INO_FLAG | ((uint64_t)(index) << 40) | (((uint64_t)(serial) & 0xffffffffu) << 8) | \
+		      (uint64_t)(kind)))
+#define INO(kind, serial) INO2(kind, serial, 0)
 static enum ctl_kind kind_of(fuse_ino_t ino) { return (enum ctl_kind)(ino & 0xff); }
-static uint64_t serial_of(fuse_ino_t ino) { return (ino & ~CTLFS_INO_FLAG) >> 8; }
+static uint64_t serial_of(fuse_ino_t ino) { return (ino >> 8) & 0xffffffffu; }
+static unsigned index_of(fuse_ino_t ino) { return (unsigned)((ino >> 40) & 0x7fffffu); }
 
 static const struct fleece_daemon *daemon_ctx;
 
@@ -50,7 +59,37 @@ struct ctl_file {
 	fuse_req_t interrupted;
 	struct fuse_pollhandle *ph;
 	struct ctl_file *next_reader, *prev_reader;
+	/* views */
+	struct job *job;             /* referenced */
+	struct snapstore *view;
+	/* Every open control file, so that those still open when the daemon
+	 * stops (no RELEASE will come) are freed: open_files_lock. */
+	struct ctl_file *next_open, *prev_open;
 };
+
+static pthread_mutex_t open_files_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct ctl_file *open_files;
+
+static void free_file(struct ctl_file *f);
+
+static void track_open(struct ctl_file *f, bool open)
+{
+	pthread_mutex_lock(&open_files_lock);
+	if (open) {
+		f->next_open = open_files;
+		if (open_files)
+			open_files->prev_open = f;
+		open_files = f;
+	} else {
+		if (f->prev_open)
+			f->prev_open->next_open = f->next_open;
+		else if (open_files == f)
+			open_files = f->next_open;
+		if (f->next_open)
+			f->next_open->prev_open = f->prev_open;
+	}
+	pthread_mutex_unlock(&open_files_lock);
+}
 
 static pthread_mutex_t readers_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct ctl_file *readers;
@@ -59,7 +98,7 @@ static struct ctl_file *readers;
 
 static bool is_dir_kind(enum ctl_kind k)
 {
-	return k == K_DIR || k == K_JOBS || k == K_SNAPSHOTS || k == K_BITMAPS || k == K_JOB_DIR;
+	return k == K_DIR || k == K_JOBS || k == K_SNAPSHOTS || k == K_BITMAPS || k == K_JOB_DIR || k == K_SNAP_DIR;
 }
 
 static mode_t mode_of(enum ctl_kind k)
@@ -67,7 +106,7 @@ static mode_t mode_of(enum ctl_kind k)
 	switch (k) {
 	case K_DIR: return S_IFDIR | 0700;
 	case K_CTL: case K_INJECT: return S_IFREG | 0600;
-	case K_JOBS: case K_SNAPSHOTS: case K_BITMAPS: case K_JOB_DIR: return S_IFDIR | 0500;
+	case K_JOBS: case K_SNAPSHOTS: case K_BITMAPS: case K_JOB_DIR: case K_SNAP_DIR: return S_IFDIR | 0500;
 	default: return S_IFREG | 0400;
 	}
 }
@@ -78,14 +117,27 @@ static int fill_attr(fuse_ino_t ino, struct stat *st)
 	enum ctl_kind k = kind_of(ino);
 	uint64_t t = daemon_ctx->started_ns;
 
-	if (k < K_DIR || k > K_INJECT)
+	struct snapstore *view = NULL;
+	struct stat at_t;
+
+	if (k < K_DIR || k > K_VIEW)
 		return -ENOENT;
-	if (k == K_JOB_DIR || k == K_JOB_STATUS) {
+	if (k == K_JOB_DIR || k == K_JOB_STATUS || k == K_SNAP_DIR || k == K_VIEW) {
 		struct job *job = job_find_by_serial(serial_of(ino));
 		if (!job)
 			return -ENOENT;
 		t = job->started_ns ? job->started_ns : t;
+		bool ok = true;
+		if (k == K_SNAP_DIR)
+			ok = job_is_snapshot(job) && snapshot_has_dir(job, index_of(ino));
+		if (k == K_VIEW) {
+			ok = job_is_snapshot(job) && (view = snapshot_member(job, index_of(ino)));
+			if (ok)
+				at_t = view->st_at_t;
+		}
 		job_put(job);
+		if (!ok)
+			return -ENOENT;
 	}
 	memset(st, 0, sizeof(*st));
 	st->st_ino = ino;
@@ -95,6 +147,15 @@ static int fill_attr(fuse_ino_t ino, struct stat *st)
 	st->st_gid = daemon_ctx->owner_gid;
 	st->st_blksize = 4096;
 	st->st_atim.tv_sec = st->st_mtim.tv_sec = st->st_ctim.tv_sec = (time_t)(t / 1000000000u);
+	if (view) {
+		/* A frozen file: the image's size, times and allocation at T,
+		 * the same for the whole life of the snapshot. */
+		st->st_size = at_t.st_size;
+		st->st_blocks = at_t.st_blocks;
+		st->st_atim = at_t.st_atim;
+		st->st_mtim = at_t.st_mtim;
+		st->st_ctim = at_t.st_ctim;
+	}
 	return 0;
 }
 
@@ -151,6 +212,27 @@ void ctlfs_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
 		if (strcmp(name, "status") == 0)
 			return reply_entry(req, INO(K_JOB_STATUS, serial_of(parent)));
 		break;
+	case K_SNAPSHOTS: {
+		struct job *job = job_find(name);
+		if (!job)
+			break;
+		fuse_ino_t ino = job_is_snapshot(job) ? INO2(K_SNAP_DIR, job->serial, 0) : 0;
+		job_put(job);
+		if (ino)
+			return reply_entry(req, ino);
+		break;
+	}
+	case K_SNAP_DIR: {
+		struct job *job = job_find_by_serial(serial_of(parent));
+		bool is_dir = false;
+		unsigned index = 0;
+		int rc = job && job_is_snapshot(job) ? snapshot_lookup(job, index_of(parent), name, &is_dir, &index) : -ENOENT;
+		if (job)
+			job_put(job);
+		if (!rc)
+			return reply_entry(req, INO2(is_dir ? K_SNAP_DIR : K_VIEW, serial_of(parent), index));
+		break;
+	}
 	default:
 		break;
 	}
@@ -185,8 +267,8 @@ void ctlfs_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_set
 static char *version_text(void)
 {
 	struct strbuf sb = { 0 };
-	strbuf_printf(&sb, "version=%s\nfeatures=backup sync-full format-raw checksum-xxh3 events pause error-policies "
-			   "groups inject\n"
+	strbuf_printf(&sb, "version=%s\nfeatures=backup sync-full sync-top sync-none format-raw checksum-xxh3 events pause "
+			   "error-policies groups inject snapshot fleecing\n"
 			   "cluster_size=%" PRIu32 "\n", PACKAGE_VERSION, daemon_ctx->cluster_size);
 	return strbuf_steal(&sb);
 }
@@ -223,7 +305,18 @@ void ctlfs_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 	}
 	f->kind = k;
 	pthread_mutex_init(&f->lock, NULL);
-	if (k == K_VERSION) {
+	if (k == K_VIEW) {
+		f->job = job_find_by_serial(serial_of(ino));
+		f->view = f->job && job_is_snapshot(f->job) ? snapshot_member(f->job, index_of(ino)) : NULL;
+		if (!f->view) {
+			if (f->job)
+				job_put(f->job);
+			pthread_mutex_destroy(&f->lock);
+			free(f);
+			fuse_reply_err(req, ENOENT);
+			return;
+		}
+	} else if (k == K_VERSION) {
 		f->text = version_text();
 	} else if (k == K_INJECT) {
 		f->text = inject_describe();
@@ -249,23 +342,19 @@ void ctlfs_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 		readers = f;
 		pthread_mutex_unlock(&readers_lock);
 	}
-	if (k != K_CTL && k != K_EVENTS && !f->text) {
+	if (k != K_CTL && k != K_EVENTS && k != K_VIEW && !f->text) {
 		pthread_mutex_destroy(&f->lock);
 		free(f);
 		fuse_reply_err(req, ENOMEM);
 		return;
 	}
 	f->len = f->text ? strlen(f->text) : 0;
+	track_open(f, true);
 	fi->fh = (uintptr_t)f;
 	fi->direct_io = 1;
 	fi->nonseekable = k == K_EVENTS || k == K_CTL || k == K_INJECT;
-	if (fuse_reply_open(req, fi) != 0) {
-		if (k == K_EVENTS)
-			remove_reader(f);
-		free(f->text);
-		pthread_mutex_destroy(&f->lock);
-		free(f);
-	}
+	if (fuse_reply_open(req, fi) != 0)
+		free_file(f);
 }
 
 /* f->lock held. Copies whole event lines (and a cut line's rest) into buf. */
@@ -387,6 +476,15 @@ void ctlfs_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct f
 		read_events(req, f, size);
 		return;
 	}
+	if (f->kind == K_VIEW) {
+		void *buf = thread_buffer(THREAD_BUFFER_GUEST, size);
+		ssize_t n = buf ? snapstore_read(f->view, buf, off < 0 ? 0 : (uint64_t)off, size) : -ENOMEM;
+		if (n < 0)
+			fuse_reply_err(req, (int)-n);
+		else
+			fuse_reply_buf(req, buf, (size_t)n);
+		return;
+	}
 	pthread_mutex_lock(&f->lock);
 	/* ctl and inject: the answer is read from the start after each write,
 	 * whatever the file offset; the other files are plain text at an offset. */
@@ -439,11 +537,9 @@ void ctlfs_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, s
 		fuse_reply_write(req, size);
 }
 
-void ctlfs_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+static void free_file(struct ctl_file *f)
 {
-	struct ctl_file *f = (struct ctl_file *)(uintptr_t)fi->fh;
-
-	(void)ino;
+	track_open(f, false);
 	if (f->kind == K_EVENTS) {
 		remove_reader(f);
 		pthread_mutex_lock(&f->lock);
@@ -455,10 +551,40 @@ void ctlfs_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 		f->ph = NULL;
 		pthread_mutex_unlock(&f->lock);
 	}
+	if (f->job)
+		job_put(f->job);
 	free(f->text);
 	pthread_mutex_destroy(&f->lock);
 	free(f);
+}
+
+void ctlfs_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+	(void)ino;
+	free_file((struct ctl_file *)(uintptr_t)fi->fh);
 	fuse_reply_err(req, 0);
+}
+
+void ctlfs_teardown(void)
+{
+	while (open_files)
+		free_file(open_files);
+}
+
+void ctlfs_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence, struct fuse_file_info *fi)
+{
+	struct ctl_file *f = (struct ctl_file *)(uintptr_t)fi->fh;
+
+	(void)ino;
+	if (f->kind != K_VIEW || (whence != SEEK_DATA && whence != SEEK_HOLE) || off < 0) {
+		fuse_reply_err(req, f->kind == K_VIEW ? EINVAL : ESPIPE);
+		return;
+	}
+	int64_t r = snapstore_seek(f->view, (uint64_t)off, whence);
+	if (r < 0)
+		fuse_reply_err(req, (int)-r);
+	else
+		fuse_reply_lseek(req, r);
 }
 
 void ctlfs_poll(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi, struct fuse_pollhandle *ph)
@@ -512,6 +638,23 @@ static void add_job_entry(struct job *job, void *arg)
 	listing_add(arg, job->id, INO(K_JOB_DIR, job->serial));
 }
 
+static void add_snapshot_entry(struct job *job, void *arg)
+{
+	if (job_is_snapshot(job))
+		listing_add(arg, job->id, INO2(K_SNAP_DIR, job->serial, 0));
+}
+
+struct view_listing {
+	struct dir_listing *l;
+	uint64_t serial;
+};
+
+static void add_view_entry(void *arg, const char *name, bool is_dir, unsigned index)
+{
+	struct view_listing *vl = arg;
+	listing_add(vl->l, name, INO2(is_dir ? K_SNAP_DIR : K_VIEW, vl->serial, index));
+}
+
 void ctlfs_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
 	enum ctl_kind k = kind_of(ino);
@@ -528,7 +671,12 @@ void ctlfs_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 		return;
 	}
 	listing_add(l, ".", ino);
-	listing_add(l, "..", k == K_JOB_DIR ? INO(K_JOBS, 0) : k == K_DIR ? FUSE_ROOT_ID : INO(K_DIR, 0));
+	fuse_ino_t up = k == K_JOB_DIR ? INO(K_JOBS, 0) : k == K_DIR ? FUSE_ROOT_ID : INO(K_DIR, 0);
+	if (k == K_SNAP_DIR && index_of(ino) == 0)
+		up = INO(K_SNAPSHOTS, 0);
+	else if (k == K_SNAP_DIR)
+		up = INO2(K_SNAP_DIR, serial_of(ino), 0); /* the parent's index is not needed for ".." */
+	listing_add(l, "..", up);
 	if (k == K_DIR)
 		for (size_t i = 0; i < sizeof(top_entries) / sizeof(top_entries[0]); i++)
 			listing_add(l, top_entries[i].name, INO(top_entries[i].kind, 0));
@@ -536,6 +684,16 @@ void ctlfs_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 		job_for_each(add_job_entry, l);
 	else if (k == K_JOB_DIR)
 		listing_add(l, "status", INO(K_JOB_STATUS, serial_of(ino)));
+	else if (k == K_SNAPSHOTS)
+		job_for_each(add_snapshot_entry, l);
+	else if (k == K_SNAP_DIR) {
+		struct job *job = job_find_by_serial(serial_of(ino));
+		if (job) {
+			struct view_listing vl = { .l = l, .serial = serial_of(ino) };
+			snapshot_list(job, index_of(ino), add_view_entry, &vl);
+			job_put(job);
+		}
+	}
 	if (l->names.failed) {
 		strbuf_free(&l->names);
 		free(l->inos);

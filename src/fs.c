@@ -780,10 +780,8 @@ static void fs_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t off, of
 
 static void fs_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence, struct fuse_file_info *fi)
 {
-	if (ctlfs_owns(ino)) {
-		fuse_reply_err(req, ESPIPE);
-		return;
-	}
+	if (ctlfs_owns(ino))
+		return ctlfs_lseek(req, ino, off, whence, fi);
 	off_t r = lseek(handle_of(fi)->fd, off, whence);
 	if (r < 0)
 		fuse_reply_err(req, errno);

@@ -5,16 +5,64 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <search.h>
+#include <stddef.h>
 #include <stdio.h>
+#include <string.h>
 #include <stdlib.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include "fleecefs/image.h"
+#include "fleecefs/util.h"
 
 static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
 static void *registry_root;
 static pthread_rwlock_t namespace_lock = PTHREAD_RWLOCK_INITIALIZER;
+
+/* ---- the image as a copy source ---------------------------------------- */
+
+static struct image *image_of_source(struct copy_source *src)
+{
+	return (struct image *)((char *)src - offsetof(struct image, source));
+}
+
+/* O_DIRECT when the offset allows it (no page cache churn for a whole-image
+ * copy), else buffered; bytes past the end of the file read as zero. */
+static int image_source_read(struct copy_source *src, void *buf, uint64_t off, uint64_t len)
+{
+	struct image *img = image_of_source(src);
+	ssize_t got = -EINVAL;
+
+	if (img->direct_fd >= 0 && off % 4096 == 0)
+		got = pread_full(img->direct_fd, buf, (size_t)((len + 4095) & ~4095ull), off);
+	if (got == -EINVAL)
+		got = pread_full(img->read_fd, buf, (size_t)len, off);
+	if (got < 0)
+		return (int)got;
+	if ((uint64_t)got < len)
+		memset((char *)buf + got, 0, (size_t)(len - (uint64_t)got));
+	return 0;
+}
+
+static bool image_source_has_data(struct copy_source *src, uint64_t off, uint64_t len)
+{
+	off_t data = lseek(image_of_source(src)->read_fd, (off_t)off, SEEK_DATA);
+	if (data < 0)
+		return errno != ENXIO;
+	return (uint64_t)data < off + len;
+}
+
+static int64_t image_source_seek(struct copy_source *src, uint64_t off, int whence)
+{
+	off_t r = lseek(image_of_source(src)->read_fd, (off_t)off, whence);
+	return r < 0 ? -errno : r;
+}
+
+static const struct copy_source_ops image_source_ops = {
+	.read = image_source_read,
+	.has_data = image_source_has_data,
+	.seek = image_source_seek,
+};
 
 static int compare_images(const void *a, const void *b)
 {
@@ -70,6 +118,7 @@ int image_get(int fd, struct image **out)
 	gate_init(&img->gate);
 	atomic_init(&img->active_jobs, 0);
 	atomic_init(&img->guest_requests, 0);
+	img->source.ops = &image_source_ops;
 	if (!tsearch(img, &registry_root, compare_images)) {
 		pthread_mutex_unlock(&registry_lock);
 		image_put(img);

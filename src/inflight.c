@@ -86,10 +86,22 @@ int inflight_claim(struct inflight *t, const struct cbitmap *pending, uint64_t f
 	}
 }
 
+static bool frozen_overlaps(const struct inflight *t, uint64_t first, uint64_t count)
+{
+	for (const struct frozen_read *r = t->frozen; r; r = r->next)
+		if (r->first < first + count && first < r->first + r->count)
+			return true;
+	return false;
+}
+
 void inflight_release(struct inflight *t, struct cbitmap *pending, uint64_t run_first,
 		      uint64_t run_count, bool copied)
 {
 	pthread_mutex_lock(&t->lock);
+	/* Readers that started on the source before the claim must finish
+	 * before anyone may overwrite it (nobody new starts: it is claimed). */
+	while (copied && frozen_overlaps(t, run_first, run_count))
+		pthread_cond_wait(&t->released, &t->lock);
 	if (copied)
 		cbitmap_clear_range(pending, run_first, run_count);
 	cbitmap_clear_range(&t->claimed, run_first, run_count);
@@ -114,5 +126,58 @@ void inflight_wait_idle(struct inflight *t)
 	pthread_mutex_lock(&t->lock);
 	while (t->open_claims)
 		pthread_cond_wait(&t->released, &t->lock);
+	pthread_mutex_unlock(&t->lock);
+}
+
+uint64_t inflight_read_begin(struct inflight *t, const struct cbitmap *pending, uint64_t first, uint64_t end,
+			     uint64_t max_run, struct frozen_read *reg, bool *from_source)
+{
+	uint64_t n = 1;
+
+	if (end > pending->nbits)
+		end = pending->nbits;
+	pthread_mutex_lock(&t->lock);
+	while (cbitmap_test(&t->claimed, first))
+		pthread_cond_wait(&t->released, &t->lock);
+	bool source = cbitmap_test(pending, first);
+	while (n < max_run && first + n < end && cbitmap_test(pending, first + n) == source &&
+	       !cbitmap_test(&t->claimed, first + n))
+		n++;
+	if (source) {
+		*reg = (struct frozen_read){ .first = first, .count = n, .next = t->frozen };
+		t->frozen = reg;
+	}
+	pthread_mutex_unlock(&t->lock);
+	*from_source = source;
+	return n;
+}
+
+void inflight_read_end(struct inflight *t, struct frozen_read *reg)
+{
+	pthread_mutex_lock(&t->lock);
+	for (struct frozen_read **pp = &t->frozen; *pp; pp = &(*pp)->next) {
+		if (*pp == reg) {
+			*pp = reg->next;
+			break;
+		}
+	}
+	pthread_cond_broadcast(&t->released);
+	pthread_mutex_unlock(&t->lock);
+}
+
+void inflight_discard(struct inflight *t, struct cbitmap *pending, uint64_t first, uint64_t count,
+		      struct cbitmap *copied)
+{
+	uint64_t end = min_u64(first + count, pending->nbits);
+
+	pthread_mutex_lock(&t->lock);
+	for (uint64_t c = first; c < end; c++) {
+		if (cbitmap_test(&t->claimed, c))
+			continue;
+		if (cbitmap_test(pending, c))
+			cbitmap_clear(pending, c);
+		else
+			cbitmap_set(copied, c - first);
+	}
 	pthread_mutex_unlock(&t->lock);
 }

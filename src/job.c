@@ -293,6 +293,27 @@ void job_format_status(struct job *job, struct strbuf *out)
 	pthread_mutex_unlock(&job->lock);
 }
 
+void job_get(struct job *job)
+{
+	pthread_mutex_lock(&registry_lock);
+	job->refs++;
+	pthread_mutex_unlock(&registry_lock);
+}
+
+void job_wait_concluded(struct job *job)
+{
+	pthread_mutex_lock(&registry_lock);
+	for (;;) {
+		pthread_mutex_lock(&job->lock);
+		bool done = job_state_concluded(job->state);
+		pthread_mutex_unlock(&job->lock);
+		if (done)
+			break;
+		pthread_cond_wait(&registry_changed, &registry_lock);
+	}
+	pthread_mutex_unlock(&registry_lock);
+}
+
 struct job *job_find_by_serial(uint64_t serial)
 {
 	struct job *found = NULL;
@@ -444,6 +465,14 @@ void job_pause_on_error(struct job *job, const char *fmt, ...)
 		pause_locked(job);
 	}
 	pthread_mutex_unlock(&job->lock);
+}
+
+bool job_complete_requested(struct job *job)
+{
+	pthread_mutex_lock(&job->lock);
+	bool requested = job->complete_requested;
+	pthread_mutex_unlock(&job->lock);
+	return requested;
 }
 
 bool job_wait_running(struct job *job)

@@ -1,6 +1,7 @@
 /* fleecefs: options, mount, signals, clean shutdown. */
 #include "config.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -205,6 +206,48 @@ static int prepare_state_dir(struct fleece_daemon *d, const char *requested)
 	return 0;
 }
 
+/* Copy-before-write stores only mean something to the daemon that made them:
+ * after a crash they are garbage. Removes STATE_DIR/snapshots/NAME/N.store
+ * and STATE_DIR/fleecing/ID.store (and the emptied directories). */
+static void remove_stale_stores(const char *state_dir)
+{
+	char dir[PATH_MAX], path[PATH_MAX + 256];
+
+	/* snapshots/NAME/N.store */
+	snprintf(dir, sizeof(dir), "%s/snapshots", state_dir);
+	int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	DIR *d = fd >= 0 ? fdopendir(fd) : NULL;
+	for (struct dirent *e; d && (e = readdir(d));) {
+		if (e->d_name[0] == '.')
+			continue;
+		int sub_fd = openat(dirfd(d), e->d_name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+		DIR *sub = sub_fd >= 0 ? fdopendir(sub_fd) : NULL;
+		for (struct dirent *f; sub && (f = readdir(sub));)
+			if (f->d_name[0] != '.')
+				unlinkat(dirfd(sub), f->d_name, 0);
+		if (sub)
+			closedir(sub);
+		unlinkat(dirfd(d), e->d_name, AT_REMOVEDIR);
+		snprintf(path, sizeof(path), "%s/%s", dir, e->d_name);
+		log_info("removed snapshot store %s, left over from an earlier run", path);
+	}
+	if (d)
+		closedir(d);
+	/* fleecing/ID.store */
+	snprintf(dir, sizeof(dir), "%s/fleecing", state_dir);
+	fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	d = fd >= 0 ? fdopendir(fd) : NULL;
+	for (struct dirent *e; d && (e = readdir(d));) {
+		if (e->d_name[0] == '.')
+			continue;
+		unlinkat(dirfd(d), e->d_name, 0);
+		snprintf(path, sizeof(path), "%s/%s", dir, e->d_name);
+		log_info("removed fleecing store %s, left over from an earlier run", path);
+	}
+	if (d)
+		closedir(d);
+}
+
 static bool is_mount_point(const char *path)
 {
 	struct stat here, parent;
@@ -339,6 +382,7 @@ int main(int argc, char *argv[])
 		goto out;
 	if ((rc = prepare_state_dir(&d, opts.state_dir)))
 		goto out;
+	remove_stale_stores(d.state_dir);
 	rc = 1;
 	d.owner_uid = getuid();
 	d.owner_gid = getgid();
@@ -407,6 +451,7 @@ int main(int argc, char *argv[])
 out:
 	if (se)
 		fuse_session_destroy(se);
+	ctlfs_teardown();
 	job_free_all();
 	inject_clear();
 	fs_teardown();

@@ -32,9 +32,19 @@ static int raw_write(struct target *t, uint64_t off, const void *buf, size_t len
 	return n < 0 ? (int)n : 0;
 }
 
+static int raw_discard(struct target *t, uint64_t off, uint64_t len)
+{
+	if (fallocate(raw(t)->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len) < 0)
+		return -errno;
+	return 0;
+}
+
 static void raw_start_writeback(struct target *t)
 {
-	sync_file_range(raw(t)->fd, 0, 0, SYNC_FILE_RANGE_WRITE);
+	/* Starts writeback of what is dirty and drops what an earlier round
+	 * already wrote: a backup does not fill the host's page cache, and
+	 * recycled pages are cheaper than fresh ones on a VM host. */
+	posix_fadvise(raw(t)->fd, 0, 0, POSIX_FADV_DONTNEED);
 }
 
 static int raw_write_zeroes(struct target *t, uint64_t off, uint64_t len)
@@ -98,6 +108,7 @@ static void raw_free(struct target *t)
 static const struct target_ops raw_ops = {
 	.write = raw_write,
 	.write_zeroes = raw_write_zeroes,
+	.discard = raw_discard,
 	.start_writeback = raw_start_writeback,
 	.finish = raw_finish,
 	.abort = raw_abort,

@@ -17,6 +17,8 @@
 #include "fleecefs/daemon.h"
 #include "fleecefs/image.h"
 #include "fleecefs/job.h"
+#include "fleecefs/snapshot.h"
+#include "fleecefs/snapstore.h"
 #include "fleecefs/transaction.h"
 #include "fleecefs/util.h"
 
@@ -27,15 +29,17 @@ static pthread_mutex_t control_mutex = PTHREAD_MUTEX_INITIALIZER;
 /* What step 2 found out about one command. */
 struct resolved {
 	struct image *image;      /* backup: referenced */
-	struct job *job;          /* job verbs: referenced */
-	struct job *prepared;     /* backup: after step 3 */
+	struct image *images[CTL_MAX_IMAGES]; /* snapshot: referenced */
+	struct job *job;          /* job verbs, backup of a view: referenced */
+	struct snapstore *view;   /* backup of a view */
+	struct job *prepared;     /* backup, snapshot: after step 3 */
 };
 
 struct txn_state {
 	const struct fleece_daemon *d;
 	struct ctl_txn parsed;
 	struct resolved *res;
-	struct image *gates[CTL_MAX_IMAGES * 4];
+	struct image **gates;          /* every image whose writes are drained */
 	unsigned ngates;
 	struct job_group **groups;    /* one per group name, this write only */
 	unsigned ngroups;
@@ -131,33 +135,109 @@ static int not_yet(unsigned line, const char *what, char *err, size_t errlen)
 	return set_error(err, errlen, EOPNOTSUPP, "line %u: %s is not supported by this version", line, what);
 }
 
+/* The id a line gives a new job (backup id=, snapshot NAME), or NULL. */
+static const char *new_job_id(const struct ctl_command *c)
+{
+	if (c->verb == CTL_BACKUP)
+		return c->u.backup.id;
+	if (c->verb == CTL_SNAPSHOT)
+		return c->u.snapshot.name;
+	return NULL;
+}
+
+static int check_new_id(struct txn_state *s, unsigned i)
+{
+	const struct ctl_command *c = &s->parsed.cmds[i];
+	const char *id = new_job_id(c);
+
+	if (!id)
+		return 0;
+	if (job_id_taken(id))
+		return set_error(s->err, sizeof(s->err), EEXIST, "line %u: %s: id %s is taken", c->line,
+				 ctl_verb_name(c->verb), id);
+	for (unsigned j = 0; j < i; j++) {
+		const char *other = new_job_id(&s->parsed.cmds[j]);
+		if (other && strcmp(other, id) == 0)
+			return set_error(s->err, sizeof(s->err), EEXIST, "line %u: %s: id %s is used twice in this write",
+					 c->line, ctl_verb_name(c->verb), id);
+	}
+	return 0;
+}
+
+#define VIEW_PREFIX FLEECE_CONTROL_DIR "/snapshots/"
+
+/* `backup .fleece/snapshots/NAME/IMAGE ...`: the snapshot and its view. */
+static int resolve_view(struct txn_state *s, unsigned i)
+{
+	const struct ctl_command *c = &s->parsed.cmds[i];
+	const char *rest = c->u.backup.image + strlen(VIEW_PREFIX);
+	const char *slash = strchr(rest, '/');
+	char name[FLEECE_NAME_MAX + 1];
+
+	if (!slash || (size_t)(slash - rest) > FLEECE_NAME_MAX)
+		return set_error(s->err, sizeof(s->err), ENOENT, "line %u: image %s: no such snapshot view", c->line,
+				 c->u.backup.image);
+	snprintf(name, sizeof(name), "%.*s", (int)(slash - rest), rest);
+	struct job *job = job_find(name);
+	if (!job || !job_is_snapshot(job)) {
+		if (job)
+			job_put(job);
+		return set_error(s->err, sizeof(s->err), ENOENT, "line %u: image %s: no snapshot %s", c->line,
+				 c->u.backup.image, name);
+	}
+	s->res[i].job = job;
+	pthread_mutex_lock(&job->lock);
+	bool running = !job_state_concluded(job->state) && job->stop == JOB_GO_ON;
+	pthread_mutex_unlock(&job->lock);
+	struct snapstore *view = snapshot_member_by_path(job, slash + 1);
+	if (!view)
+		return set_error(s->err, sizeof(s->err), ENOENT, "line %u: image %s: snapshot %s has no image %s",
+				 c->line, c->u.backup.image, name, slash + 1);
+	if (!running || atomic_load(&view->broken))
+		return set_error(s->err, sizeof(s->err), EACCES, "line %u: image %s: snapshot %s is broken or ending",
+				 c->line, c->u.backup.image, name);
+	if (c->u.backup.fleecing)
+		return set_error(s->err, sizeof(s->err), EINVAL,
+				 "line %u: backup: fleecing=on applies to an image, not to a snapshot view (it is frozen already)",
+				 c->line);
+	s->res[i].view = view;
+	image_ref(view->image);
+	s->res[i].image = view->image;
+	return 0;
+}
+
+/* Opens IMAGE and finds its image object. */
+static int resolve_image(struct txn_state *s, unsigned line, const char *path, struct image **out)
+{
+	int fd = -1, rc;
+
+	if ((rc = open_image(s->d, line, path, &fd, s->err, sizeof(s->err))))
+		return rc;
+	rc = image_get(fd, out);
+	close(fd);
+	if (rc)
+		return set_error(s->err, sizeof(s->err), -rc, "line %u: image %s: %s", line, path, errno_text(-rc));
+	if ((*out)->read_fd < 0)
+		return set_error(s->err, sizeof(s->err), EACCES, "line %u: image %s: the daemon cannot read it", line,
+				 path);
+	return 0;
+}
+
 static int check_backup(struct txn_state *s, unsigned i)
 {
 	const struct ctl_command *c = &s->parsed.cmds[i];
 	const struct ctl_backup *b = &c->u.backup;
 	unsigned line = c->line;
-	int fd = -1, rc;
+	int rc;
 
-	if (b->sync != SYNC_FULL)
-		return not_yet(line, b->sync == SYNC_TOP ? "backup sync=top" :
-				      b->sync == SYNC_NONE ? "backup sync=none" : "backup sync=incremental",
-			       s->err, sizeof(s->err));
+	if (b->sync == SYNC_INCREMENTAL)
+		return not_yet(line, "backup sync=incremental", s->err, sizeof(s->err));
 	if (b->format != FORMAT_RAW)
 		return not_yet(line, "backup format=qcow2", s->err, sizeof(s->err));
 	if (b->bitmap)
 		return not_yet(line, "backup bitmap=", s->err, sizeof(s->err));
-	if (b->fleecing)
-		return not_yet(line, "backup fleecing=on", s->err, sizeof(s->err));
-	if (b->id) {
-		if (job_id_taken(b->id))
-			return set_error(s->err, sizeof(s->err), EEXIST, "line %u: backup: id %s is taken", line, b->id);
-		for (unsigned j = 0; j < i; j++) {
-			const struct ctl_command *o = &s->parsed.cmds[j];
-			if (o->verb == CTL_BACKUP && o->u.backup.id && strcmp(o->u.backup.id, b->id) == 0)
-				return set_error(s->err, sizeof(s->err), EEXIST,
-						 "line %u: backup: id %s is used twice in this write", line, b->id);
-		}
-	}
+	if ((rc = check_new_id(s, i)))
+		return rc;
 	for (unsigned j = 0; j < i; j++) {
 		const struct ctl_command *o = &s->parsed.cmds[j];
 		if (o->verb == CTL_BACKUP && strcmp(o->u.backup.target, b->target) == 0)
@@ -166,16 +246,47 @@ static int check_backup(struct txn_state *s, unsigned i)
 	}
 	if ((rc = check_target(s->d, line, b->target, s->err, sizeof(s->err))))
 		return rc;
-	if ((rc = open_image(s->d, line, b->image, &fd, s->err, sizeof(s->err))))
+	if (strncmp(b->image, VIEW_PREFIX, strlen(VIEW_PREFIX)) == 0)
+		return resolve_view(s, i);
+	return resolve_image(s, line, b->image, &s->res[i].image);
+}
+
+static int check_snapshot(struct txn_state *s, unsigned i)
+{
+	const struct ctl_command *c = &s->parsed.cmds[i];
+	int rc;
+
+	if ((rc = check_new_id(s, i)))
 		return rc;
-	rc = image_get(fd, &s->res[i].image);
-	close(fd);
-	if (rc)
-		return set_error(s->err, sizeof(s->err), -rc, "line %u: image %s: %s", line, b->image, errno_text(-rc));
-	if (s->res[i].image->read_fd < 0)
-		return set_error(s->err, sizeof(s->err), EACCES, "line %u: image %s: the daemon cannot read it",
-				 line, b->image);
+	for (unsigned k = 0; k < c->u.snapshot.nimages; k++)
+		if ((rc = resolve_image(s, c->line, c->u.snapshot.images[k], &s->res[i].images[k])))
+			return rc;
 	return 0;
+}
+
+static int check_release(struct txn_state *s, unsigned i)
+{
+	const struct ctl_command *c = &s->parsed.cmds[i];
+	struct job *job = job_find(c->u.job.id);
+	char msg[ERR_MAX - 32];
+
+	if (!job)
+		return set_error(s->err, sizeof(s->err), ENOENT, "line %u: release: no snapshot %s", c->line,
+				 c->u.job.id);
+	s->res[i].job = job;
+	if (!job_is_snapshot(job))
+		return set_error(s->err, sizeof(s->err), EINVAL,
+				 "line %u: release %s: not a snapshot (a %s job ends with cancel)", c->line, job->id,
+				 job->driver->type);
+	for (unsigned j = 0; j < i; j++)
+		if (s->res[j].job == job)
+			return set_error(s->err, sizeof(s->err), EINVAL,
+					 "line %u: release %s: the job is already acted on by line %u of this write",
+					 c->line, job->id, s->parsed.cmds[j].line);
+	int rc = snapshot_check_release(job, msg, sizeof(msg));
+	if (rc)
+		snprintf(s->err, sizeof(s->err), "line %u: %s", c->line, msg);
+	return rc;
 }
 
 static enum job_verb job_verb_of(enum ctl_verb verb)
@@ -220,6 +331,12 @@ static int check_all(struct txn_state *s)
 		case CTL_BACKUP:
 			rc = check_backup(s, i);
 			break;
+		case CTL_SNAPSHOT:
+			rc = check_snapshot(s, i);
+			break;
+		case CTL_RELEASE:
+			rc = check_release(s, i);
+			break;
 		case CTL_CANCEL:
 		case CTL_PAUSE:
 		case CTL_RESUME:
@@ -248,9 +365,13 @@ static int compare_pointers(const void *a, const void *b)
 static void close_gates(struct txn_state *s)
 {
 	s->ngates = 0;
-	for (unsigned i = 0; i < s->parsed.ncmds; i++)
-		if (s->res[i].image)
+	for (unsigned i = 0; i < s->parsed.ncmds; i++) {
+		/* A view is frozen already: its image's writes need no drain. */
+		if (s->res[i].image && !s->res[i].view)
 			s->gates[s->ngates++] = s->res[i].image;
+		for (unsigned k = 0; k < CTL_MAX_IMAGES && s->res[i].images[k]; k++)
+			s->gates[s->ngates++] = s->res[i].images[k];
+	}
 	qsort(s->gates, s->ngates, sizeof(s->gates[0]), compare_pointers);
 	unsigned n = 0;
 	for (unsigned i = 0; i < s->ngates; i++)
@@ -281,10 +402,32 @@ static struct job_group *group_for(struct txn_state *s, const char *name)
 	return g;
 }
 
+static int prepare_snapshot(struct txn_state *s, unsigned i)
+{
+	const struct ctl_command *c = &s->parsed.cmds[i];
+	struct snapshot_params p = {
+		.cmd = &c->u.snapshot,
+		.images = s->res[i].images,
+		.state_dir = s->d->state_dir,
+		.cluster_size = s->d->cluster_size,
+	};
+	char msg[ERR_MAX - 32];
+	int rc = snapshot_prepare(&p, &s->res[i].prepared, msg, sizeof(msg));
+	if (rc)
+		snprintf(s->err, sizeof(s->err), "line %u: %s", c->line, msg);
+	return rc;
+}
+
 static int prepare_all(struct txn_state *s)
 {
 	for (unsigned i = 0; i < s->parsed.ncmds; i++) {
 		const struct ctl_command *c = &s->parsed.cmds[i];
+		if (c->verb == CTL_SNAPSHOT) {
+			int rc = prepare_snapshot(s, i);
+			if (rc)
+				return rc;
+			continue;
+		}
 		if (c->verb != CTL_BACKUP)
 			continue;
 		struct job_group *group = group_for(s, c->u.backup.group);
@@ -292,6 +435,9 @@ static int prepare_all(struct txn_state *s)
 			return set_error(s->err, sizeof(s->err), ENOMEM, "line %u: out of memory", c->line);
 		struct backup_params p = {
 			.group = group,
+			.snapshot = s->res[i].view ? s->res[i].job : NULL,
+			.view = s->res[i].view,
+			.state_dir = s->d->state_dir,
 			.cmd = &c->u.backup,
 			.image = s->res[i].image,
 			.image_path = c->u.backup.image,
@@ -308,45 +454,41 @@ static int prepare_all(struct txn_state *s)
 	return 0;
 }
 
-static void commit_all(struct txn_state *s, struct strbuf *answer)
+/* With the gates closed: every new job starts at this one point in time. */
+static void commit_jobs(struct txn_state *s, struct strbuf *answer)
+{
+	strbuf_printf(answer, "ok");
+	for (unsigned i = 0; i < s->parsed.ncmds; i++) {
+		if (!s->res[i].prepared)
+			continue;
+		job_commit(s->res[i].prepared);
+		strbuf_printf(answer, " id=%s", s->res[i].prepared->id);
+		s->res[i].prepared = NULL;
+	}
+	strbuf_printf(answer, "\n");
+}
+
+/* After the gates reopened (release waits for a snapshot's teardown, which
+ * drains the image's writes itself). Checked in step 2; a job whose state
+ * moved on since (it concluded, an error paused it) keeps its new state. */
+static void run_verbs(struct txn_state *s)
 {
 	char ignored[ERR_MAX];
 
-	strbuf_printf(answer, "ok");
 	for (unsigned i = 0; i < s->parsed.ncmds; i++) {
 		const struct ctl_command *c = &s->parsed.cmds[i];
 		struct job *job = s->res[i].job;
 		switch (c->verb) {
-		case CTL_BACKUP:
-			job_commit(s->res[i].prepared);
-			strbuf_printf(answer, " id=%s", s->res[i].prepared->id);
-			s->res[i].prepared = NULL;
-			break;
-		/* Checked in step 2; a job whose state moved on since (it
-		 * concluded, an error paused it) keeps its new state. */
-		case CTL_CANCEL:
-			job_cancel(job, ignored, sizeof(ignored));
-			break;
-		case CTL_SET:
-			job_set_speed(job, c->u.job.speed, ignored, sizeof(ignored));
-			break;
-		case CTL_PAUSE:
-			job_pause(job, ignored, sizeof(ignored));
-			break;
-		case CTL_RESUME:
-			job_resume(job, ignored, sizeof(ignored));
-			break;
-		case CTL_COMPLETE:
-			job_complete(job, ignored, sizeof(ignored));
-			break;
-		case CTL_DISMISS:
-			job_dismiss(job, ignored, sizeof(ignored));
-			break;
-		default:
-			break;
+		case CTL_CANCEL: job_cancel(job, ignored, sizeof(ignored)); break;
+		case CTL_SET: job_set_speed(job, c->u.job.speed, ignored, sizeof(ignored)); break;
+		case CTL_PAUSE: job_pause(job, ignored, sizeof(ignored)); break;
+		case CTL_RESUME: job_resume(job, ignored, sizeof(ignored)); break;
+		case CTL_COMPLETE: job_complete(job, ignored, sizeof(ignored)); break;
+		case CTL_DISMISS: job_dismiss(job, ignored, sizeof(ignored)); break;
+		case CTL_RELEASE: snapshot_release(job, ignored, sizeof(ignored)); break;
+		default: break;
 		}
 	}
-	strbuf_printf(answer, "\n");
 }
 
 /* With the gates still closed, so no guest write ever sees a hook of a job
@@ -365,6 +507,8 @@ static void release_resolved(struct txn_state *s)
 	for (unsigned i = 0; s->res && i < s->parsed.ncmds; i++) {
 		if (s->res[i].image)
 			image_put(s->res[i].image);
+		for (unsigned k = 0; k < CTL_MAX_IMAGES && s->res[i].images[k]; k++)
+			image_put(s->res[i].images[k]);
 		if (s->res[i].job)
 			job_put(s->res[i].job);
 	}
@@ -380,7 +524,8 @@ int txn_execute(const struct fleece_daemon *d, const char *text, size_t len, cha
 	pthread_mutex_lock(&control_mutex);
 	rc = ctl_parse(text, len, &s.parsed, s.err, sizeof(s.err));
 	if (!rc && (!(s.res = calloc(s.parsed.ncmds, sizeof(*s.res))) ||
-		    !(s.groups = calloc(s.parsed.ncmds, sizeof(*s.groups)))))
+		    !(s.groups = calloc(s.parsed.ncmds, sizeof(*s.groups))) ||
+		    !(s.gates = calloc(s.parsed.ncmds * (CTL_MAX_IMAGES + 1), sizeof(*s.gates)))))
 		rc = set_error(s.err, sizeof(s.err), ENOMEM, "out of memory");
 	if (!rc)
 		rc = check_all(&s);
@@ -389,16 +534,19 @@ int txn_execute(const struct fleece_daemon *d, const char *text, size_t len, cha
 		close_gates(&s);
 		rc = prepare_all(&s);
 		if (!rc)
-			commit_all(&s, &out);
+			commit_jobs(&s, &out);
 		else
 			abandon_prepared(&s);
 		open_gates(&s);
 		image_namespace_unlock();
+		if (!rc)
+			run_verbs(&s);
 	}
 	release_resolved(&s);
 	for (unsigned i = 0; i < s.ngroups; i++)
 		job_group_put(s.groups[i]);
 	free(s.groups);
+	free(s.gates);
 	ctl_txn_free(&s.parsed);
 	pthread_mutex_unlock(&control_mutex);
 	if (rc) {

@@ -14,6 +14,12 @@
  * resume), on-cbw-error and cbw-timeout for a guest write's copy
  * (break-snapshot: the write goes on, the job fails; break-guest-write: the
  * write fails with EIO, the job goes on).
+ * Sources: the image itself (copy-before-write through the backup's own
+ * hook), a snapshot view (frozen already: no hook), or, with fleecing=on, a
+ * private snapstore taken at T whose copy-before-write goes to a local store;
+ * the background copy reads that frozen image and gives back the store space
+ * of what it has copied. sync=top copies only clusters with data at T;
+ * sync=none copies nothing in the background and ends on `complete`.
  * Locking: see job.h and blockcopy.h; `broken` is atomic.
  * Errors: 0 or -errno with a one-line message.
  */
@@ -27,14 +33,20 @@ struct ctl_backup;
 struct image;
 struct job;
 struct job_group;
+struct snapstore;
 
 struct backup_params {
 	const struct ctl_backup *cmd;
-	struct image *image;
+	struct image *image;       /* the image, or the one under the view */
 	const char *image_path;    /* as the user named it, for status */
 	uint32_t cluster_size;
 	unsigned copy_workers;
 	struct job_group *group;   /* NULL: none */
+	/* A backup of a snapshot view: the snapshot job (referenced by the
+	 * caller; the backup takes its own reference) and the view. */
+	struct job *snapshot;
+	struct snapstore *view;
+	const char *state_dir;     /* for the fleecing store */
 };
 
 int backup_prepare(const struct backup_params *p, struct job **out, char *err, size_t errlen);

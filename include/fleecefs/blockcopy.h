@@ -51,7 +51,7 @@
 #include "fleecefs/cbitmap.h"
 #include "fleecefs/inflight.h"
 
-struct image;
+struct copy_source;
 struct target;
 struct manifest;
 
@@ -80,7 +80,7 @@ struct blockcopy_ops {
 };
 
 struct blockcopy {
-	struct image *image;
+	struct copy_source *source;
 	struct target *target;
 	struct manifest *manifest;   /* NULL: no checksums */
 	uint64_t size;               /* bytes of the image at T */
@@ -89,6 +89,9 @@ struct blockcopy {
 	uint64_t nclusters;
 	struct cbitmap pending;
 	struct inflight inflight;
+	/* Clusters whose data is in the write-behind queue, not yet in the
+	 * target (set and cleared under queue_lock). */
+	struct cbitmap queued;
 	atomic_uint_fast64_t bytes_done;   /* pending bytes resolved, by anyone */
 	atomic_uint_fast64_t cbw_bytes;    /* of which by copy-before-write */
 	atomic_uint_fast64_t bytes_written; /* bytes that reached the target */
@@ -109,7 +112,7 @@ struct blockcopy {
 	unsigned nwriters;
 };
 
-int blockcopy_init(struct blockcopy *bc, struct image *image, struct target *target,
+int blockcopy_init(struct blockcopy *bc, struct copy_source *source, struct target *target,
 		   struct manifest *manifest, uint64_t size, uint32_t cluster_size,
 		   const struct blockcopy_ops *ops, void *owner);
 /* Writers stop taking queued writes while held (and go on when released). */
@@ -124,6 +127,9 @@ void blockcopy_destroy(struct blockcopy *bc);
 int blockcopy_drain(struct blockcopy *bc, uint64_t *offset, bool (*give_up)(void *arg), void *arg);
 /* The first queued write's error so far, 0 if none (cheap; for job loops). */
 int blockcopy_queue_error(struct blockcopy *bc);
+/* Waits until no cluster of [first, first + count) is still queued: their
+ * data is then in the target (for readers of the target, e.g. a view). */
+void blockcopy_wait_written(struct blockcopy *bc, uint64_t first, uint64_t count);
 
 /* Cheap test for the write path: may [off, off + len) need a copy? */
 static inline bool blockcopy_needs_copy(const struct blockcopy *bc, uint64_t off, uint64_t len)
@@ -149,6 +155,11 @@ int blockcopy_before_write(struct blockcopy *bc, uint64_t off, uint64_t len, uin
  * grows by what was read from the source (holes are not read). */
 int64_t blockcopy_copy_next(struct blockcopy *bc, uint64_t *cursor, uint64_t max_bytes, uint64_t *read_bytes,
 			    struct blockcopy_error *e);
+
+/* sync=top: clusters that hold no data of the source at T (holes, found
+ * with SEEK_DATA/SEEK_HOLE) stop being pending; returns the bytes still to
+ * copy. Call before anything is copied (at T). */
+uint64_t blockcopy_only_data(struct blockcopy *bc);
 
 /* Clusters still pending (each at most cluster_size bytes). */
 static inline uint64_t blockcopy_pending_clusters(const struct blockcopy *bc)

@@ -5,6 +5,7 @@
  *     version           key=value lines
  *     events            blocking, pollable stream of event lines
  *     jobs/ID/status    one job's status, taken when the file is opened
+ *     snapshots/NAME/IMAGE   read-only views of a snapshot (snapshot.h)
  *     inject            error injection rules (inject.h): write rules, read them
  *     snapshots/ bitmaps/   (empty until those features exist)
  *
@@ -34,6 +35,8 @@ static inline bool ctlfs_owns(fuse_ino_t ino) { return (ino & CTLFS_INO_FLAG) !=
 void ctlfs_init(const struct fleece_daemon *d);
 /* Answers parked event reads (unmount). */
 void ctlfs_shutdown(void);
+/* Frees the control files still open when the session ended. */
+void ctlfs_teardown(void);
 
 /* Lookup of ".fleece" in the root. */
 void ctlfs_lookup_root(fuse_req_t req);
@@ -48,5 +51,6 @@ void ctlfs_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi);
 void ctlfs_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi);
 void ctlfs_releasedir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi);
 void ctlfs_poll(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi, struct fuse_pollhandle *ph);
+void ctlfs_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence, struct fuse_file_info *fi);
 
 #endif

@@ -33,6 +33,7 @@
 #include <sys/types.h>
 
 #include "fleecefs/gate.h"
+#include "fleecefs/source.h"
 
 struct image_hook {
 	/* Before the guest changes [off, off + len) of the image. */
@@ -52,6 +53,8 @@ struct image {
 	/* Guest reads and writes served, for background copies to notice a busy
 	 * guest and step aside. Relaxed: only "did it move?" matters. */
 	atomic_uint_fast64_t guest_requests;
+	/* The image as a copy source (source.h): its current content. */
+	struct copy_source source;
 };
 
 static inline void image_note_guest_request(struct image *img)

@@ -10,7 +10,14 @@
  *   a pending cluster is either unclaimed (nobody has read it yet) or claimed
  *   by exactly one copier that has not finished writing it.
  *
- * Owns: the claimed bitmap and the count of open claims.
+ * Snapshot views add "frozen" reads: a reader that reads a still-pending
+ * cluster from the source registers the range (inflight_read_begin); a
+ * claimer releasing a run as copied first waits until no frozen read
+ * overlaps it, so the guest write that caused the copy, and every later one
+ * (which sees the cluster clear), lands only after those readers are done.
+ * Readers never wait holding a registration.
+ *
+ * Owns: the claimed bitmap, the count of open claims, the frozen reads.
  * Locking: one mutex per tracker guards `claimed` and every pending-bit
  * *clear* done through inflight_release. Pending bits may be read without the
  * lock (cbitmap_test is acquire, the clear is release). Waiters sleep on one
@@ -27,11 +34,17 @@
 
 #include "fleecefs/cbitmap.h"
 
+struct frozen_read {
+	uint64_t first, count;
+	struct frozen_read *next;
+};
+
 struct inflight {
 	pthread_mutex_t lock;
 	pthread_cond_t released;  /* CLOCK_MONOTONIC */
 	struct cbitmap claimed;   /* under lock */
 	uint64_t open_claims;     /* under lock */
+	struct frozen_read *frozen; /* under lock; a handful at a time */
 };
 
 int inflight_init(struct inflight *t, uint64_t nclusters);
@@ -67,5 +80,23 @@ void inflight_drop_unclaimed(struct inflight *t, struct cbitmap *pending, uint64
 
 /* Blocks until no claim is open. */
 void inflight_wait_idle(struct inflight *t);
+
+/* A view read at cluster `first` (of at most max_run clusters, below end):
+ * returns the length of the run it may serve at once and where from. While a
+ * claimed cluster is ahead it waits for its release. A run of pending
+ * clusters is registered in `reg` (the caller reads the source, then calls
+ * inflight_read_end); a run of copied clusters is not (their data at T is in
+ * the store, which nothing changes any more). */
+uint64_t inflight_read_begin(struct inflight *t, const struct cbitmap *pending, uint64_t first, uint64_t end,
+			     uint64_t max_run, struct frozen_read *reg, bool *from_source);
+void inflight_read_end(struct inflight *t, struct frozen_read *reg);
+
+/* Clusters [first, first + count) need no copy any more (their data is safe
+ * elsewhere): unclaimed pending ones leave the pending set; copied ones (not
+ * pending, not claimed) are marked in `copied` (bit i for cluster first + i,
+ * a bitmap of count bits) so the caller can free their copies. Claimed ones
+ * are left to their copier. */
+void inflight_discard(struct inflight *t, struct cbitmap *pending, uint64_t first, uint64_t count,
+		      struct cbitmap *copied);
 
 #endif

@@ -112,7 +112,10 @@ void job_abandon(struct job *job);
  * on dismiss or when pruned (more than JOB_CONCLUDED_KEPT concluded) and is
  * freed with its last reference. */
 struct job *job_find(const char *id);
+void job_get(struct job *job);
 void job_put(struct job *job);
+/* Blocks until the job has concluded (its teardown is done). */
+void job_wait_concluded(struct job *job);
 /* Is `id` taken by a listed job? */
 bool job_id_taken(const char *id);
 /* Calls fn for every listed job, oldest first, under the registry lock. */
@@ -153,6 +156,8 @@ void job_fail(struct job *job, const char *fmt, ...) __attribute__((format(print
 /* on-*-error=stop: the job pauses with this error in its status and its
  * "paused" event, until resume; safe from any thread. */
 void job_pause_on_error(struct job *job, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Has `complete` been accepted for this job? */
+bool job_complete_requested(struct job *job);
 /* Blocks while the job is paused; false when a stop is requested. */
 bool job_wait_running(struct job *job);
 /* Waits while paused, then until the rate limiter lets more through; false

@@ -21,6 +21,9 @@ struct target_ops {
 	int (*write)(struct target *t, uint64_t off, const void *buf, size_t len);
 	/* Make [off, off + len) read as zeroes (a hole where possible). */
 	int (*write_zeroes)(struct target *t, uint64_t off, uint64_t len);
+	/* Give back the space of [off, off + len) (its content is not needed
+	 * any more). NULL: not supported. */
+	int (*discard)(struct target *t, uint64_t off, uint64_t len);
 	/* Start writing back what was written so far, without waiting (lets a
 	 * long copy overlap its writeback instead of paying for it at the end). */
 	void (*start_writeback)(struct target *t);
@@ -50,6 +53,10 @@ static inline int target_write(struct target *t, uint64_t off, const void *buf, 
 static inline int target_write_zeroes(struct target *t, uint64_t off, uint64_t len)
 {
 	return t->ops->write_zeroes(t, off, len);
+}
+static inline int target_discard(struct target *t, uint64_t off, uint64_t len)
+{
+	return t->ops->discard ? t->ops->discard(t, off, len) : 0;
 }
 static inline void target_start_writeback(struct target *t)
 {
