@@ -33,6 +33,7 @@ int blockcopy_init(struct blockcopy *bc, struct copy_source *source, struct targ
 	bc->ops = ops;
 	bc->owner = owner;
 	bc->source = source;
+	bc->write_inject_point = INJECT_TARGET_WRITE;
 	bc->target = target;
 	bc->manifest = manifest;
 	bc->size = size;
@@ -125,7 +126,7 @@ static int write_run(struct blockcopy *bc, uint64_t first, uint64_t len, const v
 {
 	uint64_t off = first << bc->cluster_bits, write_from = 0, pos = 0;
 	bool in_data = false;
-	int rc = inject_check(INJECT_TARGET_WRITE, off, len);
+	int rc = inject_check((enum inject_point)bc->write_inject_point, off, len);
 
 	if (rc)
 		return rc;

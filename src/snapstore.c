@@ -10,6 +10,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "fleecefs/inject.h"
 #include "fleecefs/snapstore.h"
 #include "fleecefs/target.h"
 #include "fleecefs/util.h"
@@ -271,6 +272,7 @@ int snapstore_open(struct snapstore *s, struct image *image, const char *store_p
 		rc = set_error(err, errlen, -rc, "out of memory");
 		goto fail;
 	}
+	s->bc.write_inject_point = INJECT_STORE_WRITE;
 	if ((rc = image_attach_locked(image, &s->hook))) {
 		blockcopy_destroy(&s->bc);
 		rc = set_error(err, errlen, -rc, "out of memory");

@@ -92,6 +92,9 @@ struct blockcopy {
 	/* Clusters whose data is in the write-behind queue, not yet in the
 	 * target (set and cleared under queue_lock). */
 	struct cbitmap queued;
+	/* Which injection point (inject.h) its target writes are: target-write
+	 * for a backup, store-write for a snapshot or fleecing store. */
+	int write_inject_point;
 	atomic_uint_fast64_t bytes_done;   /* pending bytes resolved, by anyone */
 	atomic_uint_fast64_t cbw_bytes;    /* of which by copy-before-write */
 	atomic_uint_fast64_t bytes_written; /* bytes that reached the target */

@@ -8,7 +8,8 @@
  *
  *   POINT       source-read   a job reading the image (background copy and
  *                             copy-before-write)
- *               target-write  a job writing its target (data or zeroes)
+ *               target-write  a backup writing its target (data or zeroes)
+ *               store-write   a snapshot or fleecing store being written
  *               cbw           a guest write's copy-before-write, before it
  *                             starts (a delay here is a slow copy)
  *   offset=     the rule applies to operations overlapping [START, END)
@@ -34,7 +35,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-enum inject_point { INJECT_SOURCE_READ, INJECT_TARGET_WRITE, INJECT_CBW, INJECT_POINTS };
+enum inject_point { INJECT_SOURCE_READ, INJECT_TARGET_WRITE, INJECT_CBW, INJECT_STORE_WRITE, INJECT_POINTS };
 
 extern atomic_bool inject_active;
 
