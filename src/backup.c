@@ -341,7 +341,7 @@ static enum job_state backup_run(struct job *job)
 		atomic_fetch_sub(&b->image->active_jobs, 1);
 	b->counted_active = false;
 	if (b->snapshot)
-		snapshot_use(b->snapshot, false);
+		snapshot_use(b->snapshot, b->job.id, false);
 	return final;
 }
 
@@ -382,7 +382,7 @@ static void backup_abandon(struct job *job)
 		snapstore_close(&b->fleece, true);
 	b->fleecing = false;
 	if (b->snapshot)
-		snapshot_use(b->snapshot, false);
+		snapshot_use(b->snapshot, b->job.id, false);
 	if (b->counted_active)
 		atomic_fetch_sub(&b->image->active_jobs, 1);
 	b->counted_active = false;
@@ -465,7 +465,7 @@ int backup_prepare(const struct backup_params *p, struct job **out, char *err, s
 	if (p->view) {
 		job_get(p->snapshot);
 		b->snapshot = p->snapshot;
-		snapshot_use(p->snapshot, true);
+		snapshot_use(p->snapshot, b->job.id, true);
 		b->source = &p->view->source;
 		size = p->view->size;
 	} else if (cmd->fleecing) {

@@ -351,7 +351,7 @@ static int copy_claimed_run(struct blockcopy *bc, uint64_t run_first, uint64_t r
 	void *buf = NULL;
 	int rc;
 
-	*e = (struct blockcopy_error){ .offset = run_first << bc->cluster_bits };
+	*e = (struct blockcopy_error){ .offset = run_first << bc->cluster_bits, .copied = e->copied };
 	if (posix_memalign(&buf, 4096, (size_t)((bytes + 4095) & ~4095ull))) {
 		inflight_release(&bc->inflight, &bc->pending, run_first, run_count, false);
 		if (reserved)
@@ -397,10 +397,12 @@ int blockcopy_before_write(struct blockcopy *bc, uint64_t off, uint64_t len, uin
 				    &run_first, &run_count);
 		if (rc <= 0)
 			break;
-		uint64_t bytes = run_bytes(bc, run_first, run_count);
+		uint64_t bytes = run_bytes(bc, run_first, run_count), copied = e->copied;
 		rc = copy_claimed_run(bc, run_first, run_count, 0, &read_bytes, e);
+		e->copied = copied;
 		if (rc)
 			return rc;
+		e->copied += bytes;
 		atomic_fetch_add(&bc->bytes_done, bytes);
 		atomic_fetch_add(&bc->cbw_bytes, bytes);
 		first = run_first + run_count;
@@ -440,6 +442,23 @@ int64_t blockcopy_copy_next(struct blockcopy *bc, uint64_t *cursor, uint64_t max
 	return (int64_t)bytes;
 }
 
+/* Clusters that are zeroes at T without being read: their manifest lines. */
+static void set_zero_hashes(struct blockcopy *bc, uint64_t first, uint64_t count)
+{
+	static const char zeroes[65536];
+	void *big = NULL;
+	const void *zero = zeroes;
+
+	if (!bc->manifest)
+		return;
+	if (bc->cluster_size > sizeof(zeroes) && !(zero = big = calloc(1, bc->cluster_size)))
+		return;
+	for (uint64_t c = first; c < first + count; c++)
+		manifest_set(bc->manifest, c, zero,
+			     (size_t)min_u64(bc->cluster_size, bc->size - (c << bc->cluster_bits)));
+	free(big);
+}
+
 uint64_t blockcopy_only_data(struct blockcopy *bc)
 {
 	uint64_t cs = bc->cluster_size, pos = 0;
@@ -453,8 +472,10 @@ uint64_t blockcopy_only_data(struct blockcopy *bc)
 		uint64_t hole_end = data < 0 ? bc->size : min_u64((uint64_t)data, bc->size);
 		uint64_t first = div_round_up((uint64_t)hole, cs);
 		uint64_t end = hole_end == bc->size ? bc->nclusters : hole_end / cs;
-		if (end > first)
+		if (end > first) {
 			cbitmap_clear_range(&bc->pending, first, end - first);
+			set_zero_hashes(bc, first, end - first);
+		}
 		pos = hole_end;
 	}
 	uint64_t total = 0;

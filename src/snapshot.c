@@ -2,6 +2,7 @@
 #include "config.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <inttypes.h>
 #include <limits.h>
 #include <stdio.h>
@@ -38,6 +39,8 @@ struct snapshot {
 	uint64_t max_store;
 	atomic_uint_fast64_t store_used;
 	atomic_uint users;              /* backups reading a view */
+	pthread_mutex_t users_lock;
+	char last_user[FLEECE_NAME_MAX + 1]; /* one of them, for messages; users_lock */
 	atomic_bool released;
 	char error[200];
 };
@@ -147,13 +150,17 @@ struct snapstore *snapshot_member_by_path(struct job *job, const char *path)
 	return NULL;
 }
 
-void snapshot_use(struct job *job, bool start)
+void snapshot_use(struct job *job, const char *user, bool start)
 {
 	struct snapshot *s = to_snapshot(job);
-	if (start)
+	pthread_mutex_lock(&s->users_lock);
+	if (start) {
 		atomic_fetch_add(&s->users, 1);
-	else
+		snprintf(s->last_user, sizeof(s->last_user), "%s", user);
+	} else {
 		atomic_fetch_sub(&s->users, 1);
+	}
+	pthread_mutex_unlock(&s->users_lock);
 }
 
 /* ---- life cycle --------------------------------------------------------- */
@@ -195,10 +202,11 @@ static void snapshot_progress(struct job *job, struct job_progress *out)
 	struct snapshot *s = to_snapshot(job);
 	uint64_t total = 0, saved = 0;
 
+	/* The counters stay readable after a store is closed (a failed
+	 * snapshot still tells how far it got). */
 	for (unsigned i = 0; i < s->nmembers; i++) {
 		total += s->members[i].store.size;
-		if (s->members[i].open)
-			saved += atomic_load(&s->members[i].store.bc.cbw_bytes);
+		saved += atomic_load(&s->members[i].store.bc.cbw_bytes);
 	}
 	out->bytes_total = total;
 	out->bytes_done = saved;
@@ -233,6 +241,7 @@ static void snapshot_free(struct job *job)
 	free(s->members);
 	free(s->dirs);
 	free(s->dir_path);
+	pthread_mutex_destroy(&s->users_lock);
 	free(s);
 }
 
@@ -248,12 +257,17 @@ static const struct job_driver snapshot_driver = {
 int snapshot_check_release(struct job *job, char *err, size_t errlen)
 {
 	struct snapshot *s = to_snapshot(job);
-	unsigned users = atomic_load(&s->users);
+	int rc = 0;
 
-	if (users)
-		return set_error(err, errlen, EBUSY, "release %s: %u backup%s still read%s its views", job->id, users,
-				 users == 1 ? "" : "s", users == 1 ? "s" : "");
-	return 0;
+	pthread_mutex_lock(&s->users_lock);
+	unsigned users = atomic_load(&s->users);
+	if (users == 1)
+		rc = set_error(err, errlen, EBUSY, "release %s: backup %s still reads its views", job->id, s->last_user);
+	else if (users)
+		rc = set_error(err, errlen, EBUSY, "release %s: %u backups (%s, ...) still read its views", job->id, users,
+			       s->last_user);
+	pthread_mutex_unlock(&s->users_lock);
+	return rc;
 }
 
 int snapshot_release(struct job *job, char *err, size_t errlen)
@@ -286,6 +300,7 @@ int snapshot_prepare(const struct snapshot_params *p, struct job **out, char *er
 	atomic_init(&s->store_used, 0);
 	atomic_init(&s->users, 0);
 	atomic_init(&s->released, false);
+	pthread_mutex_init(&s->users_lock, NULL);
 	s->members = calloc(cmd->nimages, sizeof(*s->members));
 	s->dirs = calloc(1, sizeof(*s->dirs));
 	if (!s->members || !s->dirs || !(s->dirs[0].name = strdup(""))) {

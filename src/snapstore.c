@@ -52,14 +52,20 @@ static int snapstore_before_write(struct image_hook *hook, uint64_t off, uint64_
 	struct blockcopy_error e;
 	char reason[160];
 
+	/* A write at or past the end of T's image leaves T's bytes alone but
+	 * may allocate the block that holds T's end: the last cluster is saved
+	 * so that the view's holes stay those of T. */
+	if (off >= s->size && s->size) {
+		off = s->size - 1;
+		len = 1;
+	}
 	if (!blockcopy_needs_copy(&s->bc, off, len) || atomic_load(&s->broken))
 		return 0;
-	uint64_t before = atomic_load(&s->bc.cbw_bytes), start = clock_monotonic_ns();
+	uint64_t start = clock_monotonic_ns();
 	int rc = blockcopy_before_write(&s->bc, off, len, 0, &e);
 	if (s->cbw_wait)
 		latency_record(s->cbw_wait, (clock_monotonic_ns() - start) / 1000);
-	uint64_t used = atomic_fetch_add(s->store_used, atomic_load(&s->bc.cbw_bytes) - before) +
-			atomic_load(&s->bc.cbw_bytes) - before;
+	uint64_t used = atomic_fetch_add(s->store_used, e.copied) + e.copied;
 	if (rc) {
 		/* The guest write goes on; the frozen image is lost. */
 		snprintf(reason, sizeof(reason), "copy-before-write at offset %" PRIu64 " failed %s: %s", e.offset,

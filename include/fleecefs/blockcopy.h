@@ -70,6 +70,7 @@ struct blockcopy_error {
 	bool target;        /* writing the target (else reading the source) */
 	bool injected;      /* an injected copy-before-write error (inject.h) */
 	uint64_t offset;
+	uint64_t copied;    /* bytes this call copied (also on success) */
 };
 
 struct blockcopy_ops {
@@ -145,7 +146,8 @@ static inline bool blockcopy_needs_copy(const struct blockcopy *bc, uint64_t off
 }
 
 /* Returns once the content at T of every cluster overlapping [off, off + len)
- * is safe: 0, or the copy's -errno (details in *e). With timeout_ns (0 =
+ * is safe: 0, or the copy's -errno (details in *e; e->copied says how much
+ * this call copied, whatever others copied meanwhile). With timeout_ns (0 =
  * none), a copy that took longer, waits included, fails with -ETIMEDOUT
  * (what it copied stays copied). */
 int blockcopy_before_write(struct blockcopy *bc, uint64_t off, uint64_t len, uint64_t timeout_ns,

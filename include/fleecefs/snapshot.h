@@ -52,7 +52,7 @@ bool snapshot_has_dir(struct job *job, unsigned dir);
 struct snapstore *snapshot_member(struct job *job, unsigned index);  /* NULL if none */
 /* The member named by an image path (for `backup .fleece/snapshots/...`). */
 struct snapstore *snapshot_member_by_path(struct job *job, const char *path);
-/* A backup starts or stops reading one of the views. */
-void snapshot_use(struct job *job, bool start);
+/* A backup (named `user`) starts or stops reading one of the views. */
+void snapshot_use(struct job *job, const char *user, bool start);
 
 #endif
