@@ -116,7 +116,7 @@ same_range() { cmp -s -n "$4" -i "$3:$3" "$1" "$2"; }
 # Where the guest writes, all far from where the parked background copy is.
 WS_OFF=$((8 * M + 512)) WS_LEN=4096    # the write that meets a copy-before-write fault
 CBW_RULE_RANGE="offset=$((8 * M))-$((8 * M + C))"
-WAIT_RULE_RANGE="offset=$((4 * M))-$((5 * M))"
+WAIT_RULE_RANGE="offset=$((4 * M))-$((4 * M + 1))"   # only the run that holds the cluster the guest writes
 
 # meet_cbw_fault ID OUTCOME POINT OFF CLUSTER: the guest write at OFF (in
 # CLUSTER) meets the copy-before-write fault: EIO and the image unchanged,
