@@ -9,6 +9,7 @@
 #include <sys/stat.h>
 
 #include "fleecefs/backup.h"
+#include "fleecefs/bitmap.h"
 #include "fleecefs/blockcopy.h"
 #include "fleecefs/control.h"
 #include "fleecefs/image.h"
@@ -47,6 +48,10 @@ struct backup {
 	struct job *snapshot;           /* reading one of its views; referenced */
 	struct snapstore fleece;        /* fleecing=on: the frozen image */
 	bool fleecing;
+	bool in_place;                  /* raw incremental onto an earlier full */
+	struct dirty_bitmap *bitmap;    /* bitmap=NAME, busy while we run */
+	char bitmap_name[FLEECE_NAME_MAX + 1];
+	enum bitmap_mode bitmap_mode;
 	uint64_t bytes_total;
 	struct blockcopy bc;
 	bool bc_ready;
@@ -331,9 +336,19 @@ static enum job_state backup_run(struct job *job)
 			image_detach(b->image, &b->hook);
 		b->attached = false;
 		blockcopy_stop_writers(&b->bc);
-		target_abort(b->target);
-		if (b->manifest)
+		target_abort(b->target);    /* an updated full backup stays */
+		if (b->manifest && b->in_place)
+			manifest_finish(b->manifest);  /* true to what it holds now */
+		else if (b->manifest)
 			manifest_abort(b->manifest);
+	}
+	if (b->bitmap) {
+		bitmap_job_end(b->image, b->bitmap, b->bitmap_mode, final == JOB_COMPLETED, &b->bc.pending,
+			       b->bc.cluster_bits);
+		if (final == JOB_COMPLETED)
+			bitmap_chain_record(b->image, b->bitmap, b->target_path, ctl_format_name(b->format),
+					    ctl_sync_name(b->sync), job->started_ns, job->id);
+		b->bitmap = NULL;
 	}
 	if (b->fleecing)
 		snapstore_close(&b->fleece, false);   /* keeps its counters readable */
@@ -363,6 +378,10 @@ static void backup_status(struct job *job, struct strbuf *out)
 		      b->image_path, b->target_path, ctl_sync_name(b->sync), ctl_format_name(b->format),
 		      b->checksum ? "xxh3" : "none", b->bc.cluster_size);
 	strbuf_printf(out, "fleecing=%s\n", b->fleecing ? "on" : "off");
+	if (b->bitmap_name[0])
+		strbuf_printf(out, "bitmap=%s\nbitmap_mode=%s\n", b->bitmap_name,
+			      b->bitmap_mode == BITMAP_MODE_ALWAYS ? "always" :
+			      b->bitmap_mode == BITMAP_MODE_NEVER ? "never" : "on-success");
 	if (b->fleecing)
 		strbuf_printf(out, "store_bytes=%" PRIu64 "\n", (uint64_t)atomic_load(b->fleece.store_used));
 	strbuf_printf(out, "on_source_error=%s\non_target_error=%s\non_cbw_error=%s\ncbw_timeout=%" PRIu64 "\n",
@@ -388,8 +407,13 @@ static void backup_abandon(struct job *job)
 	b->counted_active = false;
 	if (b->target)
 		target_abort(b->target);
-	if (b->manifest)
+	if (b->manifest && b->in_place)
+		manifest_finish(b->manifest);
+	else if (b->manifest)
 		manifest_abort(b->manifest);
+	if (b->bitmap)
+		bitmap_job_end(b->image, b->bitmap, b->bitmap_mode, false, NULL, 0);
+	b->bitmap = NULL;
 }
 
 static void backup_free(struct job *job)
@@ -492,10 +516,23 @@ int backup_prepare(const struct backup_params *p, struct job **out, char *err, s
 		b->source = &p->image->source;
 		size = (uint64_t)now;
 	}
-	if ((rc = target_raw_create(cmd->target, size, &b->target, err, errlen)))
+	b->in_place = cmd->sync == SYNC_INCREMENTAL;
+	if (b->in_place ? (rc = target_raw_open_existing(cmd->target, size, &b->target, err, errlen))
+			: (rc = target_raw_create(cmd->target, size, &b->target, err, errlen)))
 		goto fail;
-	if (cmd->checksum && (rc = manifest_create(cmd->target, size, p->cluster_size, &b->manifest, err, errlen)))
+	if (cmd->checksum &&
+	    (rc = b->in_place ? manifest_update(cmd->target, size, p->cluster_size, &b->manifest, err, errlen)
+			      : manifest_create(cmd->target, size, p->cluster_size, &b->manifest, err, errlen)))
 		goto fail;
+	if (cmd->bitmap) {
+		char msg[300];
+		b->bitmap_mode = cmd->bitmap_mode;
+		snprintf(b->bitmap_name, sizeof(b->bitmap_name), "%s", cmd->bitmap);
+		if ((rc = bitmap_job_begin(p->image, cmd->bitmap, b->job.id, &b->bitmap, msg, sizeof(msg)))) {
+			set_error(err, errlen, -rc, "backup %s: %s", cmd->image, msg);
+			goto fail;
+		}
+	}
 	if ((rc = blockcopy_init(&b->bc, b->source, b->target, b->manifest, size, p->cluster_size, &backup_copy_ops,
 				 b))) {
 		rc = set_error(err, errlen, -rc, "backup %s: out of memory for %" PRIu64 " clusters", cmd->image,
@@ -503,7 +540,12 @@ int backup_prepare(const struct backup_params *p, struct job **out, char *err, s
 		goto fail;
 	}
 	b->bc_ready = true;
-	b->bytes_total = cmd->sync == SYNC_TOP ? blockcopy_only_data(&b->bc) : size;
+	if (cmd->sync == SYNC_INCREMENTAL)
+		b->bytes_total = blockcopy_restrict(&b->bc, &b->bitmap->frozen, b->bitmap->gran_bits);
+	else if (cmd->sync == SYNC_TOP)
+		b->bytes_total = blockcopy_only_data(&b->bc);
+	else
+		b->bytes_total = size;
 	if (!p->view && !cmd->fleecing) {
 		if ((rc = image_attach_locked(p->image, &b->hook))) {
 			rc = set_error(err, errlen, -rc, "backup %s: out of memory", cmd->image);

@@ -483,3 +483,16 @@ uint64_t blockcopy_only_data(struct blockcopy *bc)
 		total += min_u64(cs, bc->size - (c << bc->cluster_bits));
 	return total;
 }
+
+uint64_t blockcopy_restrict(struct blockcopy *bc, const struct cbitmap *granules, unsigned gran_bits)
+{
+	unsigned shift = gran_bits - bc->cluster_bits;
+	uint64_t total = 0;
+
+	cbitmap_fill(&bc->pending, false);
+	for (uint64_t g = cbitmap_next_set(granules, 0); g < granules->nbits; g = cbitmap_next_set(granules, g + 1))
+		cbitmap_set_range(&bc->pending, g << shift, 1ull << shift);
+	for (uint64_t c = cbitmap_next_set(&bc->pending, 0); c < bc->nclusters; c = cbitmap_next_set(&bc->pending, c + 1))
+		total += min_u64(bc->cluster_size, bc->size - (c << bc->cluster_bits));
+	return total;
+}

@@ -144,3 +144,43 @@ uint64_t cbitmap_count(const struct cbitmap *bm)
 		total += (uint64_t)__builtin_popcountll(atomic_load_explicit(&bm->words[w], memory_order_relaxed));
 	return total;
 }
+
+void cbitmap_mark_range(struct cbitmap *bm, uint64_t first, uint64_t count)
+{
+	uint64_t end = first + count;
+
+	if (end > bm->nbits)
+		end = bm->nbits;
+	while (first < end) {
+		uint64_t w = first / 64;
+		unsigned lo = (unsigned)(first % 64);
+		unsigned hi = (end - w * 64) >= 64 ? 64 : (unsigned)(end - w * 64);
+		uint64_t mask = word_mask(lo, hi);
+		if ((atomic_load_explicit(&bm->words[w], memory_order_relaxed) & mask) != mask)
+			atomic_fetch_or_explicit(&bm->words[w], mask, memory_order_acq_rel);
+		first = (w + 1) * 64;
+	}
+}
+
+void cbitmap_or(struct cbitmap *dst, const struct cbitmap *src)
+{
+	uint64_t n = word_count(dst->nbits < src->nbits ? dst->nbits : src->nbits);
+	for (uint64_t w = 0; w < n; w++) {
+		uint64_t v = atomic_load_explicit(&src->words[w], memory_order_acquire);
+		if (v)
+			atomic_fetch_or_explicit(&dst->words[w], v, memory_order_acq_rel);
+	}
+}
+
+void cbitmap_copy(struct cbitmap *dst, const struct cbitmap *src)
+{
+	uint64_t n = word_count(dst->nbits < src->nbits ? dst->nbits : src->nbits);
+	for (uint64_t w = 0; w < n; w++)
+		atomic_store_explicit(&dst->words[w], atomic_load_explicit(&src->words[w], memory_order_acquire),
+				      memory_order_release);
+}
+
+uint64_t cbitmap_words(const struct cbitmap *bm)
+{
+	return word_count(bm->nbits);
+}

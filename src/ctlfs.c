@@ -4,6 +4,8 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <limits.h>
+#include <stdio.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdlib.h>
@@ -11,6 +13,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "fleecefs/bitmap.h"
 #include "fleecefs/ctlfs.h"
 #include "fleecefs/events.h"
 #include "fleecefs/inject.h"
@@ -22,7 +25,7 @@
 
 enum ctl_kind {
 	K_DIR = 1, K_CTL, K_VERSION, K_EVENTS, K_JOBS, K_SNAPSHOTS, K_BITMAPS, K_JOB_DIR, K_JOB_STATUS, K_INJECT,
-	K_SNAP_DIR, K_VIEW,
+	K_SNAP_DIR, K_VIEW, K_BMAP_DIR, K_BMAP,
 };
 
 /* flag | index (23 bits) | job serial (32 bits) | kind (8 bits) */
@@ -98,7 +101,8 @@ static struct ctl_file *readers;
 
 static bool is_dir_kind(enum ctl_kind k)
 {
-	return k == K_DIR || k == K_JOBS || k == K_SNAPSHOTS || k == K_BITMAPS || k == K_JOB_DIR || k == K_SNAP_DIR;
+	return k == K_DIR || k == K_JOBS || k == K_SNAPSHOTS || k == K_BITMAPS || k == K_JOB_DIR || k == K_SNAP_DIR ||
+	       k == K_BMAP_DIR;
 }
 
 static mode_t mode_of(enum ctl_kind k)
@@ -106,9 +110,103 @@ static mode_t mode_of(enum ctl_kind k)
 	switch (k) {
 	case K_DIR: return S_IFDIR | 0700;
 	case K_CTL: case K_INJECT: return S_IFREG | 0600;
-	case K_JOBS: case K_SNAPSHOTS: case K_BITMAPS: case K_JOB_DIR: case K_SNAP_DIR: return S_IFDIR | 0500;
+	case K_JOBS: case K_SNAPSHOTS: case K_BITMAPS: case K_JOB_DIR: case K_SNAP_DIR: case K_BMAP_DIR:
+		return S_IFDIR | 0500;
 	default: return S_IFREG | 0400;
 	}
+}
+
+/* ---- the bitmaps tree: .fleece/bitmaps/IMAGE/NAME -------------------------
+ * Directories are the prefixes of the image paths (the image itself is a
+ * directory holding its bitmaps); their paths are interned for inode numbers
+ * (few, never freed). */
+
+static pthread_mutex_t dirs_lock = PTHREAD_MUTEX_INITIALIZER;
+static char **bmap_dirs;          /* index 0: the root, "" */
+static unsigned nbmap_dirs;
+
+static unsigned intern_dir(const char *path)
+{
+	pthread_mutex_lock(&dirs_lock);
+	for (unsigned i = 0; i < nbmap_dirs; i++) {
+		if (strcmp(bmap_dirs[i], path) == 0) {
+			pthread_mutex_unlock(&dirs_lock);
+			return i;
+		}
+	}
+	char **grown = realloc(bmap_dirs, (nbmap_dirs + 1) * sizeof(*grown));
+	char *copy = strdup(path);
+	unsigned index = 0;
+	if (grown && copy) {
+		bmap_dirs = grown;
+		bmap_dirs[nbmap_dirs] = copy;
+		index = nbmap_dirs++;
+	} else {
+		free(copy);
+		if (grown)
+			bmap_dirs = grown;
+	}
+	pthread_mutex_unlock(&dirs_lock);
+	return index;
+}
+
+static bool dir_path(unsigned index, char *out, size_t len)
+{
+	pthread_mutex_lock(&dirs_lock);
+	bool ok = index < nbmap_dirs;
+	if (ok)
+		snprintf(out, len, "%s", bmap_dirs[index]);
+	pthread_mutex_unlock(&dirs_lock);
+	return ok;
+}
+
+/* What is at `path` under .fleece/bitmaps: a directory, a bitmap (its
+ * serial), or nothing. With a listing callback, the children of `path`. */
+struct bmap_walk {
+	const char *path;           /* "" for the root */
+	bool is_dir;
+	uint64_t serial;
+	void (*child)(void *arg, const char *name, bool is_dir, uint64_t serial, const char *full);
+	void *arg;
+	char seen[64][FLEECE_NAME_MAX + 1];
+	unsigned nseen;
+};
+
+static void bmap_visit(void *arg, const char *image_path, struct dirty_bitmap *bm)
+{
+	struct bmap_walk *w = arg;
+	char full[PATH_MAX + FLEECE_NAME_MAX + 2];
+	size_t plen = strlen(w->path);
+
+	if (snprintf(full, sizeof(full), "%s/%s", image_path, bm->name) >= (int)sizeof(full))
+		return;
+	if (!w->child) {
+		if (strcmp(full, w->path) == 0)
+			w->serial = bm->serial;
+		else if (plen && strncmp(full, w->path, plen) == 0 && full[plen] == '/')
+			w->is_dir = true;
+		return;
+	}
+	const char *rest = full;
+	if (plen) {
+		if (strncmp(full, w->path, plen) != 0 || full[plen] != '/')
+			return;
+		rest = full + plen + 1;
+	}
+	const char *slash = strchr(rest, '/');
+	char name[FLEECE_NAME_MAX + 1];
+	size_t n = slash ? (size_t)(slash - rest) : strlen(rest);
+	if (n > FLEECE_NAME_MAX && slash)
+		n = FLEECE_NAME_MAX; /* a long directory name is shown cut, never mistaken */
+	snprintf(name, sizeof(name), "%.*s", (int)n, rest);
+	for (unsigned i = 0; i < w->nseen; i++)
+		if (strcmp(w->seen[i], name) == 0)
+			return;
+	if (w->nseen < 64)
+		snprintf(w->seen[w->nseen++], sizeof(w->seen[0]), "%s", name);
+	char sub[PATH_MAX + FLEECE_NAME_MAX + 2];
+	snprintf(sub, sizeof(sub), "%.*s", (int)(rest - full + n), full);
+	w->child(w->arg, name, slash != NULL, slash ? 0 : bm->serial, sub);
 }
 
 /* Fills attributes; -ENOENT when the node is a job that is gone. */
@@ -120,8 +218,24 @@ static int fill_attr(fuse_ino_t ino, struct stat *st)
 	struct snapstore *view = NULL;
 	struct stat at_t;
 
-	if (k < K_DIR || k > K_VIEW)
+	if (k < K_DIR || k > K_BMAP)
 		return -ENOENT;
+	if (k == K_BMAP_DIR) {
+		char path[PATH_MAX];
+		struct bmap_walk w = { .path = path };
+		if (!dir_path(index_of(ino), path, sizeof(path)))
+			return -ENOENT;
+		bitmaps_for_each(bmap_visit, &w);
+		if (!w.is_dir)
+			return -ENOENT;
+	}
+	if (k == K_BMAP) {
+		struct strbuf sb = { 0 };
+		int rc = bitmap_status(serial_of(ino), &sb);
+		strbuf_free(&sb);
+		if (rc)
+			return rc;
+	}
 	if (k == K_JOB_DIR || k == K_JOB_STATUS || k == K_SNAP_DIR || k == K_VIEW) {
 		struct job *job = job_find_by_serial(serial_of(ino));
 		if (!job)
@@ -212,6 +326,22 @@ void ctlfs_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
 		if (strcmp(name, "status") == 0)
 			return reply_entry(req, INO(K_JOB_STATUS, serial_of(parent)));
 		break;
+	case K_BITMAPS:
+	case K_BMAP_DIR: {
+		char path[PATH_MAX], full[PATH_MAX + FLEECE_NAME_MAX + 2];
+		if (kind_of(parent) == K_BITMAPS)
+			path[0] = '\0';
+		else if (!dir_path(index_of(parent), path, sizeof(path)))
+			break;
+		snprintf(full, sizeof(full), "%s%s%s", path, path[0] ? "/" : "", name);
+		struct bmap_walk w = { .path = full };
+		bitmaps_for_each(bmap_visit, &w);
+		if (w.serial)
+			return reply_entry(req, INO(K_BMAP, w.serial));
+		if (w.is_dir)
+			return reply_entry(req, INO2(K_BMAP_DIR, 0, intern_dir(full)));
+		break;
+	}
 	case K_SNAPSHOTS: {
 		struct job *job = job_find(name);
 		if (!job)
@@ -268,7 +398,7 @@ static char *version_text(void)
 {
 	struct strbuf sb = { 0 };
 	strbuf_printf(&sb, "version=%s\nfeatures=backup sync-full sync-top sync-none format-raw checksum-xxh3 events pause "
-			   "error-policies groups inject snapshot fleecing\n"
+			   "error-policies groups inject snapshot fleecing bitmaps sync-incremental\n"
 			   "cluster_size=%" PRIu32 "\n", PACKAGE_VERSION, daemon_ctx->cluster_size);
 	return strbuf_steal(&sb);
 }
@@ -316,6 +446,12 @@ void ctlfs_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 			fuse_reply_err(req, ENOENT);
 			return;
 		}
+	} else if (k == K_BMAP) {
+		struct strbuf sb = { 0 };
+		if (bitmap_status(serial_of(ino), &sb) == 0)
+			f->text = strbuf_steal(&sb);
+		else
+			strbuf_free(&sb);
 	} else if (k == K_VERSION) {
 		f->text = version_text();
 	} else if (k == K_INJECT) {
@@ -638,6 +774,11 @@ static void add_job_entry(struct job *job, void *arg)
 	listing_add(arg, job->id, INO(K_JOB_DIR, job->serial));
 }
 
+static void add_bmap_entry(void *arg, const char *name, bool is_dir, uint64_t serial, const char *full)
+{
+	listing_add(arg, name, is_dir ? INO2(K_BMAP_DIR, 0, intern_dir(full)) : INO(K_BMAP, serial));
+}
+
 static void add_snapshot_entry(struct job *job, void *arg)
 {
 	if (job_is_snapshot(job))
@@ -686,6 +827,13 @@ void ctlfs_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 		listing_add(l, "status", INO(K_JOB_STATUS, serial_of(ino)));
 	else if (k == K_SNAPSHOTS)
 		job_for_each(add_snapshot_entry, l);
+	else if (k == K_BITMAPS || k == K_BMAP_DIR) {
+		char path[PATH_MAX] = "";
+		if (k == K_BITMAPS || dir_path(index_of(ino), path, sizeof(path))) {
+			struct bmap_walk w = { .path = path, .child = add_bmap_entry, .arg = l };
+			bitmaps_for_each(bmap_visit, &w);
+		}
+	}
 	else if (k == K_SNAP_DIR) {
 		struct job *job = job_find_by_serial(serial_of(ino));
 		if (job) {

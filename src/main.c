@@ -16,6 +16,7 @@
 #define FUSE_USE_VERSION 312
 #include <fuse_lowlevel.h>
 
+#include "fleecefs/bitmap.h"
 #include "fleecefs/ctlfs.h"
 #include "fleecefs/daemon.h"
 #include "fleecefs/fs.h"
@@ -396,6 +397,10 @@ int main(int argc, char *argv[])
 		goto out;
 	}
 	ctlfs_init(&d);
+	if (bitmaps_start(d.state_dir, d.source_fd, d.source_dir, d.cluster_size) < 0) {
+		rc = die("state_dir %s: cannot load the dirty bitmaps: %s", d.state_dir, strerror(errno));
+		goto out;
+	}
 	if (fuse_set_signal_handlers(se) != 0) {
 		rc = die("cannot install signal handlers");
 		goto out;
@@ -435,6 +440,8 @@ int main(int argc, char *argv[])
 	 * the guests wrote is made durable. */
 	log_info("stopping: cancelling jobs");
 	job_cancel_all_and_wait();
+	/* After the jobs: they hand their bitmaps back first. */
+	bitmaps_stop();
 	ctlfs_shutdown();
 	int sync_fd = open(d.source_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 	if (sync_fd < 0 || syncfs(sync_fd) < 0)

@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -85,4 +86,53 @@ void manifest_free(struct manifest *m)
 	free(m->hashes);
 	free(m->path);
 	free(m);
+}
+
+int manifest_update(const char *target_path, uint64_t size, uint32_t cluster_size, struct manifest **out, char *err,
+		    size_t errlen)
+{
+	char path[4200], line[128];
+	uint64_t n = 0, fsize = 0, fcs = 0;
+	int rc;
+
+	snprintf(path, sizeof(path), "%s.xxh3", target_path);
+	FILE *f = fopen(path, "re");
+	if (!f)
+		return set_error(err, errlen, errno == ENOENT ? EINVAL : errno,
+				 "manifest %s: %s (an incremental with checksum=xxh3 updates the full backup's manifest; "
+				 "use checksum=none, or take a new full backup)", path, strerror(errno));
+	uint64_t *old = NULL;
+	bool ok = fgets(line, sizeof(line), f) && !strcmp(line, "fleecefs-manifest 1\n");
+	while (ok && fgets(line, sizeof(line), f) && strchr(line, '=')) {
+		if (!strncmp(line, "size=", 5))
+			fsize = strtoull(line + 5, NULL, 10);
+		else if (!strncmp(line, "cluster_size=", 13))
+			fcs = strtoull(line + 13, NULL, 10);
+		else if (!strncmp(line, "clusters=", 9)) {
+			n = strtoull(line + 9, NULL, 10);
+			break;
+		}
+	}
+	ok = ok && fsize == size && fcs == cluster_size && n == div_round_up(size, cluster_size) &&
+	     (old = calloc(n ? n : 1, sizeof(*old)));
+	for (uint64_t c = 0; ok && c < n; c++)
+		ok = fgets(line, sizeof(line), f) && sscanf(line, "%" SCNx64, &old[c]) == 1;
+	fclose(f);
+	if (!ok) {
+		free(old);
+		return set_error(err, errlen, EINVAL, "manifest %s: does not describe this image with cluster_size=%" PRIu32,
+				 path, cluster_size);
+	}
+	/* The old file goes now: it never describes a half-updated target. */
+	if (unlink(path) < 0) {
+		free(old);
+		return set_error(err, errlen, errno, "manifest %s: %s", path, strerror(errno));
+	}
+	if ((rc = manifest_create(target_path, size, cluster_size, out, err, errlen))) {
+		free(old);
+		return rc;
+	}
+	memcpy((*out)->hashes, old, n * sizeof(*old));
+	free(old);
+	return 0;
 }

@@ -12,6 +12,7 @@
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "fleecefs/target.h"
@@ -20,6 +21,7 @@
 struct raw_target {
 	struct target base;
 	int fd;
+	bool created;    /* by us: abort removes it */
 };
 
 static struct raw_target *raw(struct target *t) { return (struct raw_target *)t; }
@@ -92,7 +94,8 @@ static void raw_abort(struct target *t)
 	if (r->fd >= 0)
 		close(r->fd);
 	r->fd = -1;
-	unlink(t->path);
+	if (r->created)
+		unlink(t->path);
 }
 
 static void raw_free(struct target *t)
@@ -126,6 +129,7 @@ int target_raw_create(const char *path, uint64_t size, struct target **out, char
 	r->base.ops = &raw_ops;
 	r->base.size = size;
 	r->base.fresh = 1;
+	r->created = true;
 	/* Backups hold whole disks: readable by the owner only. */
 	r->fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
 	if (r->fd < 0) {
@@ -140,6 +144,33 @@ int target_raw_create(const char *path, uint64_t size, struct target **out, char
 		raw_free(&r->base);
 		return set_error(err, errlen, e, "target %s: cannot size to %llu bytes: %s", path,
 				 (unsigned long long)size, strerror(e));
+	}
+	*out = &r->base;
+	return 0;
+}
+
+int target_raw_open_existing(const char *path, uint64_t size, struct target **out, char *err, size_t errlen)
+{
+	struct raw_target *r = calloc(1, sizeof(*r));
+	struct stat st;
+
+	if (!r || !(r->base.path = strdup(path))) {
+		free(r);
+		return set_error(err, errlen, ENOMEM, "target %s: out of memory", path);
+	}
+	r->base.ops = &raw_ops;
+	r->base.size = size;
+	r->fd = open(path, O_WRONLY | O_NOFOLLOW | O_CLOEXEC);
+	int e = r->fd < 0 ? errno : fstat(r->fd, &st) < 0 ? errno : 0;
+	if (!e && !S_ISREG(st.st_mode))
+		e = EINVAL;
+	if (e || (uint64_t)st.st_size != size) {
+		int rc = e ? set_error(err, errlen, e, "target %s: cannot update it: %s", path, strerror(e))
+			   : set_error(err, errlen, EINVAL,
+				       "target %s: is %llu bytes, the image %llu: not a full backup of this image", path,
+				       (unsigned long long)st.st_size, (unsigned long long)size);
+		raw_free(&r->base);
+		return rc;
 	}
 	*out = &r->base;
 	return 0;

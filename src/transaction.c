@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "fleecefs/backup.h"
+#include "fleecefs/bitmap.h"
 #include "fleecefs/control.h"
 #include "fleecefs/daemon.h"
 #include "fleecefs/image.h"
@@ -33,6 +34,7 @@ struct resolved {
 	struct job *job;          /* job verbs, backup of a view: referenced */
 	struct snapstore *view;   /* backup of a view */
 	struct job *prepared;     /* backup, snapshot: after step 3 */
+	bool bitmap_added;        /* bitmap add: done in step 3, undone on abort */
 };
 
 struct txn_state {
@@ -223,6 +225,86 @@ static int resolve_image(struct txn_state *s, unsigned line, const char *path, s
 	return 0;
 }
 
+/* Line j adds bitmap NAME to the image of line i, earlier in this write. */
+static bool added_earlier(struct txn_state *s, unsigned i, const char *name)
+{
+	for (unsigned j = 0; j < i; j++) {
+		const struct ctl_command *o = &s->parsed.cmds[j];
+		if (o->verb == CTL_BITMAP && o->u.bitmap.op == BITMAP_ADD && s->res[j].image == s->res[i].image &&
+		    strcmp(o->u.bitmap.name, name) == 0)
+			return true;
+	}
+	return false;
+}
+
+/* Another line of this write uses the same bitmap (other than to add it). */
+static int bitmap_used_twice(struct txn_state *s, unsigned i, const char *name)
+{
+	const struct ctl_command *c = &s->parsed.cmds[i];
+	for (unsigned j = 0; j < i; j++) {
+		const struct ctl_command *o = &s->parsed.cmds[j];
+		const char *other = o->verb == CTL_BACKUP ? o->u.backup.bitmap :
+				    o->verb == CTL_BITMAP && o->u.bitmap.op != BITMAP_ADD ? o->u.bitmap.name : NULL;
+		if (other && s->res[j].image == s->res[i].image && strcmp(other, name) == 0)
+			return set_error(s->err, sizeof(s->err), EINVAL,
+					 "line %u: bitmap %s is used by line %u of this write already", c->line, name,
+					 o->line);
+	}
+	return 0;
+}
+
+static int check_backup_bitmap(struct txn_state *s, unsigned i)
+{
+	const struct ctl_command *c = &s->parsed.cmds[i];
+	const struct ctl_backup *b = &c->u.backup;
+	char msg[ERR_MAX - 32], chain[PATH_MAX], real[PATH_MAX];
+	int rc;
+
+	if ((rc = bitmap_used_twice(s, i, b->bitmap)))
+		return rc;
+	bool fresh = added_earlier(s, i, b->bitmap);
+	if (!fresh && (rc = bitmap_job_check(s->res[i].image, b->bitmap, b->sync == SYNC_INCREMENTAL, "", msg,
+					     sizeof(msg))))
+		return set_error(s->err, sizeof(s->err), -rc, "line %u: backup %s: %s", c->line, b->image, msg);
+	if (b->sync != SYNC_INCREMENTAL)
+		return 0;
+	if (fresh || bitmap_chain_target(s->res[i].image, b->bitmap, chain, sizeof(chain)))
+		return set_error(s->err, sizeof(s->err), EINVAL,
+				 "line %u: backup: bitmap %s has no full backup yet (start its chain with sync=full "
+				 "bitmap=%s)", c->line, b->bitmap, b->bitmap);
+	if (!realpath(b->target, real) || strcmp(real, chain) != 0)
+		return set_error(s->err, sizeof(s->err), EINVAL,
+				 "line %u: backup: an incremental with bitmap %s updates its last backup %s, not %s",
+				 c->line, b->bitmap, chain, b->target);
+	return 0;
+}
+
+static int check_bitmap(struct txn_state *s, unsigned i)
+{
+	const struct ctl_command *c = &s->parsed.cmds[i];
+	const struct ctl_bitmap *b = &c->u.bitmap;
+	char msg[ERR_MAX - 32];
+	int rc;
+
+	if (strncmp(b->image, VIEW_PREFIX, strlen(VIEW_PREFIX)) == 0)
+		return set_error(s->err, sizeof(s->err), EINVAL,
+				 "line %u: bitmap: bitmaps belong to images, not to snapshot views", c->line);
+	if ((rc = resolve_image(s, c->line, b->image, &s->res[i].image)))
+		return rc;
+	if (b->op != BITMAP_ADD && (rc = bitmap_used_twice(s, i, b->name)))
+		return rc;
+	/* Each line meets the state before this write (plus earlier adds). */
+	if (b->op != BITMAP_ADD && added_earlier(s, i, b->name))
+		return set_error(s->err, sizeof(s->err), EINVAL, "line %u: bitmap %s is added by this write already",
+				 c->line, b->name);
+	if (b->op == BITMAP_ADD && added_earlier(s, i, b->name))
+		return set_error(s->err, sizeof(s->err), EEXIST, "line %u: bitmap add: %s is added twice", c->line,
+				 b->name);
+	if ((rc = bitmap_check(s->res[i].image, b, msg, sizeof(msg))))
+		snprintf(s->err, sizeof(s->err), "line %u: %s", c->line, msg);
+	return rc;
+}
+
 static int check_backup(struct txn_state *s, unsigned i)
 {
 	const struct ctl_command *c = &s->parsed.cmds[i];
@@ -230,12 +312,8 @@ static int check_backup(struct txn_state *s, unsigned i)
 	unsigned line = c->line;
 	int rc;
 
-	if (b->sync == SYNC_INCREMENTAL)
-		return not_yet(line, "backup sync=incremental", s->err, sizeof(s->err));
 	if (b->format != FORMAT_RAW)
 		return not_yet(line, "backup format=qcow2", s->err, sizeof(s->err));
-	if (b->bitmap)
-		return not_yet(line, "backup bitmap=", s->err, sizeof(s->err));
 	if ((rc = check_new_id(s, i)))
 		return rc;
 	for (unsigned j = 0; j < i; j++) {
@@ -244,11 +322,19 @@ static int check_backup(struct txn_state *s, unsigned i)
 			return set_error(s->err, sizeof(s->err), EEXIST,
 					 "line %u: backup: target %s is used twice in this write", line, b->target);
 	}
-	if ((rc = check_target(s->d, line, b->target, s->err, sizeof(s->err))))
+	/* A raw incremental updates the chain's full backup in place. */
+	bool in_place = b->sync == SYNC_INCREMENTAL;
+	if (!in_place && (rc = check_target(s->d, line, b->target, s->err, sizeof(s->err))))
 		return rc;
-	if (strncmp(b->image, VIEW_PREFIX, strlen(VIEW_PREFIX)) == 0)
+	if (strncmp(b->image, VIEW_PREFIX, strlen(VIEW_PREFIX)) == 0) {
+		if (b->bitmap)
+			return set_error(s->err, sizeof(s->err), EINVAL,
+					 "line %u: backup: bitmaps belong to images, not to snapshot views", line);
 		return resolve_view(s, i);
-	return resolve_image(s, line, b->image, &s->res[i].image);
+	}
+	if ((rc = resolve_image(s, line, b->image, &s->res[i].image)))
+		return rc;
+	return b->bitmap ? check_backup_bitmap(s, i) : 0;
 }
 
 static int check_snapshot(struct txn_state *s, unsigned i)
@@ -334,6 +420,9 @@ static int check_all(struct txn_state *s)
 		case CTL_SNAPSHOT:
 			rc = check_snapshot(s, i);
 			break;
+		case CTL_BITMAP:
+			rc = check_bitmap(s, i);
+			break;
 		case CTL_RELEASE:
 			rc = check_release(s, i);
 			break;
@@ -345,7 +434,7 @@ static int check_all(struct txn_state *s)
 		case CTL_SET:
 			rc = check_job_verb(s, i);
 			break;
-		default:
+		default: /* mirror */
 			rc = not_yet(c->line, ctl_verb_name(c->verb), s->err, sizeof(s->err));
 			break;
 		}
@@ -428,6 +517,16 @@ static int prepare_all(struct txn_state *s)
 				return rc;
 			continue;
 		}
+		if (c->verb == CTL_BITMAP && c->u.bitmap.op == BITMAP_ADD) {
+			char msg[ERR_MAX - 32];
+			int rc = bitmap_apply(s->res[i].image, &c->u.bitmap, msg, sizeof(msg));
+			if (rc) {
+				snprintf(s->err, sizeof(s->err), "line %u: %s", c->line, msg);
+				return rc;
+			}
+			s->res[i].bitmap_added = true;
+			continue;
+		}
 		if (c->verb != CTL_BACKUP)
 			continue;
 		struct job_group *group = group_for(s, c->u.backup.group);
@@ -457,6 +556,15 @@ static int prepare_all(struct txn_state *s)
 /* With the gates closed: every new job starts at this one point in time. */
 static void commit_jobs(struct txn_state *s, struct strbuf *answer)
 {
+	char ignored[ERR_MAX];
+
+	/* Bitmap commands other than add cannot fail once checked: they take
+	 * effect at the same point in time as the jobs. */
+	for (unsigned i = 0; i < s->parsed.ncmds; i++) {
+		const struct ctl_command *c = &s->parsed.cmds[i];
+		if (c->verb == CTL_BITMAP && c->u.bitmap.op != BITMAP_ADD)
+			bitmap_apply(s->res[i].image, &c->u.bitmap, ignored, sizeof(ignored));
+	}
 	strbuf_printf(answer, "ok");
 	for (unsigned i = 0; i < s->parsed.ncmds; i++) {
 		if (!s->res[i].prepared)
@@ -495,10 +603,18 @@ static void run_verbs(struct txn_state *s)
  * that never started. */
 static void abandon_prepared(struct txn_state *s)
 {
-	for (unsigned i = 0; i < s->parsed.ncmds; i++) {
+	char ignored[ERR_MAX];
+
+	for (unsigned i = s->parsed.ncmds; i-- > 0;) {
 		if (s->res[i].prepared)
 			job_abandon(s->res[i].prepared);
 		s->res[i].prepared = NULL;
+		if (s->res[i].bitmap_added) {
+			struct ctl_bitmap undo = s->parsed.cmds[i].u.bitmap;
+			undo.op = BITMAP_REMOVE;
+			bitmap_apply(s->res[i].image, &undo, ignored, sizeof(ignored));
+		}
+		s->res[i].bitmap_added = false;
 	}
 }
 

@@ -166,6 +166,10 @@ int64_t blockcopy_copy_next(struct blockcopy *bc, uint64_t *cursor, uint64_t max
  * copy. Call before anything is copied (at T). */
 uint64_t blockcopy_only_data(struct blockcopy *bc);
 
+/* sync=incremental: only the clusters of the granules set in `granules`
+ * (granule = 2^gran_bits bytes, not below the cluster size) stay pending;
+ * returns the bytes to copy. Call at T, before anything is copied. */
+uint64_t blockcopy_restrict(struct blockcopy *bc, const struct cbitmap *granules, unsigned gran_bits);
 /* Clusters still pending (each at most cluster_size bytes). */
 static inline uint64_t blockcopy_pending_clusters(const struct blockcopy *bc)
 {

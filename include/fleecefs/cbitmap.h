@@ -40,5 +40,13 @@ bool cbitmap_any_set(const struct cbitmap *bm, uint64_t first, uint64_t count);
 uint64_t cbitmap_next_set(const struct cbitmap *bm, uint64_t from);
 uint64_t cbitmap_next_clear(const struct cbitmap *bm, uint64_t from);
 uint64_t cbitmap_count(const struct cbitmap *bm);
+/* Sets [first, first + count), looking before writing: words already set
+ * are not written (keeps hot, shared cache lines clean on the write path). */
+void cbitmap_mark_range(struct cbitmap *bm, uint64_t first, uint64_t count);
+/* dst |= src (same size). */
+void cbitmap_or(struct cbitmap *dst, const struct cbitmap *src);
+/* dst = src (same size; not atomic as a whole). */
+void cbitmap_copy(struct cbitmap *dst, const struct cbitmap *src);
+uint64_t cbitmap_words(const struct cbitmap *bm);
 
 #endif

@@ -33,6 +33,11 @@ struct manifest {
 
 int manifest_create(const char *target_path, uint64_t size, uint32_t cluster_size,
 		    struct manifest **out, char *err, size_t errlen);
+/* For an in-place update: reads TARGET.xxh3 (which must describe `size`
+ * bytes in clusters of cluster_size) and replaces it by a new file that is
+ * written on finish with the old checksums of every cluster not set since. */
+int manifest_update(const char *target_path, uint64_t size, uint32_t cluster_size, struct manifest **out, char *err,
+		    size_t errlen);
 void manifest_set(struct manifest *m, uint64_t cluster, const void *data, size_t len);
 int manifest_finish(struct manifest *m);
 void manifest_abort(struct manifest *m);

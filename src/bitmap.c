@@ -1,0 +1,1064 @@
+/* bitmap: see include/fleecefs/bitmap.h */
+#include "config.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "fleecefs/bitmap.h"
+#include "fleecefs/control.h"
+#include "fleecefs/image.h"
+
+#define REGION_BITS 24                  /* 16 MiB write-intent regions */
+#define SAVE_INTERVAL_NS 15000000000ull
+#define BITMAP_MAGIC "FLEECEBM"
+#define BITMAP_VERSION 1u
+
+struct bitmap_set {
+	struct image *image;                /* referenced; NULL if missing */
+	struct image_hook hook;
+	bool attached;
+	pthread_mutex_t lock;
+	struct dirty_bitmap *list;          /* changed with the gate closed */
+	char *dir;                          /* STATE_DIR/bitmaps/DEV-INO */
+	char *path;                         /* the image, relative to SOURCE_DIR */
+	dev_t dev;
+	ino_t ino;
+	/* Write intent: regions written since the save before last (old) and
+	 * since the last one (cur); the file holds old ∪ cur. */
+	struct cbitmap intent_cur, intent_old;
+	int intent_fd;
+	atomic_int epoch;
+	atomic_uint active[2];
+	atomic_bool changed;
+	struct bitmap_set *next;
+};
+
+static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct bitmap_set *sets;
+static uint64_t next_serial = 1;        /* registry_lock */
+static char *state_bitmaps_dir;
+static char *source_root;
+static int source_dir_fd = -1;
+static uint32_t min_granularity;
+
+static pthread_t saver;
+static bool saver_running;
+static pthread_mutex_t saver_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t saver_wake = PTHREAD_COND_INITIALIZER;
+static bool saver_stop;
+
+/* dir/name into out; false (and an empty out) when it does not fit. */
+static bool join(char *out, size_t len, const char *dir, const char *name)
+{
+	if (snprintf(out, len, "%s/%s", dir, name) < (int)len)
+		return true;
+	out[0] = '\0';
+	return false;
+}
+
+static const char *errtext(int e)
+{
+	static __thread char buf[128];
+	return strerror_r(e, buf, sizeof(buf));
+}
+
+/* ---- files --------------------------------------------------------------- */
+
+static int write_file_atomic(const char *dir, const char *name, const void *data, size_t len)
+{
+	char tmp[PATH_MAX], path[PATH_MAX];
+	int fd, rc = 0;
+
+	snprintf(tmp, sizeof(tmp), "%s/.%s.tmp", dir, name);
+	join(path, sizeof(path), dir, name);
+	fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600);
+	if (fd < 0)
+		return -errno;
+	if (pwrite_full(fd, data, len, 0) < 0 || fdatasync(fd) < 0)
+		rc = -errno ? -errno : -EIO;
+	close(fd);
+	if (!rc && rename(tmp, path) < 0)
+		rc = -errno;
+	if (rc)
+		unlink(tmp);
+	return rc;
+}
+
+static void sync_dir(const char *dir)
+{
+	int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (fd >= 0) {
+		fsync(fd);
+		close(fd);
+	}
+}
+
+/* NAME.bitmap: magic, version, flags, granularity, size, since, nbits,
+ * name and reason lengths, name, reason, the words (little endian). */
+struct bitmap_header {
+	char magic[8];
+	uint32_t version, flags;
+	uint64_t granularity, size, since_ns, nbits;
+	uint32_t name_len, why_len;
+};
+#define FLAG_ENABLED 1u
+#define FLAG_INCONSISTENT 2u
+
+static int save_words(struct bitmap_set *set, struct dirty_bitmap *bm, const struct cbitmap *bits, const char *suffix)
+{
+	struct bitmap_header h = { .version = BITMAP_VERSION };
+	uint64_t nwords = cbitmap_words(bits);
+	size_t name_len = strlen(bm->name), why_len = strlen(bm->why);
+	size_t len = sizeof(h) + name_len + why_len + nwords * 8;
+	char *buf = malloc(len), file[FLEECE_NAME_MAX + 16];
+
+	if (!buf)
+		return -ENOMEM;
+	memcpy(h.magic, BITMAP_MAGIC, 8);
+	h.flags = (atomic_load(&bm->enabled) ? FLAG_ENABLED : 0) | (bm->inconsistent ? FLAG_INCONSISTENT : 0);
+	h.granularity = bm->granularity;
+	h.size = bm->size;
+	h.since_ns = bm->since_ns;
+	h.nbits = bits->nbits;
+	h.name_len = (uint32_t)name_len;
+	h.why_len = (uint32_t)why_len;
+	memcpy(buf, &h, sizeof(h));
+	memcpy(buf + sizeof(h), bm->name, name_len);
+	memcpy(buf + sizeof(h) + name_len, bm->why, why_len);
+	uint64_t *words = (uint64_t *)(void *)(buf + sizeof(h) + name_len + why_len);
+	for (uint64_t w = 0; w < nwords; w++) {
+		uint64_t v = atomic_load_explicit(&bits->words[w], memory_order_acquire);
+		memcpy(&words[w], &v, 8);
+	}
+	snprintf(file, sizeof(file), "%s.%s", bm->name, suffix);
+	int rc = write_file_atomic(set->dir, file, buf, len);
+	free(buf);
+	return rc;
+}
+
+/* Reads NAME.SUFFIX into bm (header fields too when `header`) or ORs its
+ * words into `into`. */
+static int load_words(struct bitmap_set *set, const char *file, struct dirty_bitmap *bm, struct cbitmap *into)
+{
+	char path[PATH_MAX];
+	struct bitmap_header h;
+	struct stat st;
+	int fd, rc = -EINVAL;
+
+	join(path, sizeof(path), set->dir, file);
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return -errno;
+	if (fstat(fd, &st) < 0 || pread_full(fd, &h, sizeof(h), 0) != sizeof(h) || memcmp(h.magic, BITMAP_MAGIC, 8) ||
+	    h.version != BITMAP_VERSION || h.name_len > FLEECE_NAME_MAX || h.why_len >= sizeof(bm->why) ||
+	    !is_power_of_two(h.granularity))
+		goto out;
+	uint64_t nwords = (h.nbits + 63) / 64;
+	uint64_t off = sizeof(h) + h.name_len + h.why_len;
+	if ((uint64_t)st.st_size != off + nwords * 8)
+		goto out;
+	if (!into) {
+		memset(bm, 0, sizeof(*bm));
+		if (pread_full(fd, bm->name, h.name_len, sizeof(h)) != h.name_len ||
+		    pread_full(fd, bm->why, h.why_len, sizeof(h) + h.name_len) != h.why_len)
+			goto out;
+		bm->granularity = h.granularity;
+		bm->gran_bits = log2_u64(h.granularity);
+		bm->size = h.size;
+		bm->since_ns = h.since_ns;
+		atomic_init(&bm->enabled, (h.flags & FLAG_ENABLED) != 0);
+		bm->inconsistent = (h.flags & FLAG_INCONSISTENT) != 0;
+		if (cbitmap_init(&bm->bits, h.nbits, false)) {
+			rc = -ENOMEM;
+			goto out;
+		}
+		into = &bm->bits;
+	}
+	if (into->nbits != h.nbits)
+		goto out;
+	for (uint64_t w = 0; w < nwords; w++) {
+		uint64_t v;
+		if (pread_full(fd, &v, 8, off + w * 8) != 8)
+			goto out;
+		if (v)
+			atomic_fetch_or(&into->words[w], v);
+	}
+	rc = 0;
+out:
+	close(fd);
+	return rc;
+}
+
+static int write_intent_locked(struct bitmap_set *set)
+{
+	uint64_t nwords = cbitmap_words(&set->intent_cur);
+	uint64_t header[2] = { REGION_BITS, set->intent_cur.nbits };
+	size_t len = sizeof(header) + nwords * 8;
+	uint64_t *buf = malloc(len);
+
+	if (!buf)
+		return -ENOMEM;
+	memcpy(buf, header, sizeof(header));
+	for (uint64_t w = 0; w < nwords; w++)
+		buf[2 + w] = atomic_load(&set->intent_cur.words[w]) | atomic_load(&set->intent_old.words[w]);
+	int rc = 0;
+	if (pwrite_full(set->intent_fd, buf, len, 0) < 0 || fdatasync(set->intent_fd) < 0)
+		rc = -errno;
+	free(buf);
+	return rc;
+}
+
+/* ---- the write path -------------------------------------------------------- */
+
+static void mark_inconsistent_locked(struct bitmap_set *set, const char *why)
+{
+	for (struct dirty_bitmap *bm = set->list; bm; bm = bm->next) {
+		if (!bm->inconsistent)
+			snprintf(bm->why, sizeof(bm->why), "%s", why);
+		bm->inconsistent = true;
+	}
+	atomic_store(&set->changed, true);
+}
+
+/* Records the regions of [off, off + len) before the write reaches them. */
+static void mark_intent(struct bitmap_set *set, uint64_t off, uint64_t len)
+{
+	uint64_t first = off >> REGION_BITS, count = ((off + len - 1) >> REGION_BITS) - first + 1;
+	uint64_t nregions = set->intent_cur.nbits;
+
+	if (first >= nregions)
+		return;
+	count = min_u64(count, nregions - first);
+	bool all = true;
+	for (uint64_t r = first; r < first + count && all; r++)
+		all = cbitmap_test(&set->intent_cur, r);
+	if (all)
+		return;
+	pthread_mutex_lock(&set->lock);
+	bool any_new = false;
+	for (uint64_t r = first; r < first + count; r++) {
+		if (!cbitmap_test(&set->intent_cur, r)) {
+			cbitmap_set(&set->intent_cur, r);
+			any_new = true;
+		}
+	}
+	if (any_new) {
+		int rc = write_intent_locked(set);
+		if (rc) {
+			char why[160];
+			snprintf(why, sizeof(why), "cannot record write intent in %s: %s", set->dir, errtext(-rc));
+			log_error("bitmaps of %s: %s", set->path, why);
+			mark_inconsistent_locked(set, why);
+		}
+	}
+	pthread_mutex_unlock(&set->lock);
+}
+
+static int set_before_write(struct image_hook *hook, uint64_t off, uint64_t len)
+{
+	struct bitmap_set *set = (struct bitmap_set *)((char *)hook - offsetof(struct bitmap_set, hook));
+
+	if (!len || !set->list)
+		return 0;
+	/* The save in progress waits for writers of the epoch it closed. */
+	int e = atomic_load(&set->epoch);
+	for (;;) {
+		atomic_fetch_add(&set->active[e], 1);
+		int now = atomic_load(&set->epoch);
+		if (now == e)
+			break;
+		atomic_fetch_sub(&set->active[e], 1);
+		e = now;
+	}
+	mark_intent(set, off, len);
+	for (struct dirty_bitmap *bm = set->list; bm; bm = bm->next) {
+		if (!atomic_load_explicit(&bm->enabled, memory_order_relaxed))
+			continue;
+		if (off + len > bm->size) {
+			pthread_mutex_lock(&set->lock);
+			if (!bm->inconsistent)
+				snprintf(bm->why, sizeof(bm->why), "the image grew beyond %" PRIu64 " bytes", bm->size);
+			bm->inconsistent = true;
+			pthread_mutex_unlock(&set->lock);
+		}
+		if (off < bm->size) {
+			uint64_t end = min_u64(off + len, bm->size);
+			uint64_t g0 = off >> bm->gran_bits, g1 = (end - 1) >> bm->gran_bits;
+			cbitmap_mark_range(&bm->bits, g0, g1 - g0 + 1);
+		}
+	}
+	if (!atomic_load_explicit(&set->changed, memory_order_relaxed))
+		atomic_store(&set->changed, true);
+	atomic_fetch_sub(&set->active[e], 1);
+	return 0;
+}
+
+/* ---- saving ----------------------------------------------------------------- */
+
+static int write_meta(struct bitmap_set *set, bool clean)
+{
+	struct stat st;
+	char buf[PATH_MAX + 512];
+	int n;
+
+	if (!set->image || fstat(set->image->read_fd, &st) < 0)
+		return 0;
+	n = snprintf(buf, sizeof(buf),
+		     "path=%s\ndev=%" PRIu64 "\nino=%" PRIu64 "\nsize=%" PRIu64 "\nmtime=%" PRId64 ".%09ld\n"
+		     "ctime=%" PRId64 ".%09ld\nclean=%d\n",
+		     set->path, (uint64_t)st.st_dev, (uint64_t)st.st_ino, (uint64_t)st.st_size, (int64_t)st.st_mtim.tv_sec,
+		     st.st_mtim.tv_nsec, (int64_t)st.st_ctim.tv_sec, st.st_ctim.tv_nsec, clean);
+	return write_file_atomic(set->dir, "image", buf, (size_t)n);
+}
+
+/* The image's path relative to SOURCE_DIR, as it is now (renames included). */
+static void refresh_path(struct bitmap_set *set)
+{
+	char proc[64], real[PATH_MAX];
+	size_t root = strlen(source_root);
+
+	if (!set->image)
+		return;
+	snprintf(proc, sizeof(proc), "/proc/self/fd/%d", set->image->read_fd);
+	ssize_t n = readlink(proc, real, sizeof(real) - 1);
+	if (n <= 0)
+		return;
+	real[n] = '\0';
+	if (strncmp(real, source_root, root) == 0 && real[root] == '/') {
+		char *p = strdup(real + root + 1);
+		if (p) {
+			free(set->path);
+			set->path = p;
+		}
+	}
+}
+
+static void save_set(struct bitmap_set *set, bool clean)
+{
+	pthread_mutex_lock(&set->lock);
+	cbitmap_or(&set->intent_old, &set->intent_cur);
+	cbitmap_fill(&set->intent_cur, false);
+	int old = atomic_load(&set->epoch);
+	atomic_store(&set->epoch, !old);
+	atomic_store(&set->changed, false);
+	pthread_mutex_unlock(&set->lock);
+	/* Every writer of the closed epoch has set its bits once this ends. */
+	while (atomic_load(&set->active[old]))
+		sleep_until_ns(clock_monotonic_ns() + 50000);
+	pthread_mutex_lock(&set->lock);
+	refresh_path(set);
+	int rc = 0;
+	for (struct dirty_bitmap *bm = set->list; bm && !rc; bm = bm->next)
+		rc = save_words(set, bm, &bm->bits, "bitmap");
+	if (!rc)
+		rc = write_meta(set, clean);
+	if (!rc) {
+		sync_dir(set->dir);
+		cbitmap_fill(&set->intent_old, false);
+		rc = write_intent_locked(set);
+	}
+	if (rc) {
+		/* The intent log still covers everything: nothing is lost, the
+		 * next save tries again. */
+		log_warn("bitmaps of %s: cannot save: %s", set->path, errtext(-rc));
+		atomic_store(&set->changed, true);
+	}
+	pthread_mutex_unlock(&set->lock);
+}
+
+static void *saver_thread(void *arg)
+{
+	(void)arg;
+	pthread_mutex_lock(&saver_lock);
+	while (!saver_stop) {
+		struct timespec ts;
+		timespec_from_ns(&ts, clock_realtime_ns() + SAVE_INTERVAL_NS);
+		pthread_cond_timedwait(&saver_wake, &saver_lock, &ts);
+		if (saver_stop)
+			break;
+		pthread_mutex_unlock(&saver_lock);
+		pthread_mutex_lock(&registry_lock);
+		for (struct bitmap_set *set = sets; set; set = set->next)
+			if (set->image && atomic_load(&set->changed))
+				save_set(set, false);
+		pthread_mutex_unlock(&registry_lock);
+		pthread_mutex_lock(&saver_lock);
+	}
+	pthread_mutex_unlock(&saver_lock);
+	return NULL;
+}
+
+/* ---- sets ------------------------------------------------------------------- */
+
+static void free_bitmap(struct dirty_bitmap *bm)
+{
+	cbitmap_destroy(&bm->bits);
+	if (bm->frozen.words)
+		cbitmap_destroy(&bm->frozen);
+	free(bm);
+}
+
+static struct bitmap_set *new_set(struct image *img, const char *dir)
+{
+	struct bitmap_set *set = calloc(1, sizeof(*set));
+	int64_t now = img ? image_size(img) : 0;
+	uint64_t size = now > 0 ? (uint64_t)now : 0;
+	uint64_t nregions = max_u64(div_round_up(size, 1ull << REGION_BITS), 1) * 2; /* room to grow */
+
+	if (!set || !(set->dir = strdup(dir)) || cbitmap_init(&set->intent_cur, nregions, false) ||
+	    cbitmap_init(&set->intent_old, nregions, false)) {
+		if (set)
+			free(set->dir);
+		free(set);
+		return NULL;
+	}
+	pthread_mutex_init(&set->lock, NULL);
+	set->hook.before_write = set_before_write;
+	set->intent_fd = -1;
+	atomic_init(&set->epoch, 0);
+	atomic_init(&set->changed, false);
+	if (img) {
+		image_ref(img);
+		set->image = img;
+		set->dev = img->dev;
+		set->ino = img->ino;
+	}
+	return set;
+}
+
+static int open_intent(struct bitmap_set *set)
+{
+	char path[PATH_MAX];
+	join(path, sizeof(path), set->dir, "intent");
+	set->intent_fd = open(path, O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
+	return set->intent_fd < 0 ? -errno : 0;
+}
+
+struct bitmap_set *bitmaps_of(struct image *img)
+{
+	pthread_mutex_lock(&registry_lock);
+	struct bitmap_set *set = sets;
+	while (set && set->image != img)
+		set = set->next;
+	pthread_mutex_unlock(&registry_lock);
+	return set;
+}
+
+struct dirty_bitmap *bitmap_find(struct bitmap_set *set, const char *name)
+{
+	for (struct dirty_bitmap *bm = set ? set->list : NULL; bm; bm = bm->next)
+		if (strcmp(bm->name, name) == 0)
+			return bm;
+	return NULL;
+}
+
+static uint64_t take_serial(void)
+{
+	pthread_mutex_lock(&registry_lock);
+	uint64_t s = next_serial++;
+	pthread_mutex_unlock(&registry_lock);
+	return s;
+}
+
+/* Creates the set of an image on its first bitmap (gate closed). */
+static int make_set(struct image *img, struct bitmap_set **out, char *err, size_t errlen)
+{
+	char dir[PATH_MAX];
+	int rc;
+
+	snprintf(dir, sizeof(dir), "%s/%" PRIu64 "-%" PRIu64, state_bitmaps_dir, (uint64_t)img->dev, (uint64_t)img->ino);
+	if (mkdir(dir, 0700) < 0 && errno != EEXIST)
+		return set_error(err, errlen, errno, "cannot create %s: %s", dir, errtext(errno));
+	struct bitmap_set *set = new_set(img, dir);
+	if (!set)
+		return set_error(err, errlen, ENOMEM, "out of memory");
+	set->path = strdup("");
+	refresh_path(set);
+	if ((rc = open_intent(set)) || (rc = write_intent_locked(set)) || (rc = write_meta(set, false))) {
+		set_error(err, errlen, -rc, "cannot write %s: %s", dir, errtext(-rc));
+		return rc;  /* the set is kept; a later add tries again */
+	}
+	sync_dir(state_bitmaps_dir);
+	if ((rc = image_attach_locked(img, &set->hook)))
+		return set_error(err, errlen, -rc, "out of memory");
+	/* The bitmaps hook runs before any job's: move it to the front. */
+	for (unsigned i = img->nhooks - 1; i > 0; i--) {
+		struct image_hook *h = img->hooks[i];
+		img->hooks[i] = img->hooks[i - 1];
+		img->hooks[i - 1] = h;
+	}
+	set->attached = true;
+	pthread_mutex_lock(&registry_lock);
+	set->next = sets;
+	sets = set;
+	pthread_mutex_unlock(&registry_lock);
+	*out = set;
+	return 0;
+}
+
+/* ---- start and stop -------------------------------------------------------- */
+
+static int read_meta(const char *dir, char *path, size_t pathlen, uint64_t *dev, uint64_t *ino, uint64_t *size,
+		     char *mtime, char *ctime, int *clean)
+{
+	char file[PATH_MAX], line[PATH_MAX + 16];
+	join(file, sizeof(file), dir, "image");
+	FILE *f = fopen(file, "re");
+	int have = 0;
+
+	if (!f)
+		return -errno;
+	while (fgets(line, sizeof(line), f)) {
+		line[strcspn(line, "\n")] = '\0';
+		char *eq = strchr(line, '=');
+		if (!eq)
+			continue;
+		*eq++ = '\0';
+		if (!strcmp(line, "path"))
+			snprintf(path, pathlen, "%s", eq), have |= 1;
+		else if (!strcmp(line, "dev"))
+			*dev = strtoull(eq, NULL, 10), have |= 2;
+		else if (!strcmp(line, "ino"))
+			*ino = strtoull(eq, NULL, 10), have |= 4;
+		else if (!strcmp(line, "size"))
+			*size = strtoull(eq, NULL, 10), have |= 8;
+		else if (!strcmp(line, "mtime"))
+			snprintf(mtime, 32, "%s", eq), have |= 16;
+		else if (!strcmp(line, "ctime"))
+			snprintf(ctime, 32, "%s", eq), have |= 32;
+		else if (!strcmp(line, "clean"))
+			*clean = atoi(eq), have |= 64;
+	}
+	fclose(f);
+	return have == 127 ? 0 : -EINVAL;
+}
+
+static void format_ts(char *buf, const struct timespec *ts)
+{
+	snprintf(buf, 32, "%" PRId64 ".%09ld", (int64_t)ts->tv_sec, ts->tv_nsec);
+}
+
+/* Loads one STATE_DIR/bitmaps/DEV-INO directory. */
+static void load_set(const char *dir)
+{
+	char path[PATH_MAX] = "", mtime[32] = "", ctime[32] = "", why[160] = "";
+	uint64_t dev = 0, ino = 0, size = 0;
+	int clean = 0;
+	struct image *img = NULL;
+
+	int meta = read_meta(dir, path, sizeof(path), &dev, &ino, &size, mtime, ctime, &clean);
+	if (meta)
+		snprintf(why, sizeof(why), "the record of the image's identity is missing");
+	if (!meta) {
+		int fd = openat(source_dir_fd, path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+		struct stat st;
+		if (fd < 0 || fstat(fd, &st) < 0) {
+			snprintf(why, sizeof(why), "image %s is gone", path);
+		} else if ((uint64_t)st.st_dev != dev || (uint64_t)st.st_ino != ino) {
+			snprintf(why, sizeof(why), "%s is not the file the bitmaps were recorded for", path);
+		} else if (image_get(fd, &img)) {
+			snprintf(why, sizeof(why), "cannot open %s", path);
+		} else {
+			char m[32], c[32];
+			format_ts(m, &st.st_mtim);
+			format_ts(c, &st.st_ctim);
+			bool same = (uint64_t)st.st_size == size && !strcmp(m, mtime) && !strcmp(c, ctime);
+			if (!same && clean)
+				snprintf(why, sizeof(why),
+					 "%s was changed while fleecefs was not running (size, mtime or ctime differ)", path);
+			else if (!same)
+				clean = -1; /* after a crash: the intent log tells */
+		}
+		if (fd >= 0)
+			close(fd);
+	}
+	struct bitmap_set *set = new_set(img, dir);
+	if (img)
+		image_put(img);
+	if (!set)
+		return;
+	set->path = strdup(path[0] ? path : dir);
+	if (!set->image) {
+		set->dev = (dev_t)dev;
+		set->ino = (ino_t)ino;
+	}
+	/* The bitmaps. */
+	DIR *d = opendir(dir);
+	for (struct dirent *e; d && (e = readdir(d));) {
+		size_t n = strlen(e->d_name);
+		if (n < 8 || strcmp(e->d_name + n - 7, ".bitmap") || e->d_name[0] == '.')
+			continue;
+		struct dirty_bitmap *bm = malloc(sizeof(*bm));
+		if (!bm || load_words(set, e->d_name, bm, NULL)) {
+			log_error("bitmaps: %s/%s is damaged: ignored", dir, e->d_name);
+			free(bm);
+			continue;
+		}
+		bm->serial = take_serial();
+		bm->gran_bits = log2_u64(bm->granularity);
+		/* A backup was running: what it froze is dirty again. */
+		char frozen[FLEECE_NAME_MAX + 16];
+		snprintf(frozen, sizeof(frozen), "%s.frozen", bm->name);
+		if (load_words(set, frozen, NULL, &bm->bits) == 0)
+			log_info("bitmap %s of %s: a backup was interrupted; its bits are kept", bm->name, set->path);
+		char fpath[PATH_MAX];
+		join(fpath, sizeof(fpath), dir, frozen);
+		unlink(fpath);
+		bm->next = set->list;
+		set->list = bm;
+	}
+	if (d)
+		closedir(d);
+	/* After a crash: every region recorded in the intent log is dirty. */
+	char ipath[PATH_MAX];
+	join(ipath, sizeof(ipath), dir, "intent");
+	int ifd = open(ipath, O_RDONLY | O_CLOEXEC);
+	uint64_t header[2] = { 0, 0 }, regions = 0;
+	if (ifd >= 0 && pread_full(ifd, header, sizeof(header), 0) == sizeof(header) && header[0] < 64) {
+		uint64_t nwords = (header[1] + 63) / 64;
+		for (uint64_t w = 0; w < nwords; w++) {
+			uint64_t v = 0;
+			if (pread_full(ifd, &v, 8, sizeof(header) + w * 8) != 8)
+				break;
+			for (; v; v &= v - 1) {
+				uint64_t r = w * 64 + (uint64_t)__builtin_ctzll(v);
+				regions++;
+				for (struct dirty_bitmap *bm = set->list; bm; bm = bm->next) {
+					if (!atomic_load(&bm->enabled))
+						continue;
+					uint64_t from = r << header[0], to = (r + 1) << header[0];
+					uint64_t g0 = from >> bm->gran_bits, g1 = div_round_up(to, bm->granularity);
+					cbitmap_set_range(&bm->bits, g0, g1 - g0);
+				}
+			}
+		}
+	}
+	if (ifd >= 0)
+		close(ifd);
+	if (clean == -1 && !regions)
+		snprintf(why, sizeof(why),
+			 "%s was changed while fleecefs was not running (identity differs, no write of fleecefs pending)",
+			 set->path);
+	if (regions)
+		log_warn("bitmaps of %s: fleecefs did not stop cleanly; %" PRIu64
+			 " region(s) of 16 MiB written meanwhile count as dirty", set->path, regions);
+	if (why[0]) {
+		mark_inconsistent_locked(set, why);
+		log_error("bitmaps of %s are inconsistent: %s", set->path, why);
+	}
+	if (set->image) {
+		open_intent(set);
+		if (image_attach_locked(set->image, &set->hook) == 0) {
+			for (unsigned i = set->image->nhooks - 1; i > 0; i--) {
+				struct image_hook *h = set->image->hooks[i];
+				set->image->hooks[i] = set->image->hooks[i - 1];
+				set->image->hooks[i - 1] = h;
+			}
+			set->attached = true;
+		}
+	}
+	pthread_mutex_lock(&registry_lock);
+	set->next = sets;
+	sets = set;
+	pthread_mutex_unlock(&registry_lock);
+	if (set->image)
+		save_set(set, false); /* the recovered state is the new base */
+}
+
+int bitmaps_start(const char *state_dir, int source_fd, const char *source_dir, uint32_t cluster_size)
+{
+	char dir[PATH_MAX];
+
+	snprintf(dir, sizeof(dir), "%s/bitmaps", state_dir);
+	if (mkdir(dir, 0700) < 0 && errno != EEXIST)
+		return -errno;
+	state_bitmaps_dir = strdup(dir);
+	source_root = strdup(source_dir);
+	source_dir_fd = source_fd;
+	min_granularity = cluster_size;
+	if (!state_bitmaps_dir || !source_root)
+		return -ENOMEM;
+	DIR *d = opendir(dir);
+	for (struct dirent *e; d && (e = readdir(d));) {
+		if (e->d_name[0] == '.')
+			continue;
+		char sub[PATH_MAX];
+		join(sub, sizeof(sub), dir, e->d_name);
+		load_set(sub);
+	}
+	if (d)
+		closedir(d);
+	saver_stop = false;
+	saver_running = pthread_create(&saver, NULL, saver_thread, NULL) == 0;
+	return 0;
+}
+
+void bitmaps_stop(void)
+{
+	if (saver_running) {
+		pthread_mutex_lock(&saver_lock);
+		saver_stop = true;
+		pthread_cond_broadcast(&saver_wake);
+		pthread_mutex_unlock(&saver_lock);
+		pthread_join(saver, NULL);
+		saver_running = false;
+	}
+	pthread_mutex_lock(&registry_lock);
+	struct bitmap_set *all = sets;
+	sets = NULL;
+	pthread_mutex_unlock(&registry_lock);
+	while (all) {
+		struct bitmap_set *set = all;
+		all = set->next;
+		struct stat st;
+		if (set->image && fstat(set->image->read_fd, &st) == 0 && st.st_nlink == 0) {
+			/* The image was deleted through the mount: so are its bitmaps. */
+			char file[PATH_MAX + 256];
+			DIR *d = opendir(set->dir);
+			for (struct dirent *e; d && (e = readdir(d));) {
+				if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))
+					continue;
+				join(file, sizeof(file), set->dir, e->d_name);
+				unlink(file);
+			}
+			if (d)
+				closedir(d);
+			rmdir(set->dir);
+		} else if (set->image) {
+			save_set(set, true);
+		}
+		if (set->attached)
+			image_detach(set->image, &set->hook);
+		while (set->list) {
+			struct dirty_bitmap *bm = set->list;
+			set->list = bm->next;
+			free_bitmap(bm);
+		}
+		if (set->intent_fd >= 0)
+			close(set->intent_fd);
+		if (set->image)
+			image_put(set->image);
+		cbitmap_destroy(&set->intent_cur);
+		cbitmap_destroy(&set->intent_old);
+		pthread_mutex_destroy(&set->lock);
+		free(set->dir);
+		free(set->path);
+		free(set);
+	}
+	free(state_bitmaps_dir);
+	free(source_root);
+	state_bitmaps_dir = source_root = NULL;
+}
+
+/* ---- commands --------------------------------------------------------------- */
+
+static const char *op_name(enum bitmap_op op)
+{
+	static const char *const names[] = { "add", "remove", "clear", "enable", "disable", "merge" };
+	return names[op];
+}
+
+int bitmap_check(struct image *img, const struct ctl_bitmap *cmd, char *err, size_t errlen)
+{
+	struct bitmap_set *set = bitmaps_of(img);
+	struct dirty_bitmap *bm = bitmap_find(set, cmd->name);
+	const char *op = op_name(cmd->op);
+
+	if (cmd->op == BITMAP_ADD) {
+		uint64_t g = cmd->granularity ? cmd->granularity : max_u64(64 << 10, min_granularity);
+		if (bm)
+			return set_error(err, errlen, EEXIST, "bitmap add: %s already has a bitmap %s", cmd->image,
+					 cmd->name);
+		if (g < min_granularity)
+			return set_error(err, errlen, EINVAL,
+					 "bitmap add: granularity %" PRIu64 " is below the cluster size %" PRIu32, g,
+					 min_granularity);
+		if (image_size(img) < 0)
+			return set_error(err, errlen, EACCES, "bitmap add: cannot read %s", cmd->image);
+		return 0;
+	}
+	if (!bm)
+		return set_error(err, errlen, ENOENT, "bitmap %s: %s has no bitmap %s", op, cmd->image, cmd->name);
+	pthread_mutex_lock(&set->lock);
+	int rc = 0;
+	if (bm->busy_job[0] && cmd->op != BITMAP_ENABLE && cmd->op != BITMAP_DISABLE)
+		rc = set_error(err, errlen, EBUSY, "bitmap %s %s: used by job %s", op, cmd->name, bm->busy_job);
+	for (unsigned i = 0; !rc && cmd->op == BITMAP_MERGE && i < cmd->nsources; i++) {
+		struct dirty_bitmap *src = bitmap_find(set, cmd->sources[i]);
+		if (!src)
+			rc = set_error(err, errlen, ENOENT, "bitmap merge: %s has no bitmap %s", cmd->image,
+				       cmd->sources[i]);
+		else if (src->granularity != bm->granularity || src->size != bm->size)
+			rc = set_error(err, errlen, EINVAL,
+				       "bitmap merge: %s and %s differ in granularity or size", cmd->name, src->name);
+		else if (src->inconsistent)
+			rc = set_error(err, errlen, EINVAL, "bitmap merge: %s is inconsistent (%s)", src->name, src->why);
+	}
+	pthread_mutex_unlock(&set->lock);
+	return rc;
+}
+
+int bitmap_apply(struct image *img, const struct ctl_bitmap *cmd, char *err, size_t errlen)
+{
+	struct bitmap_set *set = bitmaps_of(img);
+	int rc;
+
+	if (cmd->op == BITMAP_ADD) {
+		if (!set && (rc = make_set(img, &set, err, errlen)))
+			return rc;
+		struct dirty_bitmap *bm = calloc(1, sizeof(*bm));
+		uint64_t size = (uint64_t)image_size(img);
+		if (!bm)
+			return set_error(err, errlen, ENOMEM, "out of memory");
+		snprintf(bm->name, sizeof(bm->name), "%s", cmd->name);
+		bm->granularity = cmd->granularity ? cmd->granularity : max_u64(64 << 10, min_granularity);
+		bm->gran_bits = log2_u64(bm->granularity);
+		bm->size = size;
+		bm->since_ns = clock_realtime_ns();
+		bm->serial = take_serial();
+		atomic_init(&bm->enabled, !cmd->disabled);
+		if (cbitmap_init(&bm->bits, div_round_up(size, bm->granularity), false)) {
+			free(bm);
+			return set_error(err, errlen, ENOMEM, "out of memory");
+		}
+		pthread_mutex_lock(&set->lock);
+		rc = save_words(set, bm, &bm->bits, "bitmap");
+		if (rc) {
+			pthread_mutex_unlock(&set->lock);
+			free_bitmap(bm);
+			return set_error(err, errlen, -rc, "bitmap add: cannot save in %s: %s", set->dir, errtext(-rc));
+		}
+		sync_dir(set->dir);
+		bm->next = set->list;
+		set->list = bm;
+		pthread_mutex_unlock(&set->lock);
+		return 0;
+	}
+	struct dirty_bitmap *bm = bitmap_find(set, cmd->name);
+	pthread_mutex_lock(&set->lock);
+	switch (cmd->op) {
+	case BITMAP_REMOVE: {
+		for (struct dirty_bitmap **pp = &set->list; *pp; pp = &(*pp)->next) {
+			if (*pp == bm) {
+				*pp = bm->next;
+				break;
+			}
+		}
+		char path[PATH_MAX];
+		const char *const suffixes[] = { "bitmap", "chain", "frozen" };
+		for (int i = 0; i < 3; i++) {
+			snprintf(path, sizeof(path), "%s/%s.%s", set->dir, bm->name, suffixes[i]);
+			unlink(path);
+		}
+		sync_dir(set->dir);
+		free_bitmap(bm);
+		pthread_mutex_unlock(&set->lock);
+		return 0;
+	}
+	case BITMAP_CLEAR:
+		cbitmap_fill(&bm->bits, false);
+		bm->inconsistent = false;
+		bm->why[0] = '\0';
+		bm->since_ns = clock_realtime_ns();
+		break;
+	case BITMAP_ENABLE:
+	case BITMAP_DISABLE:
+		atomic_store(&bm->enabled, cmd->op == BITMAP_ENABLE);
+		break;
+	case BITMAP_MERGE:
+		for (unsigned i = 0; i < cmd->nsources; i++)
+			cbitmap_or(&bm->bits, &bitmap_find(set, cmd->sources[i])->bits);
+		break;
+	default:
+		break;
+	}
+	rc = save_words(set, bm, &bm->bits, "bitmap");
+	pthread_mutex_unlock(&set->lock);
+	if (rc)
+		log_warn("bitmap %s: cannot save now (%s); the next save retries", bm->name, errtext(-rc));
+	atomic_store(&set->changed, true);
+	return 0;
+}
+
+/* ---- jobs ---------------------------------------------------------------------- */
+
+int bitmap_job_check(struct image *img, const char *name, bool need_consistent, const char *job_id, char *err,
+		     size_t errlen)
+{
+	struct bitmap_set *set = bitmaps_of(img);
+	struct dirty_bitmap *bm = bitmap_find(set, name);
+	int rc = 0;
+
+	(void)job_id;
+	if (!bm)
+		return set_error(err, errlen, ENOENT, "the image has no bitmap %s", name);
+	pthread_mutex_lock(&set->lock);
+	if (bm->busy_job[0])
+		rc = set_error(err, errlen, EBUSY, "bitmap %s is used by job %s", name, bm->busy_job);
+	else if (need_consistent && bm->inconsistent)
+		rc = set_error(err, errlen, EINVAL,
+			       "bitmap %s is inconsistent (%s): an incremental backup would miss changes; take a full "
+			       "backup with bitmap=%s to start a new chain",
+			       name, bm->why, name);
+	pthread_mutex_unlock(&set->lock);
+	return rc;
+}
+
+int bitmap_job_begin(struct image *img, const char *name, const char *job_id, struct dirty_bitmap **out, char *err,
+		     size_t errlen)
+{
+	struct bitmap_set *set = bitmaps_of(img);
+	struct dirty_bitmap *bm = bitmap_find(set, name);
+	int rc;
+
+	if (!bm)
+		return set_error(err, errlen, ENOENT, "the image has no bitmap %s", name);
+	pthread_mutex_lock(&set->lock);
+	if (cbitmap_init(&bm->frozen, bm->bits.nbits, false)) {
+		pthread_mutex_unlock(&set->lock);
+		return set_error(err, errlen, ENOMEM, "out of memory");
+	}
+	cbitmap_copy(&bm->frozen, &bm->bits);
+	/* The bits of T are on disk before the live bitmap forgets them. */
+	if ((rc = save_words(set, bm, &bm->frozen, "frozen"))) {
+		cbitmap_destroy(&bm->frozen);
+		pthread_mutex_unlock(&set->lock);
+		return set_error(err, errlen, -rc, "bitmap %s: cannot save in %s: %s", name, set->dir, errtext(-rc));
+	}
+	cbitmap_fill(&bm->bits, false);
+	/* A full backup starts a new chain: the bitmap is trustworthy again. */
+	bm->inconsistent = false;
+	bm->why[0] = '\0';
+	bm->since_ns = clock_realtime_ns();
+	snprintf(bm->busy_job, sizeof(bm->busy_job), "%s", job_id);
+	atomic_store(&set->changed, true);
+	pthread_mutex_unlock(&set->lock);
+	*out = bm;
+	return 0;
+}
+
+void bitmap_job_end(struct image *img, struct dirty_bitmap *bm, int mode, bool success, const struct cbitmap *left,
+		    unsigned cluster_bits)
+{
+	struct bitmap_set *set = bitmaps_of(img);
+	char path[PATH_MAX];
+
+	pthread_mutex_lock(&set->lock);
+	if (success && mode == BITMAP_MODE_NEVER) {
+		cbitmap_or(&bm->bits, &bm->frozen);
+	} else if (!success && mode == BITMAP_MODE_ALWAYS && left) {
+		/* What the job did not copy stays to do. */
+		for (uint64_t c = cbitmap_next_set(left, 0); c < left->nbits; c = cbitmap_next_set(left, c + 1))
+			cbitmap_set(&bm->bits, (c << cluster_bits) >> bm->gran_bits);
+	} else if (!success) {
+		cbitmap_or(&bm->bits, &bm->frozen);
+	}
+	cbitmap_destroy(&bm->frozen);
+	bm->busy_job[0] = '\0';
+	int rc = save_words(set, bm, &bm->bits, "bitmap");
+	if (!rc) {
+		snprintf(path, sizeof(path), "%s/%s.frozen", set->dir, bm->name);
+		unlink(path);
+	}
+	pthread_mutex_unlock(&set->lock);
+	if (rc)
+		log_warn("bitmap %s: cannot save (%s); its .frozen file keeps the bits of T", bm->name, errtext(-rc));
+}
+
+void bitmap_chain_record(struct image *img, struct dirty_bitmap *bm, const char *target, const char *format,
+			 const char *sync, uint64_t point_in_time_ns, const char *job_id)
+{
+	struct bitmap_set *set = bitmaps_of(img);
+	char buf[PATH_MAX + 256], file[FLEECE_NAME_MAX + 16];
+	int n = snprintf(buf, sizeof(buf),
+			 "target=%s\nformat=%s\nsync=%s\ntime=%" PRIu64 ".%09" PRIu64 "\njob=%s\nsize=%" PRIu64 "\n", target,
+			 format, sync, point_in_time_ns / 1000000000u, point_in_time_ns % 1000000000u, job_id, bm->size);
+
+	snprintf(file, sizeof(file), "%s.chain", bm->name);
+	pthread_mutex_lock(&set->lock);
+	int rc = write_file_atomic(set->dir, file, buf, (size_t)n);
+	pthread_mutex_unlock(&set->lock);
+	if (rc)
+		log_warn("bitmap %s: cannot record its chain: %s", bm->name, errtext(-rc));
+}
+
+int bitmap_chain_target(struct image *img, const char *name, char *out, size_t len)
+{
+	struct bitmap_set *set = bitmaps_of(img);
+	char path[PATH_MAX], line[PATH_MAX + 16];
+
+	out[0] = '\0';
+	if (!set)
+		return -ENOENT;
+	snprintf(path, sizeof(path), "%s/%s.chain", set->dir, name);
+	FILE *f = fopen(path, "re");
+	if (!f)
+		return -errno;
+	while (fgets(line, sizeof(line), f))
+		if (strncmp(line, "target=", 7) == 0) {
+			line[strcspn(line, "\n")] = '\0';
+			snprintf(out, len, "%s", line + 7);
+		}
+	fclose(f);
+	return out[0] ? 0 : -ENOENT;
+}
+
+/* ---- listing and status --------------------------------------------------------- */
+
+void bitmaps_for_each(bitmap_visit_fn fn, void *arg)
+{
+	pthread_mutex_lock(&registry_lock);
+	for (struct bitmap_set *set = sets; set; set = set->next) {
+		pthread_mutex_lock(&set->lock);
+		refresh_path(set);
+		for (struct dirty_bitmap *bm = set->list; bm; bm = bm->next)
+			fn(arg, set->path, bm);
+		pthread_mutex_unlock(&set->lock);
+	}
+	pthread_mutex_unlock(&registry_lock);
+}
+
+int bitmap_status(uint64_t serial, struct strbuf *out)
+{
+	int rc = -ENOENT;
+
+	pthread_mutex_lock(&registry_lock);
+	for (struct bitmap_set *set = sets; set && rc; set = set->next) {
+		pthread_mutex_lock(&set->lock);
+		for (struct dirty_bitmap *bm = set->list; bm; bm = bm->next) {
+			if (bm->serial != serial)
+				continue;
+			uint64_t dirty = cbitmap_count(&bm->bits) * bm->granularity;
+			char chain[PATH_MAX + 16] = "", line[PATH_MAX + 16], path[PATH_MAX];
+			snprintf(path, sizeof(path), "%s/%s.chain", set->dir, bm->name);
+			FILE *f = fopen(path, "re");
+			for (; f && fgets(line, sizeof(line), f);)
+				if (strncmp(line, "target=", 7) == 0 || strncmp(line, "time=", 5) == 0 ||
+				    strncmp(line, "sync=", 5) == 0)
+					strbuf_printf(out, "last_backup_%s", line);
+			if (f)
+				fclose(f);
+			(void)chain;
+			strbuf_printf(out, "name=%s\nimage=%s\ngranularity=%" PRIu64 "\ndirty_bytes=%" PRIu64 "\n", bm->name,
+				      set->path, bm->granularity, min_u64(dirty, bm->size));
+			strbuf_printf(out, "state=%s\nrecording=%s\nsince=%" PRIu64 ".%09" PRIu64 "\nbusy=%s\nreason=%s\n",
+				      bm->inconsistent ? "inconsistent" : "active",
+				      atomic_load(&bm->enabled) ? "yes" : "no", bm->since_ns / 1000000000u,
+				      bm->since_ns % 1000000000u, bm->busy_job, bm->inconsistent ? bm->why : "");
+			rc = 0;
+			break;
+		}
+		pthread_mutex_unlock(&set->lock);
+	}
+	pthread_mutex_unlock(&registry_lock);
+	return rc;
+}
