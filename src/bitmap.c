@@ -704,6 +704,8 @@ int bitmaps_start(const char *state_dir, int source_fd, const char *source_dir, 
 
 void bitmaps_stop(void)
 {
+	if (!state_bitmaps_dir)
+		return;
 	if (saver_running) {
 		pthread_mutex_lock(&saver_lock);
 		saver_stop = true;

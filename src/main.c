@@ -456,6 +456,7 @@ int main(int argc, char *argv[])
 	else
 		log_info("unmounted %s", d.mountpoint);
 out:
+	bitmaps_stop();     /* a no-op after the clean stop above */
 	if (se)
 		fuse_session_destroy(se);
 	ctlfs_teardown();
