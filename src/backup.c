@@ -330,26 +330,36 @@ static enum job_state backup_run(struct job *job)
 	} else {
 		final = job_stop_requested(job) == JOB_STOP_CANCEL ? JOB_CANCELLED : JOB_FAILED;
 	}
+	struct cbitmap left = { 0 };
 	if (final != JOB_COMPLETED) {
 		atomic_store(&b->broken, true);
 		if (b->attached)
 			image_detach(b->image, &b->hook);
 		b->attached = false;
 		blockcopy_stop_writers(&b->bc);
+		/* What never durably reached the target: for bitmap-mode=always
+		 * and for an updated full backup's manifest. */
+		if (blockcopy_left_over(&b->bc, &left))
+			left = (struct cbitmap){ 0 };
 		target_abort(b->target);    /* an updated full backup stays */
-		if (b->manifest && b->in_place)
-			manifest_finish(b->manifest);  /* true to what it holds now */
-		else if (b->manifest)
+		if (b->manifest && b->in_place && left.words) {
+			/* True to what it holds now: old sums where nothing landed. */
+			manifest_keep_old(b->manifest, &left);
+			manifest_finish(b->manifest);
+		} else if (b->manifest) {
 			manifest_abort(b->manifest);
+		}
 	}
 	if (b->bitmap) {
-		bitmap_job_end(b->image, b->bitmap, b->bitmap_mode, final == JOB_COMPLETED, &b->bc.pending,
+		bitmap_job_end(b->image, b->bitmap, b->bitmap_mode, final == JOB_COMPLETED, left.words ? &left : NULL,
 			       b->bc.cluster_bits);
 		if (final == JOB_COMPLETED)
 			bitmap_chain_record(b->image, b->bitmap, b->target_path, ctl_format_name(b->format),
 					    ctl_sync_name(b->sync), job->started_ns, job->id);
 		b->bitmap = NULL;
 	}
+	if (left.words)
+		cbitmap_destroy(&left);
 	if (b->fleecing)
 		snapstore_close(&b->fleece, false);   /* keeps its counters readable */
 	if (b->counted_active)
@@ -407,10 +417,8 @@ static void backup_abandon(struct job *job)
 	b->counted_active = false;
 	if (b->target)
 		target_abort(b->target);
-	if (b->manifest && b->in_place)
-		manifest_finish(b->manifest);
-	else if (b->manifest)
-		manifest_abort(b->manifest);
+	if (b->manifest)
+		manifest_abort(b->manifest);   /* in place: the old file stays */
 	if (b->bitmap)
 		bitmap_job_end(b->image, b->bitmap, b->bitmap_mode, false, NULL, 0);
 	b->bitmap = NULL;

@@ -4,6 +4,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <ftw.h>
 #include <inttypes.h>
 #include <limits.h>
 #include <pthread.h>
@@ -547,6 +548,35 @@ static void format_ts(char *buf, const struct timespec *ts)
 	snprintf(buf, 32, "%" PRId64 ".%09ld", (int64_t)ts->tv_sec, ts->tv_nsec);
 }
 
+/* Finds the file with (dev, ino) below SOURCE_DIR: its path relative to it. */
+static uint64_t want_dev, want_ino;
+static char found_path[PATH_MAX];
+
+static int match_inode(const char *fpath, const struct stat *st, int type, struct FTW *ftw)
+{
+	(void)type;
+	(void)ftw;
+	if (S_ISREG(st->st_mode) && (uint64_t)st->st_dev == want_dev && (uint64_t)st->st_ino == want_ino) {
+		snprintf(found_path, sizeof(found_path), "%s", fpath);
+		return 1;
+	}
+	return 0;
+}
+
+static int find_by_inode(uint64_t dev, uint64_t ino, char *out, size_t len)
+{
+	size_t root = strlen(source_root);
+
+	want_dev = dev;
+	want_ino = ino;
+	found_path[0] = '\0';
+	if (nftw(source_root, match_inode, 16, FTW_PHYS | FTW_MOUNT) != 1 || strncmp(found_path, source_root, root) ||
+	    found_path[root] != '/')
+		return -ENOENT;
+	snprintf(out, len, "%s", found_path + root + 1);
+	return 0;
+}
+
 /* Loads one STATE_DIR/bitmaps/DEV-INO directory. */
 static void load_set(const char *dir)
 {
@@ -556,8 +586,22 @@ static void load_set(const char *dir)
 	struct image *img = NULL;
 
 	int meta = read_meta(dir, path, sizeof(path), &dev, &ino, &size, mtime, ctime, &clean);
-	if (meta)
+	if (meta) {
+		/* Without the record the image is still found by its inode (the
+		 * directory's name), so its writes go on being tracked; but
+		 * nothing proves it was not changed meanwhile. */
 		snprintf(why, sizeof(why), "the record of the image's identity is missing");
+		const char *base = strrchr(dir, '/');
+		if (base && sscanf(base + 1, "%" SCNu64 "-%" SCNu64, &dev, &ino) == 2 &&
+		    find_by_inode(dev, ino, path, sizeof(path)) == 0) {
+			int fd = openat(source_dir_fd, path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+			if (fd >= 0) {
+				if (image_get(fd, &img))
+					img = NULL;
+				close(fd);
+			}
+		}
+	}
 	if (!meta) {
 		int fd = openat(source_dir_fd, path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
 		struct stat st;
@@ -586,7 +630,10 @@ static void load_set(const char *dir)
 		image_put(img);
 	if (!set)
 		return;
-	set->path = strdup(path[0] ? path : dir);
+	/* A missing image is listed under its inode, never a state path. */
+	if (!path[0])
+		snprintf(path, sizeof(path), "missing-%" PRIu64 "-%" PRIu64, dev, ino);
+	set->path = strdup(path);
 	if (!set->image) {
 		set->dev = (dev_t)dev;
 		set->ino = (ino_t)ino;

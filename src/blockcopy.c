@@ -215,7 +215,10 @@ static void *writer_thread(void *arg)
 			bc->queue_error_offset = off;
 		}
 		bc->queued_bytes -= item->len;
-		cbitmap_clear_range(&bc->queued, item->first, item->count);
+		/* Only data that reached the target stops being "queued": what
+		 * failed or was discarded stays marked, the job's left-overs. */
+		if (!rc && !discard)
+			cbitmap_clear_range(&bc->queued, item->first, item->count);
 		pthread_cond_broadcast(&bc->queue_changed);
 		free(item->buf);
 		free(item);
@@ -495,4 +498,16 @@ uint64_t blockcopy_restrict(struct blockcopy *bc, const struct cbitmap *granules
 	for (uint64_t c = cbitmap_next_set(&bc->pending, 0); c < bc->nclusters; c = cbitmap_next_set(&bc->pending, c + 1))
 		total += min_u64(bc->cluster_size, bc->size - (c << bc->cluster_bits));
 	return total;
+}
+
+int blockcopy_left_over(struct blockcopy *bc, struct cbitmap *out)
+{
+	int rc = cbitmap_init(out, bc->nclusters, false);
+	if (rc)
+		return rc;
+	cbitmap_copy(out, &bc->pending);
+	pthread_mutex_lock(&bc->queue_lock);
+	cbitmap_or(out, &bc->queued);
+	pthread_mutex_unlock(&bc->queue_lock);
+	return 0;
 }

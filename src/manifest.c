@@ -11,6 +11,7 @@
 #include <unistd.h>
 #include <xxhash.h>
 
+#include "fleecefs/cbitmap.h"
 #include "fleecefs/manifest.h"
 #include "fleecefs/target.h"
 #include "fleecefs/util.h"
@@ -64,6 +65,8 @@ int manifest_finish(struct manifest *m)
 		rc = -errno;
 	if (fclose(f) != 0 && !rc)
 		rc = -errno;
+	if (!rc && m->tmp_path && rename(m->tmp_path, m->path) < 0)
+		rc = -errno;
 	if (!rc)
 		rc = fsync_parent_dir(m->path);
 	return rc;
@@ -74,7 +77,7 @@ void manifest_abort(struct manifest *m)
 	if (m->fd >= 0)
 		close(m->fd);
 	m->fd = -1;
-	unlink(m->path);
+	unlink(m->tmp_path ? m->tmp_path : m->path);
 }
 
 void manifest_free(struct manifest *m)
@@ -84,6 +87,8 @@ void manifest_free(struct manifest *m)
 	if (m->fd >= 0)
 		close(m->fd);
 	free(m->hashes);
+	free(m->old);
+	free(m->tmp_path);
 	free(m->path);
 	free(m);
 }
@@ -120,19 +125,42 @@ int manifest_update(const char *target_path, uint64_t size, uint32_t cluster_siz
 	fclose(f);
 	if (!ok) {
 		free(old);
-		return set_error(err, errlen, EINVAL, "manifest %s: does not describe this image with cluster_size=%" PRIu32,
-				 path, cluster_size);
+		return set_error(err, errlen, EINVAL,
+				 "manifest %s: does not describe this image with cluster_size=%" PRIu32
+				 " (use checksum=none, or take a new full backup)", path, cluster_size);
 	}
-	/* The old file goes now: it never describes a half-updated target. */
-	if (unlink(path) < 0) {
+	struct manifest *m = calloc(1, sizeof(*m));
+	if (!m || !(m->path = strdup(path)) || asprintf(&m->tmp_path, "%s.new", path) < 0 ||
+	    !(m->hashes = calloc(n ? n : 1, sizeof(*m->hashes)))) {
+		if (m) {
+			m->fd = -1;
+			manifest_free(m);
+		}
 		free(old);
-		return set_error(err, errlen, errno, "manifest %s: %s", path, strerror(errno));
+		return set_error(err, errlen, ENOMEM, "manifest %s: out of memory", path);
 	}
-	if ((rc = manifest_create(target_path, size, cluster_size, out, err, errlen))) {
-		free(old);
+	m->size = size;
+	m->cluster_size = cluster_size;
+	m->nclusters = n;
+	m->old = old;
+	unlink(m->tmp_path);  /* left by an interrupted update */
+	m->fd = open(m->tmp_path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+	if (m->fd < 0) {
+		int e = errno;
+		rc = set_error(err, errlen, e, "manifest %s: cannot create: %s", m->tmp_path, strerror(e));
+		manifest_free(m);
 		return rc;
 	}
-	memcpy((*out)->hashes, old, n * sizeof(*old));
-	free(old);
+	*out = m;
+	memcpy(m->hashes, old, n * sizeof(*old));
 	return 0;
+}
+
+void manifest_keep_old(struct manifest *m, const struct cbitmap *left)
+{
+	if (!m->old)
+		return;
+	for (uint64_t c = cbitmap_next_set(left, 0); c < left->nbits && c < m->nclusters;
+	     c = cbitmap_next_set(left, c + 1))
+		m->hashes[c] = m->old[c];
 }

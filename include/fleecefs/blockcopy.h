@@ -90,8 +90,9 @@ struct blockcopy {
 	uint64_t nclusters;
 	struct cbitmap pending;
 	struct inflight inflight;
-	/* Clusters whose data is in the write-behind queue, not yet in the
-	 * target (set and cleared under queue_lock). */
+	/* Clusters whose data went to the write-behind queue and has not
+	 * reached the target (set and cleared under queue_lock; stays set when
+	 * that write failed or was discarded). */
 	struct cbitmap queued;
 	/* Which injection point (inject.h) its target writes are: target-write
 	 * for a backup, store-write for a snapshot or fleecing store. */
@@ -170,6 +171,10 @@ uint64_t blockcopy_only_data(struct blockcopy *bc);
  * (granule = 2^gran_bits bytes, not below the cluster size) stay pending;
  * returns the bytes to copy. Call at T, before anything is copied. */
 uint64_t blockcopy_restrict(struct blockcopy *bc, const struct cbitmap *granules, unsigned gran_bits);
+/* After the writers stopped: the clusters whose data at T is not durably in
+ * the target (still pending, or queued and failed or discarded), into `out`
+ * (initialised here; the caller destroys it). 0 or -ENOMEM. */
+int blockcopy_left_over(struct blockcopy *bc, struct cbitmap *out);
 /* Clusters still pending (each at most cluster_size bytes). */
 static inline uint64_t blockcopy_pending_clusters(const struct blockcopy *bc)
 {

@@ -238,18 +238,18 @@ refuse EEXIST "$(printf 'backup vm.img %s id=tx1\nbackup pool/a.img %s id=tx2' "
 [ "$(cat "$OUT/has-sum.raw.xxh3")" = "old checksums" ] || fail "an existing TARGET.xxh3 was changed or removed"
 # Not implemented yet: refused with EOPNOTSUPP (which python, and so ctl,
 # names ENOTSUP: the same number on Linux), nothing left.
-refuse ENOTSUP "backup vm.img $t sync=incremental bitmap=b1" "$t" >/dev/null
+refuse ENOENT "backup vm.img $t sync=incremental bitmap=b1" "$t" >/dev/null
 refuse ENOTSUP "backup vm.img $t format=qcow2" "$t" >/dev/null
 refuse ENOTSUP "backup vm.img $OUT/t.qcow2" "$OUT/t.qcow2" >/dev/null
 refuse ENOTSUP "mirror vm.img $OUT/m.raw" "$OUT/m.raw" >/dev/null
 refuse ENOENT "release s1" >/dev/null
-refuse ENOTSUP "bitmap add vm.img b1" >/dev/null
+refuse ENOENT "bitmap remove vm.img b1" >/dev/null
 # perm has completed: the job verbs other than dismiss are refused by state.
 for v in pause resume complete; do
 	ans=$(refuse EBUSY "$v perm")
 	grep -q "job is completed" <<<"$ans" || fail "$v of a completed job: the message does not name its state: $ans"
 done
-refuse ENOTSUP "$(printf 'backup vm.img %s id=tx1\nbitmap add vm.img b1' "$OUT/tx1.raw")" "$OUT/tx1.raw" >/dev/null
+refuse ENOTSUP "$(printf 'backup vm.img %s id=tx1\nmirror vm.img %s' "$OUT/tx1.raw" "$OUT/m.raw")" "$OUT/tx1.raw" >/dev/null
 # A NUL byte in the command text.
 "$PY" - "$MNT/.fleece/ctl" "$OUT/nul.raw" <<'EOF' || fail "NUL byte"
 import errno, os, sys

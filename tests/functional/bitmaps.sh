@@ -1,0 +1,530 @@
+#!/usr/bin/env bash
+# Dirty bitmaps and incremental chains (SPEC sections 3 and 5), as a user of
+# QEMU's dirty bitmaps would expect them:
+#   1. chain start: `bitmap add` + full backup with bitmap= in one write while
+#      a guest writes: the writes after T are in the bitmap and in the first
+#      incremental, which makes the full target equal to the image;
+#   2. option validation: each bad request refused with its errno and a one-
+#      line message, nothing started, no file created or changed;
+#   3. busy: remove/clear/merge into a bitmap and a second backup with it fail
+#      with EBUSY naming the job while it runs, and work after it concluded;
+#   4. an incremental copies exactly the dirty clusters (bytes_total/done),
+#      updates the chain's raw full backup in place and its manifest;
+#   5. bitmap-mode on-success|always|never x success|target error|cancel:
+#      the bits afterwards (dirty_bytes, the next incremental's bytes_total)
+#      and an exact next incremental;
+#   6. persistence across remounts and renames through the mount;
+#   7. an image changed while unmounted, or a deleted identity record:
+#      state=inconsistent, incremental refused, a new full chain repairs it;
+#   8. deleting an image through the mount removes its bitmaps at unmount;
+#   9. SIGKILL of the daemon under writes (3 moments, one during an
+#      incremental): after restart an incremental is still exact.
+# Sizes are small so that the whole file runs in about 30 s.
+. "$TESTS_DIR/lib.sh"
+
+CS=65536           # the default cluster size and bitmap granularity
+M=$((1 << 20))
+
+# ---- helpers ------------------------------------------------------------------
+
+# bmkey IMAGE NAME KEY: one key of a bitmap's status.
+bmkey() { sed -n "s/^$3=//p" "$MNT/.fleece/bitmaps/$1/$2"; }
+dirty() { bmkey "$1" "$2" dirty_bytes; }
+# want_eq WHAT GOT WANT
+want_eq() { [ "$2" = "$3" ] || fail "$1: got '$2', want '$3'"; }
+# want_match WHAT TEXT REGEX (grep -E, case-insensitive)
+want_match() { grep -qiE -- "$3" <<<"$2" || fail "$1: '$2' does not match /$3/"; }
+# start ID COMMAND: one write that must start exactly job ID.
+start() {
+	local out
+	out=$(ctl "$2") || fail "'$2' refused: $out"
+	[ "$out" = "ok id=$1" ] || fail "'$2': answer '$out', want 'ok id=$1'"
+}
+# run_ok ID COMMAND: starts the job and waits until it completed.
+run_ok() {
+	local s
+	start "$1" "$2"
+	s=$(wait_job "$1" 60)
+	[ "$s" = completed ] || fail "job $1 $s: $(status "$1" error)"
+}
+# same WHAT A B: byte-identical files; names the differing clusters if not.
+same() {
+	cmp -s "$2" "$3" && return 0
+	fail "$1: $2 and $3 differ in clusters $("$PY" - "$2" "$3" "$CS" <<'PY'
+import sys
+a, b, cs = open(sys.argv[1], "rb").read(), open(sys.argv[2], "rb").read(), int(sys.argv[3])
+d = [c for c in range(max(len(a), len(b)) // cs + 1) if a[c * cs:(c + 1) * cs] != b[c * cs:(c + 1) * cs]]
+print(len(d), d[:20], "sizes", len(a), len(b))
+PY
+)"
+}
+# manifest_ok TARGET [WHAT]: TARGET.xxh3 describes what TARGET holds.
+manifest_ok() {
+	local out
+	out=$("$PY" "$TESTS_DIR/manifest_check.py" "$1" 2>&1) || fail "${2:+$2: }manifest of $1 does not match it: $out"
+}
+
+# pwrites IMAGE OFF:LEN...: random data written at each place through the mount.
+pwrites() {
+	"$PY" - "$MNT/$1" "${@:2}" <<'PY'
+import os, sys
+fd = os.open(sys.argv[1], os.O_WRONLY)
+for a in sys.argv[2:]:
+    off, n = (int(x) for x in a.split(":"))
+    assert os.pwrite(fd, os.urandom(n), off) == n
+os.close(fd)
+PY
+}
+# covered SIZE OFF:LEN...: bytes of the clusters these writes touch.
+covered() {
+	"$PY" - "$CS" "$@" <<'PY'
+import sys
+cs, size = int(sys.argv[1]), int(sys.argv[2])
+cl = set()
+for a in sys.argv[3:]:
+    off, n = (int(x) for x in a.split(":"))
+    cl.update(range(off // cs, (off + n - 1) // cs + 1))
+print(sum(min(cs, size - c * cs) for c in cl))
+PY
+}
+# at CLUSTER... : OFF:LEN words, a 4 KiB write 100 bytes into each cluster.
+at() { local c; for c in "$@"; do printf '%s:4096 ' $((c * CS + 100)); done; }
+jobs_now() { ls "$MNT/.fleece/jobs" | sort | tr '\n' ' '; }
+# state_dir_of IMAGE: the bitmaps directory of an image (by its inode).
+state_dir_of() { echo "$SRC/.fleecefs/bitmaps/$(stat -c '%d-%i' "$SRC/$1")"; }
+
+# =============================================================================
+log "1. chain start: bitmap add + full backup in one write, while a guest writes"
+random_image "$SRC/chain.img" 16M
+mount_fleece
+cp "$SRC/chain.img" "$T/chain-at-T"
+# The writer starts after T (the go file) and writes until the full concluded;
+# it logs every write as OFF:LEN.
+"$PY" - "$MNT/chain.img" "$T/go" "$MNT/.fleece/jobs/full1/status" "$T/w1.log" <<'PY' > "$T/w1.count" &
+import os, random, sys, time
+path, go, status, log = sys.argv[1:5]
+rng = random.Random(11)
+while not os.path.exists(go):
+    time.sleep(0.005)
+fd = os.open(path, os.O_WRONLY)
+size = os.fstat(fd).st_size
+n = 0
+with open(log, "w") as L:
+    while "state=running" in open(status).read():
+        off, ln = rng.randrange(0, size - 20000), rng.randint(1, 20000)
+        assert os.pwrite(fd, os.urandom(ln), off) == ln
+        L.write(f"{off}:{ln}\n")
+        L.flush()
+        n += 1
+        time.sleep(0.03)
+print(n)
+PY
+writer=$!
+BG_PIDS+=("$writer")
+start full1 "bitmap add chain.img b1
+backup chain.img $OUT/chain.raw bitmap=b1 speed=8M id=full1"
+touch "$T/go"
+wait "$writer" || fail "the writer failed"
+[ "$(cat "$T/w1.count")" -ge 20 ] || fail "only $(cat "$T/w1.count") writes while the full ran"
+want_eq "full1 state" "$(wait_job full1)" completed
+soft same "the full backup (image at T)" "$T/chain-at-T" "$OUT/chain.raw"
+soft manifest_ok "$OUT/chain.raw"
+cov=$(covered $((16 * M)) $(cat "$T/w1.log"))
+log "   $(cat "$T/w1.count") writes during the full, $((cov / CS)) clusters"
+soft want_eq "dirty_bytes after the full = the clusters written during it" "$(dirty chain.img b1)" "$cov"
+soft want_eq "bitmap state" "$(bmkey chain.img b1 state)" active
+soft want_eq "last_backup_target" "$(bmkey chain.img b1 last_backup_target)" "$OUT/chain.raw"
+cp "$SRC/chain.img" "$T/chain-at-T2"
+run_ok inc1 "backup chain.img $OUT/chain.raw sync=incremental bitmap=b1 id=inc1"
+soft want_eq "first incremental's bytes_total" "$(status inc1 bytes_total)" "$cov"
+soft same "the full after the first incremental" "$T/chain-at-T2" "$OUT/chain.raw"
+soft manifest_ok "$OUT/chain.raw"
+soft want_eq "dirty_bytes after the incremental" "$(dirty chain.img b1)" 0
+soft want_eq "last_backup_sync" "$(bmkey chain.img b1 last_backup_sync)" incremental
+
+# =============================================================================
+log "2. option validation"
+random_image "$SRC/v.img" 4M
+run_ok vfull "bitmap add v.img vb
+backup v.img $OUT/v.raw bitmap=vb id=vfull"
+ctl "bitmap add v.img nofull" >/dev/null || fail "bitmap add nofull"
+ctl "snapshot vs v.img" >/dev/null || fail "snapshot vs"
+cp "$OUT/v.raw" "$OUT/other.raw"
+sums_before=$(cd "$OUT" && md5sum v.raw v.raw.xxh3 other.raw)
+jobs_before=$(jobs_now)
+bitmaps_before=$(ls "$MNT/.fleece/bitmaps/v.img" | tr '\n' ' ')
+# refuse ERRNO REGEX COMMAND [FILE...]: refused with ERRNO and a one-line
+# message matching REGEX; no job started; no FILE (nor FILE.xxh3) created.
+refuse() {
+	local want=$1 re=$2 cmd=$3 out f
+	shift 3
+	out=$(ctl_expect "$want" "$cmd") || exit 1
+	want_match "'$cmd': message" "$out" "$re"
+	want_eq "'$cmd': jobs" "$(jobs_now)" "$jobs_before"
+	for f in "$@"; do [ ! -e "$f" ] && [ ! -e "$f.xxh3" ] || fail "'$cmd' created $f"; done
+}
+soft refuse EINVAL "incremental.*bitmap=" "backup v.img $OUT/n1.raw sync=incremental" "$OUT/n1.raw"
+soft refuse ENOENT "bitmap nope" "backup v.img $OUT/n2.raw bitmap=nope" "$OUT/n2.raw"
+soft refuse ENOENT "bitmap nope" "backup v.img $OUT/v.raw sync=incremental bitmap=nope"
+soft refuse EINVAL "bitmap-mode.*bitmap" "backup v.img $OUT/n3.raw bitmap-mode=always" "$OUT/n3.raw"
+soft refuse EINVAL "sync=none.*bitmap" "backup v.img $OUT/n4.raw sync=none bitmap=vb" "$OUT/n4.raw"
+soft refuse EINVAL "power of two" "bitmap add v.img g1 granularity=96K"
+soft refuse EINVAL "below the cluster size" "bitmap add v.img g2 granularity=4K"
+soft refuse EEXIST "vb" "bitmap add v.img vb"
+for op in remove clear enable disable; do
+	soft refuse ENOENT "no bitmap nope" "bitmap $op v.img nope"
+done
+soft refuse ENOENT "no bitmap nope" "bitmap merge v.img nope vb"
+soft refuse ENOENT "no bitmap nope" "bitmap merge v.img vb nope"
+ctl "bitmap add v.img g128 granularity=128K" >/dev/null || fail "bitmap add granularity=128K"
+soft refuse EINVAL "granularity" "bitmap merge v.img vb g128"
+ctl "bitmap remove v.img g128" >/dev/null || fail "bitmap remove g128"
+soft refuse EINVAL "last backup $OUT/v.raw" "backup v.img $OUT/other.raw sync=incremental bitmap=vb"
+soft refuse EINVAL "last backup $OUT/v.raw" "backup v.img $OUT/n5.raw sync=incremental bitmap=vb" "$OUT/n5.raw"
+soft refuse EINVAL "no full backup" "backup v.img $OUT/v.raw sync=incremental bitmap=nofull"
+soft refuse EINVAL "snapshot view" "bitmap add .fleece/snapshots/vs/v.img x"
+soft refuse EINVAL "snapshot view" "backup .fleece/snapshots/vs/v.img $OUT/n6.raw bitmap=vb" "$OUT/n6.raw"
+# All or nothing: a refused line undoes the bitmap added by an earlier one.
+soft refuse ENOENT "bitmap nope" "bitmap add v.img new1
+backup v.img $OUT/n7.raw bitmap=nope" "$OUT/n7.raw"
+soft refuse EINVAL "no full backup" "bitmap add v.img new2
+backup v.img $OUT/v.raw sync=incremental bitmap=new2"
+soft want_eq "bitmaps of v.img after the refusals" "$(ls "$MNT/.fleece/bitmaps/v.img" | tr '\n' ' ')" "$bitmaps_before"
+soft want_eq "targets after the refusals" "$(cd "$OUT" && md5sum v.raw v.raw.xxh3 other.raw)" "$sums_before"
+soft want_eq "vb after the refusals" "$(dirty v.img vb) $(bmkey v.img vb busy)" "0 "
+ctl "release vs" >/dev/null || fail "release vs"
+
+# =============================================================================
+log "3. a bitmap used by a running backup is busy"
+random_image "$SRC/busy.img" 16M
+ctl "bitmap add busy.img b1
+bitmap add busy.img b2" >/dev/null || fail "bitmap add busy.img"
+pwrites busy.img $(at 1 2 3)    # b1 has bits, so clear and merge would change it
+start bjob7 "backup busy.img $OUT/busy.raw bitmap=b1 speed=1M id=bjob7"
+soft want_eq "busy= while the job runs" "$(bmkey busy.img b1 busy)" bjob7
+jobs_before=$(jobs_now)
+for cmd in "bitmap remove busy.img b1" "bitmap clear busy.img b1" "bitmap merge busy.img b1 b2"; do
+	soft refuse EBUSY "bjob7" "$cmd"
+done
+soft refuse EBUSY "bjob7" "backup busy.img $OUT/busy2.raw bitmap=b1 id=second" "$OUT/busy2.raw"
+want_eq "bjob7 still running after the refusals" "$(status bjob7 state)" running
+soft want_eq "b1 still listed" "$(ls "$MNT/.fleece/bitmaps/busy.img" | tr '\n' ' ')" "b1 b2 "
+ctl "cancel bjob7" >/dev/null || fail "cancel bjob7"
+want_eq "bjob7" "$(wait_job bjob7)" cancelled
+soft want_eq "busy= after the job" "$(bmkey busy.img b1 busy)" ""
+soft want_eq "b1 after the cancel: its bits at T are back" "$(dirty busy.img b1)" $((3 * CS))
+out=$(ctl "bitmap merge busy.img b1 b2") || fail "merge after the job: $out"
+out=$(ctl "bitmap clear busy.img b1") || fail "clear after the job: $out"
+soft want_eq "b1 after clear" "$(dirty busy.img b1)" 0
+run_ok second "backup busy.img $OUT/busy2.raw bitmap=b1 id=second"
+bdir=$(state_dir_of busy.img)
+out=$(ctl "bitmap remove busy.img b1") || fail "remove after the job: $out"
+soft want_eq "bitmaps of busy.img after remove" "$(ls "$MNT/.fleece/bitmaps/busy.img" | tr '\n' ' ')" "b2 "
+soft want_eq "state files of b1 after remove" "$(cd "$bdir" && ls b1.* 2>/dev/null)" ""
+
+# =============================================================================
+log "4. an incremental copies exactly the dirty clusters"
+random_image "$SRC/ex.img" 32M
+run_ok exfull "bitmap add ex.img b1
+backup ex.img $OUT/ex.raw bitmap=b1 id=exfull"
+soft want_eq "dirty after an idle full" "$(dirty ex.img b1)" 0
+# 4 KiB writes inside clusters 3 (twice), 10 (its last 4 KiB), 100; writes
+# straddling 19|20, 199|200, 300|301; one byte in 450 and in the last, 511.
+spans="$((3 * CS)):4096 $((3 * CS + 8192)):4096 $((10 * CS + 61440)):4096 $((100 * CS + 1)):4096
+$((20 * CS - 2048)):4096 $((200 * CS - 1)):2 $((300 * CS + 60000)):70000 $((450 * CS + 65535)):1
+$((512 * CS - 1)):1"
+pwrites ex.img $spans
+want=$(covered $((32 * M)) $spans)
+[ "$want" = $((11 * CS)) ] || fail "test bug: $want"
+soft want_eq "dirty_bytes of 11 clusters" "$(dirty ex.img b1)" "$want"
+run_ok exinc "backup ex.img $OUT/ex.raw sync=incremental bitmap=b1 id=exinc"
+soft want_eq "incremental bytes_total" "$(status exinc bytes_total)" "$want"
+soft want_eq "incremental bytes_done" "$(status exinc bytes_done)" "$want"
+soft same "the updated full" "$SRC/ex.img" "$OUT/ex.raw"
+soft manifest_ok "$OUT/ex.raw"
+soft want_eq "dirty after the incremental" "$(dirty ex.img b1)" 0
+# An odd size: the last cluster is 12345 bytes long.
+head -c $((8 * M + 12345)) /dev/urandom > "$SRC/odd.img"
+run_ok oddfull "bitmap add odd.img b1
+backup odd.img $OUT/odd.raw bitmap=b1 id=oddfull"
+pwrites odd.img 0:1 $((8 * M + 12344)):1
+run_ok oddinc "backup odd.img $OUT/odd.raw sync=incremental bitmap=b1 id=oddinc"
+soft want_eq "odd-size incremental bytes_total" "$(status oddinc bytes_total)" $((CS + 12345))
+soft same "the updated odd-size full" "$SRC/odd.img" "$OUT/odd.raw"
+soft manifest_ok "$OUT/odd.raw"
+
+# =============================================================================
+log "5. bitmap-mode x outcome"
+random_image "$SRC/m.img" 32M
+MT=$OUT/m.raw     # the chain's full backup (a new one after an inexact round)
+run_ok mfull "bitmap add m.img b1
+backup m.img $MT bitmap=b1 id=mfull"
+# Bits at T: A, 48 clusters 3, 11, ..., 379. Writes after T: B, 8 clusters
+# 400, 402, ..., 414 and cluster 379 (in A: a copy-before-write).
+A_CL=$(seq 3 8 379) B_CL="$(seq 400 2 414) 379"
+NA=48 NB=9 NAB=56
+# mode_round MODE OUTCOME: one incremental with bitmap-mode=MODE that
+# succeeds, fails on an injected target write error halfway (cluster 195),
+# is cancelled halfway, or (cancel-slow) is cancelled while its target is slow
+# (every target write takes 100 ms: most of what it read is not written yet);
+# then checks the bits and a follow-up incremental.
+mode_round() {
+	local mode=$1 outcome=$2 id="m-$1-$2" speed=4M done bits lo hi
+	local opts="sync=incremental bitmap=b1 bitmap-mode=$mode"
+	pwrites m.img $(at $A_CL)
+	want_eq "$id: bits at T" "$(dirty m.img b1)" $((NA * CS))
+	cp "$SRC/m.img" "$T/m-at-T"
+	case $outcome in
+	fail) inject "target-write offset=$((195 * CS))-$((196 * CS))";;
+	cancel) speed=1M;;
+	cancel-slow) inject "target-write from=1 delay=100"; speed=0;;
+	esac
+	start "$id" "backup m.img $MT $opts speed=$speed id=$id"
+	pwrites m.img $(at $B_CL)
+	case $outcome in
+	success)
+		want_eq "$id" "$(wait_job "$id")" completed
+		soft same "$id: target = image at T" "$T/m-at-T" "$MT"
+		soft manifest_ok "$MT" "$id (after the job)";;
+	fail)
+		want_eq "$id" "$(wait_job "$id")" failed
+		soft want_match "$id: error" "$(status "$id" error)" "writing the target at offset $((195 * CS))"
+		inject clear
+		# The target holds a mix now; its manifest must say what it holds.
+		soft manifest_ok "$MT" "$id (after the job)";;
+	cancel)
+		for _ in $(seq 400); do
+			[ "$(status "$id" bytes_done)" -ge $((NA * CS / 2)) ] && break
+			sleep 0.02
+		done
+		ctl "cancel $id" >/dev/null || fail "cancel $id"
+		want_eq "$id" "$(wait_job "$id")" cancelled
+		soft manifest_ok "$MT" "$id (after the job)";;
+	cancel-slow)
+		sleep 0.5
+		want_eq "$id: running before the cancel" "$(status "$id" state)" running
+		ctl "cancel $id" >/dev/null || fail "cancel $id"
+		want_eq "$id" "$(wait_job "$id")" cancelled
+		inject clear
+		soft manifest_ok "$MT" "$id (after the job)";;
+	esac
+	done=$(status "$id" bytes_done)
+	bits=$(dirty m.img b1)
+	case $mode-$outcome in
+	on-success-success|always-success)
+		soft want_eq "$id: bits = writes after T" "$bits" $((NB * CS));;
+	never-*|on-success-*)
+		soft want_eq "$id: bits = bits at T + writes after T" "$bits" $((NAB * CS));;
+	always-cancel-slow)
+		# At 100 ms per target write, at most about 10 of the 48 clusters
+		# reached the target before the cancel: the rest stays to do.
+		lo=$(( (NA + NB - 15) * CS )) hi=$((NAB * CS))
+		log "   $id: bits $((bits / CS)) clusters"
+		soft eval '[ "$bits" -ge "$lo" ] && [ "$bits" -lt "$hi" ] ||
+			fail "$id: bits $bits, want clusters not yet in the target + B: at least $lo and less than $hi"';;
+	always-*)
+		# Clusters not copied (at least those not counted done) + B; fewer
+		# than A + B since some were copied.
+		lo=$(( (NA + NB) * CS - done )) hi=$((NAB * CS))
+		log "   $id: done $((done / CS)) clusters, bits $((bits / CS)) clusters"
+		[ "$done" -ge $((2 * CS)) ] || fail "$id: nothing was copied before the end ($done)"
+		soft eval '[ "$bits" -ge "$lo" ] && [ "$bits" -lt "$hi" ] ||
+			fail "$id: bits $bits, want clusters not yet copied + B: at least $lo and less than $hi"';;
+	esac
+	run_ok "$id-next" "backup m.img $MT sync=incremental bitmap=b1 id=$id-next"
+	soft want_eq "$id: the next incremental copies the bits" "$(status "$id-next" bytes_total)" "$bits"
+	soft same "$id: the target after the next incremental" "$SRC/m.img" "$MT"
+	soft manifest_ok "$MT" "$id (after the next incremental)"
+	soft want_eq "$id: bits after the next incremental" "$(dirty m.img b1)" 0
+	if ! cmp -s "$SRC/m.img" "$MT"; then
+		# So that the next rounds are judged on their own: a new chain.
+		MT=$OUT/m-$id.raw
+		run_ok "$id-rechain" "backup m.img $MT bitmap=b1 id=$id-rechain"
+	fi
+}
+for mode in on-success always never; do
+	for outcome in success fail cancel; do
+		mode_round "$mode" "$outcome"
+	done
+done
+mode_round always cancel-slow
+
+# =============================================================================
+log "6. persistence: remount, rename through the mount (also into a subdirectory)"
+random_image "$SRC/p.img" 16M
+run_ok pfull "bitmap add p.img b1
+bitmap add p.img b2 granularity=1M disabled
+backup p.img $OUT/p.raw bitmap=b1 id=pfull"
+pwrites p.img $(at 5 6 70 71 200)
+soft want_eq "p.img b1 before the remount" "$(dirty p.img b1)" $((5 * CS))
+unmount_fleece
+want_eq "daemon exit status" "$DAEMON_RC" 0
+mount_fleece
+soft want_eq "b1 after a remount" "$(dirty p.img b1) $(bmkey p.img b1 state) $(bmkey p.img b1 recording)" \
+	"$((5 * CS)) active yes"
+soft want_eq "b2 after a remount" "$(bmkey p.img b2 granularity) $(dirty p.img b2) $(bmkey p.img b2 recording)" \
+	"$M 0 no"
+run_ok pinc1 "backup p.img $OUT/p.raw sync=incremental bitmap=b1 id=pinc1"
+soft want_eq "pinc1 bytes_total" "$(status pinc1 bytes_total)" $((5 * CS))
+soft same "p.raw after pinc1" "$SRC/p.img" "$OUT/p.raw"
+pwrites p.img $(at 9 100 101)
+mv "$MNT/p.img" "$MNT/q.img"
+soft eval '[ ! -e "$MNT/.fleece/bitmaps/p.img" ] || fail "p.img still listed after mv p.img q.img"'
+soft want_eq "q.img b1" "$(dirty q.img b1) $(bmkey q.img b1 image)" "$((3 * CS)) q.img"
+mkdir "$MNT/sub"
+mv "$MNT/q.img" "$MNT/sub/r.img"
+soft want_eq "sub/r.img b1" "$(dirty sub/r.img b1) $(bmkey sub/r.img b1 image)" "$((3 * CS)) sub/r.img"
+soft eval '[ ! -e "$MNT/.fleece/bitmaps/q.img" ] || fail "q.img still listed after the rename"'
+unmount_fleece
+want_eq "daemon exit status" "$DAEMON_RC" 0
+mount_fleece
+soft want_eq "sub/r.img b1 after a remount" "$(dirty sub/r.img b1) $(bmkey sub/r.img b1 state)" "$((3 * CS)) active"
+soft want_eq "sub/r.img b2 after a remount" "$(bmkey sub/r.img b2 name)" b2
+run_ok pinc2 "backup sub/r.img $OUT/p.raw sync=incremental bitmap=b1 id=pinc2"
+soft want_eq "pinc2 bytes_total" "$(status pinc2 bytes_total)" $((3 * CS))
+soft same "p.raw after pinc2" "$SRC/sub/r.img" "$OUT/p.raw"
+soft manifest_ok "$OUT/p.raw"
+
+# =============================================================================
+log "7. an image changed while unmounted; an identity record deleted"
+random_image "$SRC/o.img" 8M
+random_image "$SRC/id.img" 8M
+out=$(ctl "bitmap add o.img b1
+backup o.img $OUT/o.raw bitmap=b1 id=ofull
+bitmap add id.img b1
+backup id.img $OUT/id.raw bitmap=b1 id=idfull") || fail "ofull/idfull refused: $out"
+want_eq "two fulls in one write" "$out" "ok id=ofull id=idfull"
+want_eq ofull "$(wait_job ofull)" completed
+want_eq idfull "$(wait_job idfull)" completed
+iddir=$(state_dir_of id.img)
+[ -f "$iddir/image" ] || fail "no identity record $iddir/image"
+unmount_fleece
+printf 'X' | dd of="$SRC/o.img" bs=1 seek=123457 conv=notrunc status=none
+rm "$iddir/image"
+mount_fleece
+soft want_eq "o.img b1 state" "$(bmkey o.img b1 state)" inconsistent
+soft want_match "o.img b1 reason" "$(bmkey o.img b1 reason)" "changed while fleecefs was not running"
+osum=$(md5sum < "$OUT/o.raw")
+jobs_before=$(jobs_now)
+soft refuse EINVAL "inconsistent.*full backup" "backup o.img $OUT/o.raw sync=incremental bitmap=b1"
+soft want_eq "o.raw after the refusal" "$(md5sum < "$OUT/o.raw")" "$osum"
+soft eval 'ls "$MNT/.fleece/bitmaps" >/dev/null || fail "listing .fleece/bitmaps fails"'
+soft want_eq "id.img b1 state" "$(bmkey id.img b1 state 2>&1)" inconsistent
+soft want_match "id.img b1 reason" "$(bmkey id.img b1 reason 2>&1)" "identity"
+soft refuse EINVAL "inconsistent" "backup id.img $OUT/id.raw sync=incremental bitmap=b1"
+# A new full chain makes o.img's bitmap trustworthy again.
+run_ok ofull2 "backup o.img $OUT/o2.raw bitmap=b1 id=ofull2"
+soft want_eq "o.img b1 after a new full" "$(bmkey o.img b1 state) $(dirty o.img b1)" "active 0"
+soft same "o2.raw" "$SRC/o.img" "$OUT/o2.raw"
+pwrites o.img $(at 1 2 100)
+jobs_before=$(jobs_now)
+soft refuse EINVAL "last backup $OUT/o2.raw" "backup o.img $OUT/o.raw sync=incremental bitmap=b1"
+run_ok oinc "backup o.img $OUT/o2.raw sync=incremental bitmap=b1 id=oinc"
+soft want_eq "oinc bytes_total" "$(status oinc bytes_total)" $((3 * CS))
+soft same "o2.raw after oinc" "$SRC/o.img" "$OUT/o2.raw"
+
+# =============================================================================
+log "8. deleting an image through the mount removes its bitmaps at unmount"
+random_image "$SRC/d.img" 4M
+ctl "bitmap add d.img b1" >/dev/null || fail "bitmap add d.img"
+ddir=$(state_dir_of d.img)
+[ -d "$ddir" ] || fail "no state directory $ddir"
+rm "$MNT/d.img"
+unmount_fleece
+want_eq "daemon exit status" "$DAEMON_RC" 0
+soft eval '[ ! -e "$ddir" ] || fail "$ddir is still there: $(ls "$ddir")"'
+
+# =============================================================================
+log "9. SIGKILL of the daemon while a guest writes"
+# 64 MiB: four write-intent regions of 16 MiB; the writer writes into the
+# second and the fourth only.
+random_image "$SRC/c.img" 64M
+mount_fleece
+run_ok cfull "bitmap add c.img b1
+backup c.img $OUT/c.raw bitmap=b1 id=cfull"
+cat > "$T/cw.py" <<'PY'
+import os, random, sys
+rng = random.Random(int(sys.argv[2]))
+fd = os.open(sys.argv[1], os.O_WRONLY)
+n = 0
+try:
+    while True:
+        ln = rng.choice([512, 4096, 65536, rng.randint(1, 300000)])
+        off = rng.choice([16, 48]) * 2**20 + rng.randrange(0, 16 * 2**20 - ln)
+        os.pwrite(fd, os.urandom(ln), off)
+        n += 1
+        if n % 20 == 0:
+            os.fdatasync(fd)
+except OSError:
+    pass   # the daemon is gone
+PY
+# crash ROUND: the writer runs; kill -9 at this round's moment; restart.
+crash() {
+	local round=$1 w
+	"$PY" "$T/cw.py" "$MNT/c.img" "$round" &
+	w=$!
+	BG_PIDS+=("$w")
+	case $round in
+	1) sleep 0.3;;
+	2) sleep 1.5;;
+	3)  # during a rate-limited incremental that copies what the writer wrote
+		sleep 0.5
+		cp "$OUT/c.raw" "$T/c-prev"
+		start crinc "backup c.img $OUT/c.raw sync=incremental bitmap=b1 speed=1M id=crinc"
+		for _ in $(seq 200); do [ "$(status crinc bytes_done)" -gt 0 ] && break; sleep 0.02; done
+		sleep 0.3
+		[ "$(status crinc state)" = running ] || fail "crinc is not running at the kill";;
+	esac
+	kill -9 "$DAEMON_PID"
+	wait "$DAEMON_PID" 2>/dev/null || true
+	DAEMON_PID=
+	fusermount3 -uz "$MNT"
+	wait "$w" || true
+	mount_fleece
+}
+for round in 1 2 3; do
+	[ "$round" = 3 ] || cp "$OUT/c.raw" "$T/c-prev"
+	crash "$round"
+	bits=$(dirty c.img b1)
+	log "   round $round: dirty after the restart $((bits / M)) MiB, state $(bmkey c.img b1 state)"
+	soft want_eq "round $round: state after the crash" "$(bmkey c.img b1 state)" active
+	# Never misses: every cluster where the image differs from the last
+	# backup is dirty (counted here, proven by the incremental below).
+	diff=$("$PY" - "$SRC/c.img" "$T/c-prev" "$CS" <<'PY'
+import sys
+cs = int(sys.argv[3])
+with open(sys.argv[1], "rb") as a, open(sys.argv[2], "rb") as b:
+    n = 0
+    while True:
+        x, y = a.read(cs), b.read(cs)
+        if not x:
+            break
+        n += x != y
+print(n * cs)
+PY
+)
+	[ "$diff" -gt 0 ] || fail "round $round: the writer changed nothing"
+	soft eval '[ "$bits" -ge "$diff" ] || fail "round $round: dirty_bytes $bits < $diff bytes of changed clusters"'
+	if [ "$(bmkey c.img b1 state)" != active ]; then
+		# Keep going with a new chain so that the other rounds still run.
+		rm -f "$OUT/c.raw" "$OUT/c.raw.xxh3"
+		run_ok "crfull$round" "backup c.img $OUT/c.raw bitmap=b1 id=crfull$round"
+		continue
+	fi
+	# The chain's next incremental, as usual (checksum=xxh3). If that is
+	# refused, the bits are still checked with checksum=none.
+	cmd="backup c.img $OUT/c.raw sync=incremental bitmap=b1 id=crnext$round" sum=yes
+	if ! out=$(ctl "$cmd" 2>/dev/null); then
+		soft fail "round $round: the chain's next incremental is refused after the crash: $out"
+		start "crnext$round" "$cmd checksum=none"
+		sum=no
+	fi
+	want_eq "crnext$round" "$(wait_job "crnext$round")" completed
+	soft want_eq "round $round: the incremental copies the bits" "$(status "crnext$round" bytes_total)" "$bits"
+	soft same "round $round: the target after the incremental" "$SRC/c.img" "$OUT/c.raw"
+	[ "$sum" = no ] || soft manifest_ok "$OUT/c.raw" "round $round"
+done
+
+unmount_fleece
+want_eq "daemon exit status" "$DAEMON_RC" 0
+end_test
