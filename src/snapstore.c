@@ -267,7 +267,7 @@ int snapstore_open(struct snapstore *s, struct image *image, const char *store_p
 	s->size = (uint64_t)s->st_at_t.st_size;
 	if (!(s->store_path = strdup(store_path)))
 		return set_error(err, errlen, ENOMEM, "out of memory");
-	if ((rc = target_raw_create(store_path, s->size, &s->store, err, errlen)))
+	if ((rc = target_raw_create_scratch(store_path, s->size, &s->store, err, errlen)))
 		goto fail;
 	s->store_read_fd = open(store_path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
 	if (s->store_read_fd < 0) {

@@ -118,7 +118,20 @@ static const struct target_ops raw_ops = {
 	.free = raw_free,
 };
 
-int target_raw_create(const char *path, uint64_t size, struct target **out, char *err, size_t errlen)
+/* A scratch file (a snapshot or fleecing store) is read back soon and then
+ * punched or removed: left to the page cache, most of it never reaches the
+ * disk, where its writeback would compete with the guest's own I/O. */
+static const struct target_ops raw_scratch_ops = {
+	.write = raw_write,
+	.write_zeroes = raw_write_zeroes,
+	.discard = raw_discard,
+	.finish = raw_finish,
+	.abort = raw_abort,
+	.free = raw_free,
+};
+
+static int raw_create(const char *path, uint64_t size, const struct target_ops *ops, struct target **out, char *err,
+		      size_t errlen)
 {
 	struct raw_target *r = calloc(1, sizeof(*r));
 
@@ -126,7 +139,7 @@ int target_raw_create(const char *path, uint64_t size, struct target **out, char
 		free(r);
 		return set_error(err, errlen, ENOMEM, "target %s: out of memory", path);
 	}
-	r->base.ops = &raw_ops;
+	r->base.ops = ops;
 	r->base.size = size;
 	r->base.fresh = 1;
 	r->created = true;
@@ -147,6 +160,16 @@ int target_raw_create(const char *path, uint64_t size, struct target **out, char
 	}
 	*out = &r->base;
 	return 0;
+}
+
+int target_raw_create(const char *path, uint64_t size, struct target **out, char *err, size_t errlen)
+{
+	return raw_create(path, size, &raw_ops, out, err, errlen);
+}
+
+int target_raw_create_scratch(const char *path, uint64_t size, struct target **out, char *err, size_t errlen)
+{
+	return raw_create(path, size, &raw_scratch_ops, out, err, errlen);
 }
 
 int target_raw_open_existing(const char *path, uint64_t size, struct target **out, char *err, size_t errlen)

@@ -45,6 +45,9 @@ struct target {
 
 /* Creates a raw target of `size` bytes at the absolute `path`. */
 int target_raw_create(const char *path, uint64_t size, struct target **out, char *err, size_t errlen);
+/* The same for a scratch file that is read back soon and then removed (a
+ * snapshot store): no early writeback, its pages stay cached. */
+int target_raw_create_scratch(const char *path, uint64_t size, struct target **out, char *err, size_t errlen);
 /* Opens an existing raw target of exactly `size` bytes to update it in place
  * (an incremental onto an earlier full backup). Its abort never removes it. */
 int target_raw_open_existing(const char *path, uint64_t size, struct target **out, char *err, size_t errlen);
