@@ -247,7 +247,9 @@ row() {
 					[ "$(status "$id" bytes_done)" = "$SIZE" ] && break
 					sleep 0.05
 				done
-				out=$(ctl "set $id speed=0") || fail "set speed refused: $out"
+				# (It may have completed already: nothing to wake.)
+				out=$(ctl "set $id speed=0") || [ "$(status "$id" state)" = completed ] ||
+					fail "set speed refused: $out"
 			fi
 		else
 			meet_cbw_fault "$id" "$outcome" "$point" "$WS_OFF" $((8 * M))
