@@ -3,10 +3,12 @@
 
 #include <errno.h>
 #include <inttypes.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "fleecefs/backup.h"
 #include "fleecefs/bitmap.h"
@@ -15,6 +17,7 @@
 #include "fleecefs/image.h"
 #include "fleecefs/job.h"
 #include "fleecefs/manifest.h"
+#include "fleecefs/pending.h"
 #include "fleecefs/snapshot.h"
 #include "fleecefs/snapstore.h"
 #include "fleecefs/target.h"
@@ -35,7 +38,12 @@ struct backup {
 	struct image_hook hook;
 	struct image *image;
 	char *image_path;
-	char *target_path;
+	char *target_path;              /* TARGET: the backup's name once complete */
+	char *partial_path;             /* TARGET.partial: its name if kept partial */
+	char *kept_partial;             /* set when the job ended keeping it */
+	char *chain_text;               /* the chain record decided, written last */
+	bool names_claimed;
+	struct pending *record;         /* pending.h: what a crash must finish or undo */
 	enum backup_sync sync;
 	enum target_format format;
 	bool checksum;
@@ -48,11 +56,12 @@ struct backup {
 	struct job *snapshot;           /* reading one of its views; referenced */
 	struct snapstore fleece;        /* fleecing=on: the frozen image */
 	bool fleecing;
-	bool in_place;                  /* raw incremental onto an earlier full */
+	bool in_place;                  /* raw incremental onto an earlier backup */
+	bool from_partial;              /* ... which is a partial one, completed now */
 	struct dirty_bitmap *bitmap;    /* bitmap=NAME, busy while we run */
 	char bitmap_name[FLEECE_NAME_MAX + 1];
 	enum bitmap_mode bitmap_mode;
-	uint64_t bytes_total;
+	atomic_uint_fast64_t bytes_total;
 	struct blockcopy bc;
 	bool bc_ready;
 	bool counted_active;
@@ -223,13 +232,13 @@ static void *copy_worker(void *arg)
 	for (;;) {
 		uint64_t max = guest_busy ? COPY_CHUNK_GUEST_BUSY : COPY_CHUNK_MAX;
 		uint64_t chunk = job_chunk_size(job, unit, max_u64(max, unit));
-		if (!job_throttle(job))
+		if (!job_throttle(job, chunk))
 			return NULL;
 		uint64_t from = atomic_load(&b->cursor), cursor = from, read_bytes = 0;
 		uint64_t start = clock_monotonic_ns();
 		struct blockcopy_error e;
 		int64_t n = blockcopy_copy_next(&b->bc, &cursor, chunk, &read_bytes, &e);
-		job_charge(job, read_bytes);
+		job_charge(job, chunk, read_bytes);
 		if (n < 0) {
 			if (!handle_copy_error(b, &e))
 				return NULL;
@@ -266,6 +275,217 @@ static bool backup_gives_up(void *arg)
 	return job_stop_requested(arg) != JOB_GO_ON;
 }
 
+/* ---- the end: publish, keep as partial, or undo --------------------------- */
+
+static const char *manifest_name(const char *path, char *buf, size_t len)
+{
+	snprintf(buf, len, "%s.xxh3", path);
+	return buf;
+}
+
+/* Is nothing at `path`? (The final names are checked again right before the
+ * decision: a user may have put something there while the job ran.) */
+static int name_free(const char *path, char *what, size_t len)
+{
+	struct stat st;
+	if (lstat(path, &st) == 0) {
+		snprintf(what, len, "%.4000s appeared while the job ran", path);
+		return -EEXIST;
+	}
+	return 0;
+}
+
+/* The chain record this job leaves behind, as text. */
+static void chain_text(struct backup *b, const char *where, bool partial, struct strbuf *out)
+{
+	struct chain_info c = { .partial = partial, .checksum = b->checksum, .time_ns = b->job.started_ns,
+				.size = b->bc.size, .dev = (uint64_t)b->target->dev, .ino = (uint64_t)b->target->ino };
+
+	snprintf(c.target, sizeof(c.target), "%s", where);
+	snprintf(c.final, sizeof(c.final), "%s", b->target_path);
+	snprintf(c.format, sizeof(c.format), "%s", ctl_format_name(b->format));
+	snprintf(c.sync, sizeof(c.sync), "%s", ctl_sync_name(b->sync));
+	snprintf(c.job, sizeof(c.job), "%s", b->job.id);
+	bitmap_chain_format(&c, out);
+}
+
+/* Records the decision (what to keep, and the chain record to write) before
+ * the first rename: from here on a crash is finished, not undone. */
+static int decide(struct backup *b, const char *decision, const char *where, bool partial)
+{
+	struct strbuf text = { 0 };
+	char chain[PATH_MAX];
+
+	if (b->bitmap) {
+		if (bitmap_chain_path_by_name(b->image, b->bitmap_name, chain, sizeof(chain)) == 0)
+			pending_set(b->record, "chain_file", chain);
+		chain_text(b, where, partial, &text);
+		if (text.failed) {
+			strbuf_free(&text);
+			return -ENOMEM;
+		}
+	}
+	pending_set_chain(b->record, text.data ? text.data : "");
+	pending_set(b->record, "decision", decision);
+	int rc = pending_save(b->record);
+	if (rc) {
+		pending_set(b->record, "decision", NULL);
+		pending_set_chain(b->record, "");
+	} else if (b->bitmap) {
+		/* Kept for the chain record, written after the renames. */
+		free(b->chain_text);
+		b->chain_text = strbuf_steal(&text);
+	}
+	strbuf_free(&text);
+	return rc;
+}
+
+/* A publication failed after the decision: take the decision back, so that
+ * the job's own undo (and a crash now) undoes instead. */
+static void undecide(struct backup *b)
+{
+	pending_set(b->record, "decision", NULL);
+	pending_set_chain(b->record, "");
+	pending_save(b->record);
+	free(b->chain_text);
+	b->chain_text = NULL;
+}
+
+/* Puts the result under `name` (with its manifest), after the decision.
+ * `data_path` is where the data file is now. */
+static int publish(struct backup *b, const char *name, char *what, size_t len)
+{
+	char mname[PATH_MAX + 8], mold[PATH_MAX + 8];
+	bool replace = b->in_place && strcmp(b->target->path, name) == 0;
+	int rc;
+
+	manifest_name(b->target->path, mold, sizeof(mold));
+	if (b->manifest && (rc = manifest_publish(b->manifest, manifest_name(name, mname, sizeof(mname)), replace))) {
+		snprintf(what, len, "manifest %s: cannot publish it: %s", mname, strerror_safe(-rc));
+		return rc;
+	}
+	if ((rc = target_publish(b->target, name, what, len))) {
+		if (b->manifest && !replace)
+			unlink(mname);
+		return rc;
+	}
+	/* An in-place file that moved: its old manifest describes nothing now. */
+	if (b->in_place && strcmp(mold, mname) != 0 && unlink(mold) == 0)
+		fsync_parent_dir(mold);
+	return 0;
+}
+
+/* The chain record and then the bitmap's new bits (bitmap.h: in this order,
+ * a crash in between leaves bits that over-approximate). */
+static void hand_back_bitmap(struct backup *b, bool success, const struct cbitmap *left)
+{
+	if (!b->bitmap)
+		return;
+	if (b->chain_text) {
+		bitmap_chain_put(b->image, b->bitmap, b->chain_text);
+		free(b->chain_text);
+		b->chain_text = NULL;
+	}
+	bitmap_job_end(b->image, b->bitmap, b->bitmap_mode, success, left, b->bc.cluster_bits);
+	b->bitmap = NULL;
+}
+
+/* The job's files are settled: no record, no names. */
+static void settle(struct backup *b)
+{
+	pending_finish(b->record);
+	b->record = NULL;
+	if (b->names_claimed) {
+		target_name_release(b->target_path);
+		target_name_release(b->partial_path);
+	}
+	b->names_claimed = false;
+}
+
+/* Everything of T is in the target, durably: publish it under TARGET. */
+static int complete_result(struct backup *b)
+{
+	char what[PATH_MAX + 200], mname[PATH_MAX + 8];
+	bool same_name = b->in_place && !b->from_partial;   /* updated where it is */
+	int rc;
+
+	if (!same_name && ((rc = name_free(b->target_path, what, sizeof(what))) ||
+			   (b->manifest && (rc = name_free(manifest_name(b->target_path, mname, sizeof(mname)), what,
+							   sizeof(what)))))) {
+		job_fail(&b->job, "target %s", what);
+		return rc;
+	}
+	if ((rc = decide(b, "commit", b->target_path, false))) {
+		job_fail(&b->job, "cannot record the decision in the state directory: %s", strerror_safe(-rc));
+		return rc;
+	}
+	if ((rc = publish(b, b->target_path, what, sizeof(what)))) {
+		undecide(b);
+		job_fail(&b->job, "%s", what);
+		return rc;
+	}
+	hand_back_bitmap(b, true, NULL);
+	target_close(b->target, true);
+	settle(b);
+	return 0;
+}
+
+/* bitmap-mode=always after a failure or cancel: what reached the target is
+ * kept as a partial backup, the rest put back as it was before the job
+ * (`left`); the bitmap then holds `left` plus the writes since T. */
+static int keep_partial(struct backup *b, const struct cbitmap *left)
+{
+	char what[PATH_MAX + 200];
+	int rc;
+
+	if ((rc = target_forget(b->target, left, b->bc.cluster_bits)) || (rc = target_flush(b->target))) {
+		log_warn("backup %s: cannot keep the partial backup (%s): undoing it", b->job.id, strerror_safe(-rc));
+		return rc;
+	}
+	if (b->manifest) {
+		manifest_forget(b->manifest, left);
+		manifest_set_partial(b->manifest, true);
+		if ((rc = manifest_write(b->manifest)))
+			return rc;
+	}
+	if (strcmp(b->target->path, b->partial_path) != 0 && (rc = name_free(b->partial_path, what, sizeof(what)))) {
+		log_warn("backup %s: cannot keep the partial backup: %s", b->job.id, what);
+		return rc;
+	}
+	if ((rc = decide(b, "partial", b->partial_path, true)))
+		return rc;
+	if ((rc = publish(b, b->partial_path, what, sizeof(what)))) {
+		log_warn("backup %s: cannot keep the partial backup: %s", b->job.id, what);
+		undecide(b);
+		return rc;
+	}
+	hand_back_bitmap(b, false, left);
+	target_close(b->target, true);
+	settle(b);
+	return 0;
+}
+
+/* Nothing of the job stays: a new target removed, an updated one rolled
+ * back; the bitmap as if the job never ran. */
+static void undo_result(struct backup *b)
+{
+	if (b->target) {
+		int rc = target_close(b->target, false);
+		if (rc)
+			log_error("backup %s: cannot put %s back as it was (%s): the next mount retries from its journal",
+				  b->job.id, b->target->path, strerror_safe(-rc));
+		if (rc && b->record) {
+			/* The record must stay for the next mount. */
+			pending_free(b->record);
+			b->record = NULL;
+		}
+	}
+	if (b->manifest)
+		manifest_discard(b->manifest);
+	hand_back_bitmap(b, false, NULL);
+	settle(b);
+}
+
 /* Everything of T is read: the guest needs us no more; wait for the queued
  * writes, make the target durable, conclude with the group. */
 static int finish_copy(struct backup *b)
@@ -285,16 +505,18 @@ static int finish_copy(struct backup *b)
 		struct blockcopy_error e = { .err = rc, .target = true, .offset = where };
 		describe_error(&e, what, sizeof(what));
 		job_fail(job, "%s", what);
-	} else if ((rc = target_finish(b->target))) {
+	} else if ((rc = target_flush(b->target))) {
 		job_fail(job, "target %s: cannot flush: %s", b->target_path, strerror_safe(-rc));
-	} else if (b->manifest && (rc = manifest_finish(b->manifest))) {
-		job_fail(job, "manifest %s: cannot write: %s", b->manifest->path, strerror_safe(-rc));
+	} else if (b->manifest && (rc = manifest_write(b->manifest))) {
+		job_fail(job, "manifest %s.xxh3: cannot write: %s", b->target_path, strerror_safe(-rc));
 	}
 	log_debug("backup %s: read in %.3f s, queue drained in %.3f s, target and manifest durable in %.3f s",
 		  job->id, (copied_ns - b->run_start_ns) / 1e9, (drained_ns - copied_ns) / 1e9,
 		  (clock_monotonic_ns() - drained_ns) / 1e9);
 	if (rc)
 		return rc;
+	/* A concluding job keeps no thread. */
+	blockcopy_stop_writers(&b->bc);
 	/* Grouped jobs complete together or not at all. */
 	return job_group_wait(job) ? 0 : -ECANCELED;
 }
@@ -307,6 +529,8 @@ static enum job_state backup_run(struct job *job)
 	enum job_state final = JOB_FAILED;
 
 	b->run_start_ns = clock_monotonic_ns();
+	if (b->sync == SYNC_TOP)
+		atomic_fetch_sub(&b->bytes_total, blockcopy_skip_holes(&b->bc));
 	if (b->sync == SYNC_NONE) {
 		/* Only copy-before-write: the job runs until `complete`. */
 		while (job_stop_requested(job) == JOB_GO_ON && !job_complete_requested(job))
@@ -324,42 +548,35 @@ static enum job_state backup_run(struct job *job)
 	if (job_wait_running(job) && (b->sync == SYNC_NONE || blockcopy_pending_clusters(&b->bc) == 0)) {
 		int rc = finish_copy(b);
 		if (!rc)
+			rc = complete_result(b);
+		if (!rc)
 			final = JOB_COMPLETED;
 		else if (rc == -ECANCELED && job_stop_requested(job) != JOB_STOP_FAIL)
 			final = JOB_CANCELLED;
 	} else {
 		final = job_stop_requested(job) == JOB_STOP_CANCEL ? JOB_CANCELLED : JOB_FAILED;
 	}
-	struct cbitmap left = { 0 };
 	if (final != JOB_COMPLETED) {
 		atomic_store(&b->broken, true);
 		if (b->attached)
 			image_detach(b->image, &b->hook);
 		b->attached = false;
 		blockcopy_stop_writers(&b->bc);
-		/* What never durably reached the target: for bitmap-mode=always
-		 * and for an updated full backup's manifest. */
-		if (blockcopy_left_over(&b->bc, &left))
-			left = (struct cbitmap){ 0 };
-		target_abort(b->target);    /* an updated full backup stays */
-		if (b->manifest && b->in_place && left.words) {
-			/* True to what it holds now: old sums where nothing landed. */
-			manifest_keep_old(b->manifest, &left);
-			manifest_finish(b->manifest);
-		} else if (b->manifest) {
-			manifest_abort(b->manifest);
+		/* What never durably reached the target. */
+		struct cbitmap left = { 0 };
+		bool kept = false;
+		if (b->bitmap && b->bitmap_mode == BITMAP_MODE_ALWAYS && blockcopy_left_over(&b->bc, &left) == 0) {
+			kept = keep_partial(b, &left) == 0;
+			if (kept) {
+				b->kept_partial = strdup(b->partial_path);
+				log_info("backup %s: kept the partial backup %s; the next incremental with bitmap %s "
+					 "completes it", job->id, b->partial_path, b->bitmap_name);
+			}
+			cbitmap_destroy(&left);
 		}
+		if (!kept)
+			undo_result(b);
 	}
-	if (b->bitmap) {
-		bitmap_job_end(b->image, b->bitmap, b->bitmap_mode, final == JOB_COMPLETED, left.words ? &left : NULL,
-			       b->bc.cluster_bits);
-		if (final == JOB_COMPLETED)
-			bitmap_chain_record(b->image, b->bitmap, b->target_path, ctl_format_name(b->format),
-					    ctl_sync_name(b->sync), job->started_ns, job->id);
-		b->bitmap = NULL;
-	}
-	if (left.words)
-		cbitmap_destroy(&left);
 	if (b->fleecing)
 		snapstore_close(&b->fleece, false);   /* keeps its counters readable */
 	if (b->counted_active)
@@ -375,7 +592,7 @@ static enum job_state backup_run(struct job *job)
 static void backup_progress(struct job *job, struct job_progress *out)
 {
 	struct backup *b = to_backup(job);
-	out->bytes_total = b->bytes_total;
+	out->bytes_total = atomic_load(&b->bytes_total);
 	out->bytes_done = atomic_load(&b->bc.bytes_done);
 	/* With fleecing, guest writes copy into the store, not the target. */
 	out->cbw_bytes = atomic_load(b->fleecing ? &b->fleece.bc.cbw_bytes : &b->bc.cbw_bytes);
@@ -392,6 +609,9 @@ static void backup_status(struct job *job, struct strbuf *out)
 		strbuf_printf(out, "bitmap=%s\nbitmap_mode=%s\n", b->bitmap_name,
 			      b->bitmap_mode == BITMAP_MODE_ALWAYS ? "always" :
 			      b->bitmap_mode == BITMAP_MODE_NEVER ? "never" : "on-success");
+	/* Only set once concluded (the run's end writes it before the state). */
+	if (job_state_concluded(job->state))
+		strbuf_printf(out, "partial=%s\n", b->kept_partial ? b->kept_partial : "");
 	if (b->fleecing)
 		strbuf_printf(out, "store_bytes=%" PRIu64 "\n", (uint64_t)atomic_load(b->fleece.store_used));
 	strbuf_printf(out, "on_source_error=%s\non_target_error=%s\non_cbw_error=%s\ncbw_timeout=%" PRIu64 "\n",
@@ -403,7 +623,7 @@ static void backup_status(struct job *job, struct strbuf *out)
 static void backup_abandon(struct job *job)
 {
 	struct backup *b = to_backup(job);
-	/* The transaction still holds the gate closed. */
+	/* The transaction still holds the gate closed (or never closed it). */
 	if (b->attached)
 		image_detach_locked(b->image, &b->hook);
 	b->attached = false;
@@ -415,13 +635,7 @@ static void backup_abandon(struct job *job)
 	if (b->counted_active)
 		atomic_fetch_sub(&b->image->active_jobs, 1);
 	b->counted_active = false;
-	if (b->target)
-		target_abort(b->target);
-	if (b->manifest)
-		manifest_abort(b->manifest);   /* in place: the old file stays */
-	if (b->bitmap)
-		bitmap_job_end(b->image, b->bitmap, b->bitmap_mode, false, NULL, 0);
-	b->bitmap = NULL;
+	undo_result(b);
 }
 
 static void backup_free(struct job *job)
@@ -431,12 +645,20 @@ static void backup_free(struct job *job)
 		blockcopy_destroy(&b->bc);
 	target_free(b->target);
 	manifest_free(b->manifest);
+	pending_free(b->record);
+	if (b->names_claimed) {
+		target_name_release(b->target_path);
+		target_name_release(b->partial_path);
+	}
 	if (b->image)
 		image_put(b->image);
 	if (b->snapshot)
 		job_put(b->snapshot);
 	free(b->image_path);
 	free(b->target_path);
+	free(b->partial_path);
+	free(b->kept_partial);
+	free(b->chain_text);
 	free(b);
 }
 
@@ -456,7 +678,77 @@ static const struct job_driver backup_driver = {
 	.resumed = backup_resumed,
 };
 
-int backup_prepare(const struct backup_params *p, struct job **out, char *err, size_t errlen)
+/* ---- stage: the files, before the point in time ----------------------------- */
+
+static int claim_names(struct backup *b, char *err, size_t errlen)
+{
+	int rc = target_name_claim(b->target_path);
+	if (!rc && (rc = target_name_claim(b->partial_path)))
+		target_name_release(b->target_path);
+	if (rc == -EEXIST)
+		return set_error(err, errlen, EEXIST, "backup %s: target %s is being written by another job", b->image_path,
+				 b->target_path);
+	if (rc)
+		return set_error(err, errlen, -rc, "backup %s: out of memory", b->image_path);
+	b->names_claimed = true;
+	return 0;
+}
+
+/* The pending record, then the files it names. */
+static int stage_files(struct backup *b, const struct backup_params *p, char *err, size_t errlen)
+{
+	const struct ctl_backup *cmd = p->cmd;
+	char temp[PATH_MAX], mtemp[PATH_MAX], mpath[PATH_MAX + 8], journal[PATH_MAX];
+	const char *data = b->in_place ? p->chain->target : temp;
+	int rc;
+
+	if (!(b->record = pending_new(b->job.serial)))
+		return set_error(err, errlen, ENOMEM, "backup %s: out of memory", cmd->image);
+	if (target_hidden_name(b->target_path, b->job.serial, "tmp", temp, sizeof(temp)) ||
+	    target_hidden_name(manifest_name(b->target_path, mpath, sizeof(mpath)), b->job.serial, "tmp", mtemp,
+			       sizeof(mtemp)) ||
+	    target_hidden_name(data, b->job.serial, "journal", journal, sizeof(journal)))
+		return set_error(err, errlen, ENAMETOOLONG, "backup %s: target %s: name too long", cmd->image,
+				 b->target_path);
+	pending_set(b->record, "kind", b->in_place ? "in-place" : "new");
+	pending_set(b->record, "file", data);
+	pending_set(b->record, "final", b->target_path);
+	pending_set(b->record, "partial", b->partial_path);
+	if (cmd->checksum)
+		pending_set(b->record, "manifest_temp", mtemp);
+	if (b->in_place) {
+		pending_set(b->record, "journal", journal);
+		if (cmd->checksum)
+			pending_set(b->record, "manifest_old", manifest_name(data, mpath, sizeof(mpath)));
+	}
+	if ((rc = pending_save(b->record)))
+		return set_error(err, errlen, -rc, "backup %s: cannot write to the state directory: %s", cmd->image,
+				 strerror_safe(-rc));
+	if (b->in_place)
+		rc = target_raw_open_in_place(data, (dev_t)p->chain->dev, (ino_t)p->chain->ino, journal,
+					      p->cluster_size, &b->target, err, errlen);
+	else
+		rc = target_raw_create(b->target_path, temp, &b->target, err, errlen);
+	if (rc)
+		return rc;
+	pending_set_u64(b->record, "dev", (uint64_t)b->target->dev);
+	pending_set_u64(b->record, "ino", (uint64_t)b->target->ino);
+	if ((rc = pending_save(b->record)))
+		return set_error(err, errlen, -rc, "backup %s: cannot write to the state directory: %s", cmd->image,
+				 strerror_safe(-rc));
+	if (cmd->checksum) {
+		rc = b->in_place ? manifest_open_update(manifest_name(data, mpath, sizeof(mpath)), mtemp, p->cluster_size,
+							&b->manifest, err, errlen)
+				 : manifest_create(mtemp, p->cluster_size, &b->manifest, err, errlen);
+		if (rc && !b->in_place)
+			/* Named as the user will see it. */
+			set_error(err, errlen, -rc, "manifest %s: cannot create: %s", manifest_name(b->target_path, mpath,
+				  sizeof(mpath)), strerror_safe(-rc));
+	}
+	return rc;
+}
+
+int backup_stage(const struct backup_params *p, struct job **out, char *err, size_t errlen)
 {
 	const struct ctl_backup *cmd = p->cmd;
 	struct backup *b = calloc(1, sizeof(*b));
@@ -478,18 +770,42 @@ int backup_prepare(const struct backup_params *p, struct job **out, char *err, s
 	b->on_cbw_error = cmd->on_cbw_error;
 	b->cbw_timeout_ms = cmd->cbw_timeout_ms;
 	b->copy_workers = p->copy_workers ? p->copy_workers : 1;
+	b->in_place = cmd->sync == SYNC_INCREMENTAL;
+	b->from_partial = b->in_place && p->chain->partial;
 	atomic_init(&b->broken, false);
 	atomic_init(&b->cursor, 0);
 	atomic_init(&b->skipped_errors, false);
 	atomic_init(&b->fleece_used, 0);
+	atomic_init(&b->bytes_total, 0);
 	image_ref(p->image);
 	b->image = p->image;
 	b->image_path = strdup(cmd->image);
-	b->target_path = strdup(cmd->target);
-	if (!b->image_path || !b->target_path) {
+	b->target_path = strdup(p->target_path);
+	if (!b->image_path || !b->target_path || asprintf(&b->partial_path, "%s.partial", p->target_path) < 0) {
+		b->partial_path = NULL;
 		rc = set_error(err, errlen, ENOMEM, "backup %s: out of memory", cmd->image);
 		goto fail;
 	}
+	if ((rc = claim_names(b, err, errlen)) || (rc = stage_files(b, p, err, errlen)))
+		goto fail;
+	*out = &b->job;
+	return 0;
+fail:
+	undo_result(b);
+	pthread_cond_destroy(&b->job.wake);
+	pthread_mutex_destroy(&b->job.lock);
+	backup_free(&b->job);
+	return rc;
+}
+
+/* ---- prepare: at the point in time ------------------------------------------ */
+
+int backup_prepare(struct job *job, const struct backup_params *p, char *err, size_t errlen)
+{
+	struct backup *b = to_backup(job);
+	const struct ctl_backup *cmd = p->cmd;
+	int rc;
+
 	/* Where T is read from: a snapshot view (frozen already), a private
 	 * frozen image (fleecing), or the image itself, protected by our own
 	 * copy-before-write hook. The image's gate is closed: this is T. */
@@ -506,59 +822,46 @@ int backup_prepare(const struct backup_params *p, struct job **out, char *err, s
 		mkdir(store, 0700);
 		snprintf(store, sizeof(store), "%s/fleecing/%s.%" PRIu64 ".store", p->state_dir, b->job.id, b->job.serial);
 		if ((rc = snapstore_open(&b->fleece, p->image, store, p->cluster_size, cmd->max_store, &b->fleece_used,
-					 fleece_broke, b, msg, sizeof(msg)))) {
-			rc = set_error(err, errlen, -rc, "backup %s: fleecing store: %s", cmd->image, msg);
-			goto fail;
-		}
+					 fleece_broke, b, msg, sizeof(msg))))
+			return set_error(err, errlen, -rc, "backup %s: fleecing store: %s", cmd->image, msg);
 		b->fleecing = true;
 		b->fleece.cbw_wait = &b->job.cbw_wait;
+		/* break-guest-write holds for the store's copies too. */
+		b->fleece.fail_guest = b->on_cbw_error == CBW_BREAK_GUEST_WRITE;
+		b->fleece.bc.write_through = b->fleece.fail_guest;
 		b->source = &b->fleece.source;
 		size = b->fleece.size;
 	} else {
 		int64_t now = image_size(p->image);
-		if (now < 0) {
-			rc = set_error(err, errlen, (int)-now, "backup %s: cannot read the image: %s", cmd->image,
-				       strerror_safe((int)-now));
-			goto fail;
-		}
+		if (now < 0)
+			return set_error(err, errlen, (int)-now, "backup %s: cannot read the image: %s", cmd->image,
+					 strerror_safe((int)-now));
 		b->source = &p->image->source;
 		size = (uint64_t)now;
 	}
-	b->in_place = cmd->sync == SYNC_INCREMENTAL;
-	if (b->in_place ? (rc = target_raw_open_existing(cmd->target, size, &b->target, err, errlen))
-			: (rc = target_raw_create(cmd->target, size, &b->target, err, errlen)))
-		goto fail;
-	if (cmd->checksum &&
-	    (rc = b->in_place ? manifest_update(cmd->target, size, p->cluster_size, &b->manifest, err, errlen)
-			      : manifest_create(cmd->target, size, p->cluster_size, &b->manifest, err, errlen)))
-		goto fail;
+	if ((rc = target_set_size(b->target, size, err, errlen)) ||
+	    (b->manifest && (rc = manifest_set_size(b->manifest, size, err, errlen))))
+		return rc;
 	if (cmd->bitmap) {
 		char msg[300];
 		b->bitmap_mode = cmd->bitmap_mode;
 		snprintf(b->bitmap_name, sizeof(b->bitmap_name), "%s", cmd->bitmap);
-		if ((rc = bitmap_job_begin(p->image, cmd->bitmap, b->job.id, &b->bitmap, msg, sizeof(msg)))) {
-			set_error(err, errlen, -rc, "backup %s: %s", cmd->image, msg);
-			goto fail;
-		}
+		if ((rc = bitmap_job_begin(p->image, cmd->bitmap, b->job.id, &b->bitmap, msg, sizeof(msg))))
+			return set_error(err, errlen, -rc, "backup %s: %s", cmd->image, msg);
 	}
 	if ((rc = blockcopy_init(&b->bc, b->source, b->target, b->manifest, size, p->cluster_size, &backup_copy_ops,
-				 b))) {
-		rc = set_error(err, errlen, -rc, "backup %s: out of memory for %" PRIu64 " clusters", cmd->image,
-			       div_round_up(size, p->cluster_size));
-		goto fail;
-	}
+				 b)))
+		return set_error(err, errlen, -rc, "backup %s: out of memory for %" PRIu64 " clusters", cmd->image,
+				 div_round_up(size, p->cluster_size));
 	b->bc_ready = true;
+	b->bc.write_through = b->on_cbw_error == CBW_BREAK_GUEST_WRITE;
 	if (cmd->sync == SYNC_INCREMENTAL)
-		b->bytes_total = blockcopy_restrict(&b->bc, &b->bitmap->frozen, b->bitmap->gran_bits);
-	else if (cmd->sync == SYNC_TOP)
-		b->bytes_total = blockcopy_only_data(&b->bc);
+		atomic_store(&b->bytes_total, blockcopy_restrict(&b->bc, &b->bitmap->frozen, b->bitmap->gran_bits));
 	else
-		b->bytes_total = size;
+		atomic_store(&b->bytes_total, size);   /* sync=top: less once the holes are known */
 	if (!p->view && !cmd->fleecing) {
-		if ((rc = image_attach_locked(p->image, &b->hook))) {
-			rc = set_error(err, errlen, -rc, "backup %s: out of memory", cmd->image);
-			goto fail;
-		}
+		if ((rc = image_attach_locked(p->image, &b->hook)))
+			return set_error(err, errlen, -rc, "backup %s: out of memory", cmd->image);
 		b->attached = true;
 		/* Counted before the thread can run, so it can never count down first. */
 		atomic_fetch_add(&p->image->active_jobs, 1);
@@ -566,16 +869,5 @@ int backup_prepare(const struct backup_params *p, struct job **out, char *err, s
 	}
 	if (p->group)
 		job_group_add(p->group, &b->job);
-	if ((rc = job_spawn(&b->job, err, errlen)))
-		goto fail;
-	*out = &b->job;
-	return 0;
-fail:
-	backup_abandon(&b->job);
-	if (b->job.group)
-		job_group_put(b->job.group);
-	pthread_cond_destroy(&b->job.wake);
-	pthread_mutex_destroy(&b->job.lock);
-	backup_free(&b->job);
-	return rc;
+	return job_spawn(&b->job, err, errlen);
 }

@@ -74,24 +74,14 @@ static const char *errtext(int e)
 
 /* ---- files --------------------------------------------------------------- */
 
-static int write_file_atomic(const char *dir, const char *name, const void *data, size_t len)
+/* dir/name, replaced atomically (the caller syncs the directory). */
+static int write_state_file(const char *dir, const char *name, const void *data, size_t len)
 {
-	char tmp[PATH_MAX], path[PATH_MAX];
-	int fd, rc = 0;
+	char path[PATH_MAX];
 
-	snprintf(tmp, sizeof(tmp), "%s/.%s.tmp", dir, name);
-	join(path, sizeof(path), dir, name);
-	fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600);
-	if (fd < 0)
-		return -errno;
-	if (pwrite_full(fd, data, len, 0) < 0 || fdatasync(fd) < 0)
-		rc = -errno ? -errno : -EIO;
-	close(fd);
-	if (!rc && rename(tmp, path) < 0)
-		rc = -errno;
-	if (rc)
-		unlink(tmp);
-	return rc;
+	if (!join(path, sizeof(path), dir, name))
+		return -ENAMETOOLONG;
+	return write_file_atomic(path, data, len, false);
 }
 
 static void sync_dir(const char *dir)
@@ -141,7 +131,7 @@ static int save_words(struct bitmap_set *set, struct dirty_bitmap *bm, const str
 		memcpy(&words[w], &v, 8);
 	}
 	snprintf(file, sizeof(file), "%s.%s", bm->name, suffix);
-	int rc = write_file_atomic(set->dir, file, buf, len);
+	int rc = write_state_file(set->dir, file, buf, len);
 	free(buf);
 	return rc;
 }
@@ -318,7 +308,7 @@ static int write_meta(struct bitmap_set *set, bool clean)
 		     "ctime=%" PRId64 ".%09ld\nclean=%d\n",
 		     set->path, (uint64_t)st.st_dev, (uint64_t)st.st_ino, (uint64_t)st.st_size, (int64_t)st.st_mtim.tv_sec,
 		     st.st_mtim.tv_nsec, (int64_t)st.st_ctim.tv_sec, st.st_ctim.tv_nsec, clean);
-	return write_file_atomic(set->dir, "image", buf, (size_t)n);
+	return write_state_file(set->dir, "image", buf, (size_t)n);
 }
 
 /* The image's path relative to SOURCE_DIR, as it is now (renames included). */
@@ -1023,42 +1013,92 @@ void bitmap_job_end(struct image *img, struct dirty_bitmap *bm, int mode, bool s
 		log_warn("bitmap %s: cannot save (%s); its .frozen file keeps the bits of T", bm->name, errtext(-rc));
 }
 
-void bitmap_chain_record(struct image *img, struct dirty_bitmap *bm, const char *target, const char *format,
-			 const char *sync, uint64_t point_in_time_ns, const char *job_id)
+void bitmap_chain_format(const struct chain_info *c, struct strbuf *out)
+{
+	strbuf_printf(out, "target=%s\nfinal=%s\npartial=%d\nformat=%s\nsync=%s\ntime=%" PRIu64 ".%09" PRIu64
+			   "\njob=%s\nsize=%" PRIu64 "\ndev=%" PRIu64 "\nino=%" PRIu64 "\nchecksum=%s\n",
+		      c->target, c->final, c->partial, c->format, c->sync, c->time_ns / 1000000000u,
+		      c->time_ns % 1000000000u, c->job, c->size, c->dev, c->ino, c->checksum ? "xxh3" : "none");
+}
+
+int bitmap_chain_path_by_name(struct image *img, const char *name, char *out, size_t len)
 {
 	struct bitmap_set *set = bitmaps_of(img);
-	char buf[PATH_MAX + 256], file[FLEECE_NAME_MAX + 16];
-	int n = snprintf(buf, sizeof(buf),
-			 "target=%s\nformat=%s\nsync=%s\ntime=%" PRIu64 ".%09" PRIu64 "\njob=%s\nsize=%" PRIu64 "\n", target,
-			 format, sync, point_in_time_ns / 1000000000u, point_in_time_ns % 1000000000u, job_id, bm->size);
+	if (!set || snprintf(out, len, "%s/%s.chain", set->dir, name) >= (int)len)
+		return -ENOENT;
+	return 0;
+}
+
+int bitmap_chain_put(struct image *img, struct dirty_bitmap *bm, const char *text)
+{
+	struct bitmap_set *set = bitmaps_of(img);
+	char file[FLEECE_NAME_MAX + 16];
 
 	snprintf(file, sizeof(file), "%s.chain", bm->name);
 	pthread_mutex_lock(&set->lock);
-	int rc = write_file_atomic(set->dir, file, buf, (size_t)n);
+	int rc = write_state_file(set->dir, file, text, strlen(text));
+	if (!rc)
+		sync_dir(set->dir);
 	pthread_mutex_unlock(&set->lock);
 	if (rc)
 		log_warn("bitmap %s: cannot record its chain: %s", bm->name, errtext(-rc));
+	return rc;
 }
 
-int bitmap_chain_target(struct image *img, const char *name, char *out, size_t len)
+/* Reads NAME.chain of the set into *c. */
+static int read_chain(struct bitmap_set *set, const char *name, struct chain_info *c)
 {
-	struct bitmap_set *set = bitmaps_of(img);
 	char path[PATH_MAX], line[PATH_MAX + 16];
 
-	out[0] = '\0';
-	if (!set)
+	memset(c, 0, sizeof(*c));
+	if (!set || snprintf(path, sizeof(path), "%s/%s.chain", set->dir, name) >= (int)sizeof(path))
 		return -ENOENT;
-	snprintf(path, sizeof(path), "%s/%s.chain", set->dir, name);
 	FILE *f = fopen(path, "re");
 	if (!f)
 		return -errno;
-	while (fgets(line, sizeof(line), f))
-		if (strncmp(line, "target=", 7) == 0) {
-			line[strcspn(line, "\n")] = '\0';
-			snprintf(out, len, "%s", line + 7);
+	c->checksum = true;
+	while (fgets(line, sizeof(line), f)) {
+		line[strcspn(line, "\n")] = '\0';
+		char *eq = strchr(line, '=');
+		if (!eq)
+			continue;
+		*eq++ = '\0';
+		if (!strcmp(line, "target"))
+			snprintf(c->target, sizeof(c->target), "%s", eq);
+		else if (!strcmp(line, "final"))
+			snprintf(c->final, sizeof(c->final), "%s", eq);
+		else if (!strcmp(line, "partial"))
+			c->partial = atoi(eq) != 0;
+		else if (!strcmp(line, "format"))
+			snprintf(c->format, sizeof(c->format), "%s", eq);
+		else if (!strcmp(line, "sync"))
+			snprintf(c->sync, sizeof(c->sync), "%s", eq);
+		else if (!strcmp(line, "job"))
+			snprintf(c->job, sizeof(c->job), "%s", eq);
+		else if (!strcmp(line, "time")) {
+			char *frac;
+			c->time_ns = strtoull(eq, &frac, 10) * 1000000000ull;
+			if (*frac == '.')
+				c->time_ns += strtoull(frac + 1, NULL, 10);
 		}
+		else if (!strcmp(line, "size"))
+			c->size = strtoull(eq, NULL, 10);
+		else if (!strcmp(line, "dev"))
+			c->dev = strtoull(eq, NULL, 10);
+		else if (!strcmp(line, "ino"))
+			c->ino = strtoull(eq, NULL, 10);
+		else if (!strcmp(line, "checksum"))
+			c->checksum = strcmp(eq, "none") != 0;
+	}
 	fclose(f);
-	return out[0] ? 0 : -ENOENT;
+	if (!c->final[0])
+		snprintf(c->final, sizeof(c->final), "%s", c->target);
+	return c->target[0] ? 0 : -ENOENT;
+}
+
+int bitmap_chain_get(struct image *img, const char *name, struct chain_info *out)
+{
+	return read_chain(bitmaps_of(img), name, out);
 }
 
 /* ---- listing and status --------------------------------------------------------- */
@@ -1087,16 +1127,12 @@ int bitmap_status(uint64_t serial, struct strbuf *out)
 			if (bm->serial != serial)
 				continue;
 			uint64_t dirty = cbitmap_count(&bm->bits) * bm->granularity;
-			char chain[PATH_MAX + 16] = "", line[PATH_MAX + 16], path[PATH_MAX];
-			snprintf(path, sizeof(path), "%s/%s.chain", set->dir, bm->name);
-			FILE *f = fopen(path, "re");
-			for (; f && fgets(line, sizeof(line), f);)
-				if (strncmp(line, "target=", 7) == 0 || strncmp(line, "time=", 5) == 0 ||
-				    strncmp(line, "sync=", 5) == 0)
-					strbuf_printf(out, "last_backup_%s", line);
-			if (f)
-				fclose(f);
-			(void)chain;
+			struct chain_info chain;
+			if (read_chain(set, bm->name, &chain) == 0)
+				strbuf_printf(out, "last_backup_target=%s\nlast_backup_sync=%s\nlast_backup_time=%" PRIu64
+						   ".%09" PRIu64 "\nlast_backup_partial=%s\n", chain.target, chain.sync,
+					      chain.time_ns / 1000000000u, chain.time_ns % 1000000000u,
+					      chain.partial ? "yes" : "no");
 			strbuf_printf(out, "name=%s\nimage=%s\ngranularity=%" PRIu64 "\ndirty_bytes=%" PRIu64 "\n", bm->name,
 				      set->path, bm->granularity, min_u64(dirty, bm->size));
 			strbuf_printf(out, "state=%s\nrecording=%s\nsince=%" PRIu64 ".%09" PRIu64 "\nbusy=%s\nreason=%s\n",

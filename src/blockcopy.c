@@ -2,6 +2,7 @@
 #include "config.h"
 
 #include <errno.h>
+#include <malloc.h>
 #include <time.h>
 #include <stdlib.h>
 #include <string.h>
@@ -10,6 +11,7 @@
 #include "fleecefs/blockcopy.h"
 #include "fleecefs/source.h"
 #include "fleecefs/inject.h"
+#include "fleecefs/journal.h"
 #include "fleecefs/manifest.h"
 #include "fleecefs/target.h"
 #include "fleecefs/util.h"
@@ -22,6 +24,44 @@ struct writebehind_item {
 };
 
 static void *writer_thread(void *arg);
+
+/* ---- the daemon's write-behind budget -------------------------------------- */
+
+/* The background copies of all engines together may queue this much; the
+ * rest of the budget is for guests' copies. */
+#define BACKGROUND_SHARE(max) ((max) / 4 * 3)
+
+static pthread_mutex_t budget_lock = PTHREAD_MUTEX_INITIALIZER;
+static uint64_t budget_used;        /* budget_lock */
+static unsigned engines_running;    /* budget_lock: engines with writers */
+
+static bool budget_take(uint64_t bytes, uint64_t limit)
+{
+	pthread_mutex_lock(&budget_lock);
+	bool ok = budget_used + bytes <= limit;
+	if (ok)
+		budget_used += bytes;
+	pthread_mutex_unlock(&budget_lock);
+	return ok;
+}
+
+static void budget_give(uint64_t bytes)
+{
+	pthread_mutex_lock(&budget_lock);
+	budget_used -= bytes;
+	pthread_mutex_unlock(&budget_lock);
+}
+
+/* The last engine stopped: what the queues used goes back to the system
+ * (glibc keeps freed heap memory otherwise, per arena, for good). */
+static void engine_stopped(void)
+{
+	pthread_mutex_lock(&budget_lock);
+	bool idle = --engines_running == 0;
+	pthread_mutex_unlock(&budget_lock);
+	if (idle)
+		malloc_trim(0);
+}
 
 int blockcopy_init(struct blockcopy *bc, struct copy_source *source, struct target *target,
 		   struct manifest *manifest, uint64_t size, uint32_t cluster_size,
@@ -60,11 +100,18 @@ int blockcopy_init(struct blockcopy *bc, struct copy_source *source, struct targ
 	for (unsigned i = 0; i < BLOCKCOPY_WRITERS; i++)
 		if (pthread_create(&bc->writers[bc->nwriters], NULL, writer_thread, bc) == 0)
 			bc->nwriters++;
+	if (bc->nwriters) {
+		pthread_mutex_lock(&budget_lock);
+		engines_running++;
+		pthread_mutex_unlock(&budget_lock);
+	}
 	return 0;
 }
 
 void blockcopy_stop_writers(struct blockcopy *bc)
 {
+	unsigned had = bc->nwriters;
+
 	pthread_mutex_lock(&bc->queue_lock);
 	bc->stopping = true;
 	pthread_cond_broadcast(&bc->queue_changed);
@@ -76,10 +123,14 @@ void blockcopy_stop_writers(struct blockcopy *bc)
 	while (bc->queue_head) {
 		struct writebehind_item *item = bc->queue_head;
 		bc->queue_head = item->next;
+		bc->queued_bytes -= item->len;
+		budget_give(item->len);
 		free(item->buf);
 		free(item);
 	}
 	bc->queue_tail = NULL;
+	if (had)
+		engine_stopped();
 }
 
 void blockcopy_destroy(struct blockcopy *bc)
@@ -121,7 +172,8 @@ static int read_run(struct blockcopy *bc, uint64_t first, uint64_t count, void *
 }
 
 /* Writes a run read by read_run: non-zero clusters as data (adjacent ones in
- * one write), zero clusters as zeroes (nothing at all on a fresh target). */
+ * one write), zero clusters as zeroes (nothing at all on a fresh target).
+ * On success the run counts as done. */
 static int write_run(struct blockcopy *bc, uint64_t first, uint64_t len, const void *buf)
 {
 	uint64_t off = first << bc->cluster_bits, write_from = 0, pos = 0;
@@ -154,6 +206,7 @@ static int write_run(struct blockcopy *bc, uint64_t first, uint64_t len, const v
 			return rc;
 		atomic_fetch_add(&bc->bytes_written, len - write_from);
 	}
+	atomic_fetch_add(&bc->bytes_done, len);
 	return 0;
 }
 
@@ -170,6 +223,24 @@ static void append_locked(struct blockcopy *bc, struct writebehind_item *item)
 	bc->queue_tail = item;
 }
 
+/* Items a writer takes at once: their old content is journaled together
+ * by an in-place target (one sync instead of one per item). */
+#define WRITER_BATCH 64
+
+/* Queue lock held: puts items back at the head, in their order. */
+static void push_front_locked(struct blockcopy *bc, struct writebehind_item *items)
+{
+	struct writebehind_item *last = items;
+	if (!items)
+		return;
+	while (last->next)
+		last = last->next;
+	last->next = bc->queue_head;
+	bc->queue_head = items;
+	if (!bc->queue_tail)
+		bc->queue_tail = last;
+}
+
 static void *writer_thread(void *arg)
 {
 	struct blockcopy *bc = arg;
@@ -181,47 +252,80 @@ static void *writer_thread(void *arg)
 			pthread_cond_wait(&bc->queue_changed, &bc->queue_lock);
 		if (bc->stopping)
 			break;
-		struct writebehind_item *item = bc->queue_head;
-		bc->queue_head = item->next;
+		/* Take a batch off the queue. */
+		struct writebehind_item *batch = bc->queue_head, *last = batch;
+		struct journal_range ranges[WRITER_BATCH];
+		unsigned n = 1;
+		ranges[0] = (struct journal_range){ batch->first << bc->cluster_bits, batch->len };
+		while (n < WRITER_BATCH && last->next) {
+			last = last->next;
+			ranges[n++] = (struct journal_range){ last->first << bc->cluster_bits, last->len };
+		}
+		bc->queue_head = last->next;
 		if (!bc->queue_head)
 			bc->queue_tail = NULL;
-		bc->writing++;
+		last->next = NULL;
+		bc->writing += n;
 		bool discard = bc->queue_error != 0;
 		pthread_mutex_unlock(&bc->queue_lock);
-		int rc = discard ? 0 : write_run(bc, item->first, item->len, item->buf);
-		/* Hand what was written to writeback as we go: dirty pages stay
-		 * bounded, and the final sync of the target finds little to do. */
-		unwritten += item->len;
-		if (unwritten >= BLOCKCOPY_WRITEBACK_EVERY) {
-			unwritten = 0;
-			target_start_writeback(bc->target);
-		}
-		/* The data exists nowhere else (the guest may have overwritten
-		 * the source): keep it for another try if the job wants that. */
-		uint64_t off = item->first << bc->cluster_bits;
-		bool retry = rc && bc->ops && bc->ops->queued_write_failed(bc->owner, rc, off);
+		/* Each write would do this itself; together it costs one sync.
+		 * A failure shows again in the writes. */
+		if (!discard && n > 1)
+			target_prepare_writes(bc->target, ranges, n);
 		pthread_mutex_lock(&bc->queue_lock);
-		bc->writing--;
-		if (retry) {
-			append_locked(bc, item);
-			/* Not in a tight loop against a target that keeps failing. */
-			struct timespec ts;
-			timespec_from_ns(&ts, clock_realtime_ns() + 100000000ull);
-			pthread_cond_timedwait(&bc->queue_changed, &bc->queue_lock, &ts);
-			continue;
+		while (batch) {
+			struct writebehind_item *item = batch;
+			batch = item->next;
+			item->next = NULL;
+			discard = bc->queue_error != 0;
+			if ((bc->held && !discard) || bc->stopping) {
+				/* Stopped on an error meanwhile: the rest waits; or the
+				 * engine stops: the rest is discarded with the queue. */
+				item->next = batch;
+				for (struct writebehind_item *i = item; i; i = i->next)
+					bc->writing--;
+				push_front_locked(bc, item);
+				break;
+			}
+			pthread_mutex_unlock(&bc->queue_lock);
+			int rc = discard ? 0 : write_run(bc, item->first, item->len, item->buf);
+			/* Hand what was written to writeback as we go: dirty pages
+			 * stay bounded, and the final sync finds little to do. */
+			unwritten += item->len;
+			if (unwritten >= BLOCKCOPY_WRITEBACK_EVERY) {
+				unwritten = 0;
+				target_start_writeback(bc->target);
+			}
+			/* The data exists nowhere else (the guest may have
+			 * overwritten the source): keep it for another try if the
+			 * job wants that. */
+			uint64_t off = item->first << bc->cluster_bits;
+			bool retry = rc && bc->ops && bc->ops->queued_write_failed(bc->owner, rc, off);
+			pthread_mutex_lock(&bc->queue_lock);
+			bc->writing--;
+			if (retry) {
+				append_locked(bc, item);
+				/* Not in a tight loop against a target that keeps failing. */
+				struct timespec ts;
+				timespec_from_ns(&ts, clock_realtime_ns() + 100000000ull);
+				pthread_cond_timedwait(&bc->queue_changed, &bc->queue_lock, &ts);
+				continue;
+			}
+			if (rc && !bc->queue_error) {
+				bc->queue_error = rc;
+				bc->queue_error_offset = off;
+			}
+			bc->queued_bytes -= item->len;
+			budget_give(item->len);
+			/* Only data that reached the target stops being "queued":
+			 * what failed or was discarded stays marked, the job's
+			 * left-overs. */
+			if (!rc && !discard)
+				cbitmap_clear_range(&bc->queued, item->first, item->count);
+			pthread_cond_broadcast(&bc->queue_changed);
+			free(item->buf);
+			free(item);
 		}
-		if (rc && !bc->queue_error) {
-			bc->queue_error = rc;
-			bc->queue_error_offset = off;
-		}
-		bc->queued_bytes -= item->len;
-		/* Only data that reached the target stops being "queued": what
-		 * failed or was discarded stays marked, the job's left-overs. */
-		if (!rc && !discard)
-			cbitmap_clear_range(&bc->queued, item->first, item->count);
-		pthread_cond_broadcast(&bc->queue_changed);
-		free(item->buf);
-		free(item);
 	}
 	pthread_mutex_unlock(&bc->queue_lock);
 	return NULL;
@@ -235,24 +339,22 @@ void blockcopy_hold_writes(struct blockcopy *bc, bool hold)
 	pthread_mutex_unlock(&bc->queue_lock);
 }
 
-/* The background copy may fill only BACKGROUND_SHARE of the queue, so a busy
- * guest always finds room; a guest write never waits for room (when the
- * queue is full it writes itself). */
-#define BACKGROUND_SHARE(max) ((max) / 4 * 3)
-
-/* Background copy: waits for room for `bytes` in its share of the queue and
- * books it, before claiming anything, so that it never holds a claim (which
- * a guest write may be waiting for) while it waits for the writers. False:
- * the queue is gone or failed; the caller copies without it. */
+/* Background copy: waits for room for `bytes` in its engine's share and
+ * books it in the daemon's budget, before claiming anything, so that it
+ * never holds a claim (which a guest write may be waiting for) while it
+ * waits for the writers. False: no queue (gone, failed, write-through, or
+ * the budget is used by others); the caller copies without it. */
 static bool reserve_room(struct blockcopy *bc, uint64_t bytes)
 {
-	uint64_t limit = BACKGROUND_SHARE(BLOCKCOPY_QUEUE_MAX);
+	uint64_t limit = BACKGROUND_SHARE(BLOCKCOPY_BUDGET);
 
+	if (bc->write_through)
+		return false;
 	pthread_mutex_lock(&bc->queue_lock);
 	while (bc->nwriters && !bc->stopping && !bc->queue_error && bc->queued_bytes &&
 	       bc->queued_bytes + bytes > limit)
 		pthread_cond_wait(&bc->queue_changed, &bc->queue_lock);
-	bool ok = bc->nwriters && !bc->stopping && !bc->queue_error;
+	bool ok = bc->nwriters && !bc->stopping && !bc->queue_error && budget_take(bytes, limit);
 	if (ok)
 		bc->queued_bytes += bytes;
 	pthread_mutex_unlock(&bc->queue_lock);
@@ -263,26 +365,32 @@ static void unreserve_room(struct blockcopy *bc, uint64_t bytes)
 {
 	pthread_mutex_lock(&bc->queue_lock);
 	bc->queued_bytes -= bytes;
+	budget_give(bytes);
 	pthread_cond_broadcast(&bc->queue_changed);
 	pthread_mutex_unlock(&bc->queue_lock);
 }
 
 /* Hands a run's data (buf, malloc'd, owned by the queue from now on) to the
- * writers, in `reserved` bytes booked by reserve_room (0: a guest's copy,
- * which takes room if there is some). False: not queued, the caller writes. */
+ * writers, in `reserved` bytes booked by reserve_room (0: none booked, it
+ * takes room now if there is some). False: not queued, the caller writes. */
 static bool enqueue_run(struct blockcopy *bc, uint64_t first, uint64_t count, uint64_t len, void *buf,
 			uint64_t reserved)
 {
+	if (bc->write_through)
+		return false;
 	struct writebehind_item *item = malloc(sizeof(*item));
-
 	if (!item)
 		return false;
 	*item = (struct writebehind_item){ .first = first, .count = count, .len = len, .buf = buf };
 	pthread_mutex_lock(&bc->queue_lock);
-	bool room = bc->nwriters && !bc->stopping &&
-		    (reserved || bc->queued_bytes + len <= BLOCKCOPY_QUEUE_MAX || !bc->queued_bytes);
+	bool room = bc->nwriters && !bc->stopping && (reserved || budget_take(len, BLOCKCOPY_BUDGET));
 	if (room) {
-		bc->queued_bytes += len - reserved;
+		if (reserved > len) {
+			/* Booked more than the run turned out to be. */
+			bc->queued_bytes -= reserved - len;
+			budget_give(reserved - len);
+		}
+		bc->queued_bytes += reserved ? 0 : len;
 		cbitmap_set_range(&bc->queued, first, count);
 		append_locked(bc, item);
 		pthread_cond_broadcast(&bc->queue_changed);
@@ -343,14 +451,13 @@ static uint64_t run_bytes(const struct blockcopy *bc, uint64_t first, uint64_t c
 
 /* Copies a run this thread has claimed and releases the claim: reads it
  * into a buffer of its own, which the write-behind queue takes over (or, if
- * the queue is full for a guest's copy, writes it right away). The claim is
- * released as copied only once the data is safe. The buffer is allocated per
- * copy, which only ever happens once per cluster. */
-static int copy_claimed_run(struct blockcopy *bc, uint64_t run_first, uint64_t run_count, uint64_t reserved,
-			    uint64_t *read_bytes, struct blockcopy_error *e)
+ * there is no room, or the engine writes through, writes it right away). The
+ * claim is released as copied only once the data is safe. The buffer is
+ * allocated per copy, which only ever happens once per cluster. */
+static int copy_claimed_run(struct blockcopy *bc, uint64_t run_first, uint64_t run_count, bool by_guest,
+			    uint64_t reserved, uint64_t *read_bytes, struct blockcopy_error *e)
 {
 	uint64_t bytes = run_bytes(bc, run_first, run_count);
-	bool background = reserved != 0;
 	void *buf = NULL;
 	int rc;
 
@@ -361,8 +468,8 @@ static int copy_claimed_run(struct blockcopy *bc, uint64_t run_first, uint64_t r
 			unreserve_room(bc, reserved);
 		return e->err = -ENOMEM;
 	}
-	rc = read_run(bc, run_first, run_count, buf, background, read_bytes);
-	if (!rc && enqueue_run(bc, run_first, run_count, bytes, buf, reserved)) {
+	rc = read_run(bc, run_first, run_count, buf, !by_guest, read_bytes);
+	if (!rc && enqueue_run(bc, run_first, run_count, bytes, buf, by_guest ? 0 : reserved)) {
 		buf = NULL;
 		reserved = 0;
 	} else if (!rc) {
@@ -401,12 +508,11 @@ int blockcopy_before_write(struct blockcopy *bc, uint64_t off, uint64_t len, uin
 		if (rc <= 0)
 			break;
 		uint64_t bytes = run_bytes(bc, run_first, run_count), copied = e->copied;
-		rc = copy_claimed_run(bc, run_first, run_count, 0, &read_bytes, e);
+		rc = copy_claimed_run(bc, run_first, run_count, true, 0, &read_bytes, e);
 		e->copied = copied;
 		if (rc)
 			return rc;
 		e->copied += bytes;
-		atomic_fetch_add(&bc->bytes_done, bytes);
 		atomic_fetch_add(&bc->cbw_bytes, bytes);
 		first = run_first + run_count;
 	}
@@ -436,37 +542,20 @@ int64_t blockcopy_copy_next(struct blockcopy *bc, uint64_t *cursor, uint64_t max
 		return rc;
 	}
 	uint64_t bytes = run_bytes(bc, run_first, run_count);
-	/* Without room booked (no writers) the copy writes the target itself. */
-	rc = copy_claimed_run(bc, run_first, run_count, reserved ? reserved : 0, read_bytes, e);
+	/* Without room booked the copy writes the target itself. */
+	rc = copy_claimed_run(bc, run_first, run_count, false, reserved, read_bytes, e);
 	*cursor = (run_first + run_count) << bc->cluster_bits;
 	if (rc)
 		return rc;
-	atomic_fetch_add(&bc->bytes_done, bytes);
 	return (int64_t)bytes;
 }
 
-/* Clusters that are zeroes at T without being read: their manifest lines. */
-static void set_zero_hashes(struct blockcopy *bc, uint64_t first, uint64_t count)
+uint64_t blockcopy_skip_holes(struct blockcopy *bc)
 {
-	static const char zeroes[65536];
-	void *big = NULL;
-	const void *zero = zeroes;
+	uint64_t cs = bc->cluster_size, pos = 0, dropped = 0;
 
-	if (!bc->manifest)
-		return;
-	if (bc->cluster_size > sizeof(zeroes) && !(zero = big = calloc(1, bc->cluster_size)))
-		return;
-	for (uint64_t c = first; c < first + count; c++)
-		manifest_set(bc->manifest, c, zero,
-			     (size_t)min_u64(bc->cluster_size, bc->size - (c << bc->cluster_bits)));
-	free(big);
-}
-
-uint64_t blockcopy_only_data(struct blockcopy *bc)
-{
-	uint64_t cs = bc->cluster_size, pos = 0;
-
-	/* Walk the holes: every cluster wholly inside one holds no data. */
+	/* Walk the holes: every cluster wholly inside one holds no data. Their
+	 * manifest lines are the zero checksum (manifest.h). */
 	while (pos < bc->size) {
 		int64_t hole = source_seek(bc->source, pos, SEEK_HOLE);
 		if (hole < 0 || (uint64_t)hole >= bc->size)
@@ -476,15 +565,16 @@ uint64_t blockcopy_only_data(struct blockcopy *bc)
 		uint64_t first = div_round_up((uint64_t)hole, cs);
 		uint64_t end = hole_end == bc->size ? bc->nclusters : hole_end / cs;
 		if (end > first) {
-			cbitmap_clear_range(&bc->pending, first, end - first);
-			set_zero_hashes(bc, first, end - first);
+			/* The last cluster may be short: on its own. */
+			bool has_last = end == bc->nclusters;
+			uint64_t n = inflight_drop_unclaimed(&bc->inflight, &bc->pending, first, end - first - has_last);
+			dropped += n * cs;
+			if (has_last && inflight_drop_unclaimed(&bc->inflight, &bc->pending, end - 1, 1))
+				dropped += bc->size - ((end - 1) << bc->cluster_bits);
 		}
 		pos = hole_end;
 	}
-	uint64_t total = 0;
-	for (uint64_t c = cbitmap_next_set(&bc->pending, 0); c < bc->nclusters; c = cbitmap_next_set(&bc->pending, c + 1))
-		total += min_u64(cs, bc->size - (c << bc->cluster_bits));
-	return total;
+	return dropped;
 }
 
 uint64_t blockcopy_restrict(struct blockcopy *bc, const struct cbitmap *granules, unsigned gran_bits)

@@ -110,15 +110,27 @@ void inflight_release(struct inflight *t, struct cbitmap *pending, uint64_t run_
 	pthread_mutex_unlock(&t->lock);
 }
 
-void inflight_drop_unclaimed(struct inflight *t, struct cbitmap *pending, uint64_t first, uint64_t count)
+uint64_t inflight_drop_unclaimed(struct inflight *t, struct cbitmap *pending, uint64_t first, uint64_t count)
 {
-	uint64_t end = min_u64(first + count, pending->nbits);
+	uint64_t end = min_u64(first + count, pending->nbits), dropped = 0;
 
-	pthread_mutex_lock(&t->lock);
-	for (uint64_t c = first; c < end; c++)
-		if (!cbitmap_test(&t->claimed, c))
-			cbitmap_clear(pending, c);
-	pthread_mutex_unlock(&t->lock);
+	/* A word at a time, and the lock given back every 4096 words, so that
+	 * a huge range (a 1 TiB sparse image) never holds claimers up long. */
+	while (first < end) {
+		uint64_t stop = min_u64(end, (first / 64 + 4096) * 64);
+		pthread_mutex_lock(&t->lock);
+		for (uint64_t c = first; c < stop;) {
+			uint64_t w = c / 64, lo = c % 64, n = min_u64(64 - lo, stop - c);
+			uint64_t mask = (n == 64 ? ~0ull : ((1ull << n) - 1)) << lo;
+			uint64_t clear = mask & ~atomic_load_explicit(&t->claimed.words[w], memory_order_relaxed);
+			uint64_t old = atomic_fetch_and_explicit(&pending->words[w], ~clear, memory_order_release);
+			dropped += (uint64_t)__builtin_popcountll(old & clear);
+			c += n;
+		}
+		pthread_mutex_unlock(&t->lock);
+		first = stop;
+	}
+	return dropped;
 }
 
 void inflight_wait_idle(struct inflight *t)

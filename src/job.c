@@ -140,10 +140,9 @@ static struct job *prune_locked(const struct job *keep)
  * never committed), so its thread has finished or is returning. */
 static void job_free(struct job *job)
 {
-	if (job->thread_spawned && !pthread_equal(job->thread, pthread_self()))
+	/* A committed job's thread detached itself before it concluded. */
+	if (job->thread_spawned && !job->thread_detached)
 		pthread_join(job->thread, NULL);
-	else if (job->thread_spawned)
-		pthread_detach(job->thread);
 	job_destroy(job);
 }
 
@@ -211,6 +210,10 @@ static void *job_thread(void *arg)
 	enum job_state final = job->driver->run(job);
 	if (final != JOB_COMPLETED)
 		group_break(job);
+	/* A concluded job keeps no thread: nobody joins this one, and it
+	 * touches nothing of the job after concluding. */
+	job->thread_detached = true;
+	pthread_detach(pthread_self());
 	job_conclude(job, final);
 	return NULL;
 }
@@ -555,7 +558,7 @@ static void update_rate_locked(struct job *job, uint64_t now, uint64_t done)
 	job->rate_mark_bytes = done;
 }
 
-bool job_throttle(struct job *job)
+bool job_throttle(struct job *job, uint64_t bytes)
 {
 	struct job_progress p = { 0 };
 
@@ -579,6 +582,8 @@ bool job_throttle(struct job *job)
 		}
 		uint64_t delay = ratelimit_delay(&job->ratelimit, now);
 		if (!delay) {
+			/* Booked under the lock: the next worker waits for it. */
+			ratelimit_charge(&job->ratelimit, now, bytes);
 			pthread_mutex_unlock(&job->lock);
 			return true;
 		}
@@ -588,12 +593,12 @@ bool job_throttle(struct job *job)
 	}
 }
 
-void job_charge(struct job *job, uint64_t n)
+void job_charge(struct job *job, uint64_t booked, uint64_t used)
 {
-	if (!n)
+	if (used >= booked)
 		return;
 	pthread_mutex_lock(&job->lock);
-	ratelimit_charge(&job->ratelimit, clock_monotonic_ns(), n);
+	ratelimit_refund(&job->ratelimit, clock_monotonic_ns(), booked - used);
 	pthread_mutex_unlock(&job->lock);
 }
 

@@ -22,6 +22,7 @@
 #include "fleecefs/fs.h"
 #include "fleecefs/inject.h"
 #include "fleecefs/job.h"
+#include "fleecefs/pending.h"
 #include "fleecefs/util.h"
 
 #define DEFAULT_THREADS 32
@@ -384,6 +385,12 @@ int main(int argc, char *argv[])
 	if ((rc = prepare_state_dir(&d, opts.state_dir)))
 		goto out;
 	remove_stale_stores(d.state_dir);
+	if (pending_setup(d.state_dir) < 0) {
+		rc = die("state_dir %s: cannot create %s/pending: %s", d.state_dir, d.state_dir, strerror(errno));
+		goto out;
+	}
+	/* What a crash left half done: finished or undone before anything runs. */
+	pending_recover(d.state_dir);
 	rc = 1;
 	d.owner_uid = getuid();
 	d.owner_gid = getgid();

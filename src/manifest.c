@@ -16,27 +16,35 @@
 #include "fleecefs/target.h"
 #include "fleecefs/util.h"
 
-int manifest_create(const char *target_path, uint64_t size, uint32_t cluster_size,
-		    struct manifest **out, char *err, size_t errlen)
+static struct manifest *new_manifest(const char *temp_path, uint32_t cluster_size)
 {
 	struct manifest *m = calloc(1, sizeof(*m));
 
-	if (!m || asprintf(&m->path, "%s.xxh3", target_path) < 0) {
+	if (!m || !(m->temp_path = strdup(temp_path))) {
 		free(m);
-		return set_error(err, errlen, ENOMEM, "manifest for %s: out of memory", target_path);
+		return NULL;
 	}
-	m->size = size;
+	m->fd = -1;
 	m->cluster_size = cluster_size;
-	m->nclusters = div_round_up(size, cluster_size);
-	m->hashes = calloc(m->nclusters ? m->nclusters : 1, sizeof(*m->hashes));
-	if (!m->hashes) {
-		manifest_free(m);
-		return set_error(err, errlen, ENOMEM, "manifest for %s: out of memory", target_path);
-	}
-	m->fd = open(m->path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
-	if (m->fd < 0) {
-		int e = errno;
-		int rc = set_error(err, errlen, e, "manifest %s: cannot create: %s", m->path, strerror(e));
+	return m;
+}
+
+static int create_temp(struct manifest *m, const char *shown, char *err, size_t errlen)
+{
+	m->fd = open(m->temp_path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+	if (m->fd < 0)
+		return set_error(err, errlen, errno, "manifest %s: cannot create: %s", shown, strerror(errno));
+	return 0;
+}
+
+int manifest_create(const char *temp_path, uint32_t cluster_size, struct manifest **out, char *err, size_t errlen)
+{
+	struct manifest *m = new_manifest(temp_path, cluster_size);
+	int rc;
+
+	if (!m)
+		return set_error(err, errlen, ENOMEM, "manifest %s: out of memory", temp_path);
+	if ((rc = create_temp(m, temp_path, err, errlen))) {
 		manifest_free(m);
 		return rc;
 	}
@@ -44,40 +52,156 @@ int manifest_create(const char *target_path, uint64_t size, uint32_t cluster_siz
 	return 0;
 }
 
+/* Reads a manifest: its header and checksums (malloc'd into *hashes). */
+static int read_manifest(const char *path, uint32_t cluster_size, uint64_t *size, uint64_t **hashes, char *err,
+			 size_t errlen)
+{
+	char line[128];
+	uint64_t n = 0, fcs = 0;
+	bool have_n = false;
+	FILE *f = fopen(path, "re");
+
+	*hashes = NULL;
+	if (!f)
+		return set_error(err, errlen, errno == ENOENT ? EINVAL : errno,
+				 "manifest %s: %s (an incremental with checksum=xxh3 updates the full backup's manifest; "
+				 "use checksum=none, or take a new full backup)", path, strerror(errno));
+	bool ok = fgets(line, sizeof(line), f) && !strcmp(line, "fleecefs-manifest 1\n");
+	while (ok && fgets(line, sizeof(line), f)) {
+		if (!strchr(line, '=')) {
+			/* The first checksum: the header is over. */
+			ok = have_n && (*hashes = calloc(n ? n : 1, sizeof(**hashes))) &&
+			     sscanf(line, "%" SCNx64, &(*hashes)[0]) == 1;
+			break;
+		}
+		if (!strncmp(line, "size=", 5))
+			*size = strtoull(line + 5, NULL, 10);
+		else if (!strncmp(line, "cluster_size=", 13))
+			fcs = strtoull(line + 13, NULL, 10);
+		else if (!strncmp(line, "algorithm=", 10))
+			ok = !strcmp(line + 10, "xxh3-64\n");
+		else if (!strncmp(line, "clusters=", 9)) {
+			n = strtoull(line + 9, NULL, 10);
+			have_n = true;
+		}
+	}
+	ok = ok && *hashes && fcs == cluster_size && n == div_round_up(*size, cluster_size);
+	for (uint64_t c = 1; ok && c < n; c++)
+		ok = fgets(line, sizeof(line), f) && sscanf(line, "%" SCNx64, &(*hashes)[c]) == 1;
+	fclose(f);
+	if (!ok) {
+		free(*hashes);
+		*hashes = NULL;
+		return set_error(err, errlen, EINVAL,
+				 "manifest %s: does not describe a backup with cluster_size=%" PRIu32
+				 " (use checksum=none, or take a new full backup)", path, cluster_size);
+	}
+	return 0;
+}
+
+int manifest_open_update(const char *existing, const char *temp_path, uint32_t cluster_size, struct manifest **out,
+			 char *err, size_t errlen)
+{
+	struct manifest *m = new_manifest(temp_path, cluster_size);
+	int rc;
+
+	if (!m)
+		return set_error(err, errlen, ENOMEM, "manifest %s: out of memory", existing);
+	if ((rc = read_manifest(existing, cluster_size, &m->old_size, &m->old, err, errlen)) ||
+	    (rc = create_temp(m, existing, err, errlen))) {
+		manifest_free(m);
+		return rc;
+	}
+	*out = m;
+	return 0;
+}
+
+int manifest_set_size(struct manifest *m, uint64_t size, char *err, size_t errlen)
+{
+	if (m->old && size != m->old_size)
+		return set_error(err, errlen, EINVAL, "manifest describes %" PRIu64 " bytes, the image has %" PRIu64,
+				 m->old_size, size);
+	m->size = size;
+	m->nclusters = div_round_up(size, m->cluster_size);
+	m->hashes = calloc(m->nclusters ? m->nclusters : 1, sizeof(*m->hashes));
+	if (!m->hashes || cbitmap_init(&m->hashed, m->nclusters, m->old != NULL)) {
+		free(m->hashes);
+		m->hashes = NULL;
+		return set_error(err, errlen, ENOMEM, "manifest: out of memory for %" PRIu64 " clusters", m->nclusters);
+	}
+	if (m->old)
+		memcpy(m->hashes, m->old, m->nclusters * sizeof(*m->old));
+	return 0;
+}
+
 void manifest_set(struct manifest *m, uint64_t cluster, const void *data, size_t len)
 {
 	m->hashes[cluster] = XXH3_64bits(data, len);
+	if (!cbitmap_test(&m->hashed, cluster))
+		cbitmap_set(&m->hashed, cluster);
 }
 
-int manifest_finish(struct manifest *m)
+void manifest_forget(struct manifest *m, const struct cbitmap *left)
 {
+	for (uint64_t c = cbitmap_next_set(left, 0); c < left->nbits && c < m->nclusters;
+	     c = cbitmap_next_set(left, c + 1)) {
+		if (m->old)
+			m->hashes[c] = m->old[c];
+		else
+			cbitmap_clear(&m->hashed, c);
+	}
+}
+
+void manifest_set_partial(struct manifest *m, bool partial) { m->partial = partial; }
+
+/* The checksum of `len` zero bytes. */
+static uint64_t zero_hash(uint64_t len)
+{
+	void *zero = calloc(1, (size_t)(len ? len : 1));
+	uint64_t h = zero ? XXH3_64bits(zero, (size_t)len) : 0;
+	free(zero);
+	return h;
+}
+
+int manifest_write(struct manifest *m)
+{
+	uint64_t last_len = m->size - (m->nclusters ? (m->nclusters - 1) * (uint64_t)m->cluster_size : 0);
+	uint64_t zero_full = zero_hash(m->cluster_size), zero_last = zero_hash(last_len);
 	FILE *f = fdopen(m->fd, "w");
 	int rc = 0;
 
 	if (!f)
 		return -errno;
 	m->fd = -1;
-	fprintf(f, "fleecefs-manifest 1\nalgorithm=xxh3-64\nsize=%" PRIu64 "\ncluster_size=%" PRIu32
-		   "\nclusters=%" PRIu64 "\n", m->size, m->cluster_size, m->nclusters);
-	for (uint64_t c = 0; c < m->nclusters; c++)
-		fprintf(f, "%016" PRIx64 "\n", m->hashes[c]);
+	fprintf(f, "fleecefs-manifest 1\nalgorithm=xxh3-64\n%ssize=%" PRIu64 "\ncluster_size=%" PRIu32
+		   "\nclusters=%" PRIu64 "\n", m->partial ? "state=partial\n" : "", m->size, m->cluster_size,
+		m->nclusters);
+	for (uint64_t c = 0; c < m->nclusters; c++) {
+		uint64_t h = cbitmap_test(&m->hashed, c) ? m->hashes[c] : c + 1 == m->nclusters ? zero_last : zero_full;
+		fprintf(f, "%016" PRIx64 "\n", h);
+	}
 	if (fflush(f) != 0 || fdatasync(fileno(f)) != 0)
 		rc = -errno;
 	if (fclose(f) != 0 && !rc)
 		rc = -errno;
-	if (!rc && m->tmp_path && rename(m->tmp_path, m->path) < 0)
-		rc = -errno;
-	if (!rc)
-		rc = fsync_parent_dir(m->path);
 	return rc;
 }
 
-void manifest_abort(struct manifest *m)
+int manifest_publish(struct manifest *m, const char *name, bool replace)
+{
+	if (!replace)
+		return rename_noreplace(m->temp_path, name);
+	if (rename(m->temp_path, name) < 0)
+		return -errno;
+	return fsync_parent_dir(name);
+}
+
+void manifest_discard(struct manifest *m)
 {
 	if (m->fd >= 0)
 		close(m->fd);
 	m->fd = -1;
-	unlink(m->tmp_path ? m->tmp_path : m->path);
+	unlink(m->temp_path);
 }
 
 void manifest_free(struct manifest *m)
@@ -86,81 +210,10 @@ void manifest_free(struct manifest *m)
 		return;
 	if (m->fd >= 0)
 		close(m->fd);
+	if (m->hashed.words)
+		cbitmap_destroy(&m->hashed);
 	free(m->hashes);
 	free(m->old);
-	free(m->tmp_path);
-	free(m->path);
+	free(m->temp_path);
 	free(m);
-}
-
-int manifest_update(const char *target_path, uint64_t size, uint32_t cluster_size, struct manifest **out, char *err,
-		    size_t errlen)
-{
-	char path[4200], line[128];
-	uint64_t n = 0, fsize = 0, fcs = 0;
-	int rc;
-
-	snprintf(path, sizeof(path), "%s.xxh3", target_path);
-	FILE *f = fopen(path, "re");
-	if (!f)
-		return set_error(err, errlen, errno == ENOENT ? EINVAL : errno,
-				 "manifest %s: %s (an incremental with checksum=xxh3 updates the full backup's manifest; "
-				 "use checksum=none, or take a new full backup)", path, strerror(errno));
-	uint64_t *old = NULL;
-	bool ok = fgets(line, sizeof(line), f) && !strcmp(line, "fleecefs-manifest 1\n");
-	while (ok && fgets(line, sizeof(line), f) && strchr(line, '=')) {
-		if (!strncmp(line, "size=", 5))
-			fsize = strtoull(line + 5, NULL, 10);
-		else if (!strncmp(line, "cluster_size=", 13))
-			fcs = strtoull(line + 13, NULL, 10);
-		else if (!strncmp(line, "clusters=", 9)) {
-			n = strtoull(line + 9, NULL, 10);
-			break;
-		}
-	}
-	ok = ok && fsize == size && fcs == cluster_size && n == div_round_up(size, cluster_size) &&
-	     (old = calloc(n ? n : 1, sizeof(*old)));
-	for (uint64_t c = 0; ok && c < n; c++)
-		ok = fgets(line, sizeof(line), f) && sscanf(line, "%" SCNx64, &old[c]) == 1;
-	fclose(f);
-	if (!ok) {
-		free(old);
-		return set_error(err, errlen, EINVAL,
-				 "manifest %s: does not describe this image with cluster_size=%" PRIu32
-				 " (use checksum=none, or take a new full backup)", path, cluster_size);
-	}
-	struct manifest *m = calloc(1, sizeof(*m));
-	if (!m || !(m->path = strdup(path)) || asprintf(&m->tmp_path, "%s.new", path) < 0 ||
-	    !(m->hashes = calloc(n ? n : 1, sizeof(*m->hashes)))) {
-		if (m) {
-			m->fd = -1;
-			manifest_free(m);
-		}
-		free(old);
-		return set_error(err, errlen, ENOMEM, "manifest %s: out of memory", path);
-	}
-	m->size = size;
-	m->cluster_size = cluster_size;
-	m->nclusters = n;
-	m->old = old;
-	unlink(m->tmp_path);  /* left by an interrupted update */
-	m->fd = open(m->tmp_path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
-	if (m->fd < 0) {
-		int e = errno;
-		rc = set_error(err, errlen, e, "manifest %s: cannot create: %s", m->tmp_path, strerror(e));
-		manifest_free(m);
-		return rc;
-	}
-	*out = m;
-	memcpy(m->hashes, old, n * sizeof(*old));
-	return 0;
-}
-
-void manifest_keep_old(struct manifest *m, const struct cbitmap *left)
-{
-	if (!m->old)
-		return;
-	for (uint64_t c = cbitmap_next_set(left, 0); c < left->nbits && c < m->nclusters;
-	     c = cbitmap_next_set(left, c + 1))
-		m->hashes[c] = m->old[c];
 }

@@ -4,7 +4,9 @@
 #include "fleecefs/ratelimit.h"
 #include "fleecefs/util.h"
 
-#define SLICE_NS 100000000ull
+/* Chunks are this much of a second's worth, so that any one-second window
+ * holds the rate give or take one chunk (5 %). */
+#define CHUNKS_PER_SECOND 20
 
 void ratelimit_set(struct ratelimit *rl, uint64_t rate)
 {
@@ -22,23 +24,35 @@ uint64_t ratelimit_delay(const struct ratelimit *rl, uint64_t now_ns)
 	return rl->next_ns - now_ns;
 }
 
+static uint64_t cost_ns(const struct ratelimit *rl, uint64_t n)
+{
+	/* n * 1e9 / rate without overflow for n up to 16 EiB / 1e9. */
+	return (uint64_t)((__uint128_t)n * 1000000000u / rl->rate);
+}
+
 void ratelimit_charge(struct ratelimit *rl, uint64_t now_ns, uint64_t n)
 {
 	if (!rl->rate)
 		return;
-	/* Idle time counts for at most one slice. */
-	uint64_t floor = now_ns > SLICE_NS ? now_ns - SLICE_NS : 0;
-	uint64_t start = rl->next_ns > floor ? rl->next_ns : floor;
-	/* n * 1e9 / rate without overflow for n up to 16 EiB / 1e9. */
-	__uint128_t cost = (__uint128_t)n * 1000000000u / rl->rate;
-	rl->next_ns = start + (uint64_t)cost;
+	/* Idle time is not banked: after a pause or a slow stretch the copy
+	 * goes on at the rate, never faster. */
+	uint64_t start = rl->next_ns > now_ns ? rl->next_ns : now_ns;
+	rl->next_ns = start + cost_ns(rl, n);
+}
+
+void ratelimit_refund(struct ratelimit *rl, uint64_t now_ns, uint64_t n)
+{
+	if (!rl->rate)
+		return;
+	uint64_t cost = cost_ns(rl, n);
+	rl->next_ns = rl->next_ns > now_ns + cost ? rl->next_ns - cost : now_ns;
 }
 
 uint64_t ratelimit_chunk(const struct ratelimit *rl, uint64_t unit, uint64_t max)
 {
 	uint64_t chunk = max;
 
-	if (rl->rate && rl->rate / 10 < max)
-		chunk = rl->rate / 10 / unit * unit;
+	if (rl->rate && rl->rate / CHUNKS_PER_SECOND < max)
+		chunk = rl->rate / CHUNKS_PER_SECOND / unit * unit;
 	return chunk < unit ? unit : chunk;
 }

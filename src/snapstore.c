@@ -66,6 +66,11 @@ static int snapstore_before_write(struct image_hook *hook, uint64_t off, uint64_
 	if (s->cbw_wait)
 		latency_record(s->cbw_wait, (clock_monotonic_ns() - start) / 1000);
 	uint64_t used = atomic_fetch_add(s->store_used, e.copied) + e.copied;
+	if (rc && s->fail_guest) {
+		log_warn("store %s: copy-before-write at offset %" PRIu64 " failed (%s): failing the guest write "
+			 "(on-cbw-error=break-guest-write)", s->store_path, e.offset, strerror(-rc));
+		return -EIO;
+	}
 	if (rc) {
 		/* The guest write goes on; the frozen image is lost. */
 		snprintf(reason, sizeof(reason), "copy-before-write at offset %" PRIu64 " failed %s: %s", e.offset,
@@ -293,7 +298,7 @@ fail:
 	if (s->store_read_fd >= 0)
 		close(s->store_read_fd);
 	if (s->store) {
-		target_abort(s->store);
+		target_close(s->store, false);
 		target_free(s->store);
 	}
 	free(s->store_path);
@@ -317,7 +322,7 @@ void snapstore_close(struct snapstore *s, bool gate_closed)
 	blockcopy_stop_writers(&s->bc);
 	while (atomic_load(&s->readers))
 		sleep_until_ns(clock_monotonic_ns() + 1000000);
-	target_abort(s->store);
+	target_close(s->store, false);
 	blockcopy_destroy(&s->bc);
 	target_free(s->store);
 	s->store = NULL;

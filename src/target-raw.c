@@ -1,9 +1,13 @@
 /* target-raw: a sparse file of the image's size.
  *
+ * Three kinds (target.h): a new backup, written under a hidden name and
+ * published at the end; an earlier backup updated in place, every
+ * overwritten cluster journaled first (journal.h); a scratch store.
+ *
  * Writes are buffered (one writer thread, see blockcopy.h): on this kind of
  * target, O_DIRECT writes into a sparse file serialize on allocation and
  * were no faster. The copy engine starts writeback as it goes
- * (start_writeback); finish makes everything durable and drops the written
+ * (start_writeback); flush makes everything durable and drops the written
  * pages from the cache, since nobody reads a fresh backup soon.
  */
 #include "config.h"
@@ -15,22 +19,39 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "fleecefs/cbitmap.h"
+#include "fleecefs/journal.h"
 #include "fleecefs/target.h"
 #include "fleecefs/util.h"
 
+enum raw_kind { RAW_NEW, RAW_SCRATCH, RAW_IN_PLACE };
+
 struct raw_target {
 	struct target base;
+	enum raw_kind kind;
 	int fd;
-	bool created;    /* by us: abort removes it */
+	bool published;          /* RAW_NEW: the file has its final name */
+	struct journal *journal; /* RAW_IN_PLACE */
 };
 
 static struct raw_target *raw(struct target *t) { return (struct raw_target *)t; }
 
+/* In place, nothing is overwritten before its old content is journaled. */
+static int protect(struct raw_target *r, uint64_t off, uint64_t len)
+{
+	if (!r->journal || journal_covers(r->journal, off, len))
+		return 0;
+	struct journal_range range = { off, len };
+	return journal_protect(r->journal, &range, 1);
+}
+
 static int raw_write(struct target *t, uint64_t off, const void *buf, size_t len)
 {
 	struct raw_target *r = raw(t);
+	int rc = protect(r, off, len);
+	if (rc)
+		return rc;
 	ssize_t n = pwrite_full(r->fd, buf, len, off);
-
 	return n < 0 ? (int)n : 0;
 }
 
@@ -49,19 +70,15 @@ static void raw_start_writeback(struct target *t)
 	posix_fadvise(raw(t)->fd, 0, 0, POSIX_FADV_DONTNEED);
 }
 
-static int raw_write_zeroes(struct target *t, uint64_t off, uint64_t len)
+static int zero_range(int fd, uint64_t off, uint64_t len)
 {
-	struct raw_target *r = raw(t);
-
-	if (t->fresh)
-		return 0;
-	if (fallocate(r->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len) == 0)
+	if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len) == 0)
 		return 0;
 	/* No hole punching here: write real zeroes. */
 	static const char zeroes[65536];
 	while (len) {
 		size_t n = (size_t)min_u64(len, sizeof(zeroes));
-		ssize_t w = pwrite_full(r->fd, zeroes, n, off);
+		ssize_t w = pwrite_full(fd, zeroes, n, off);
 		if (w < 0)
 			return (int)w;
 		off += n;
@@ -70,38 +87,121 @@ static int raw_write_zeroes(struct target *t, uint64_t off, uint64_t len)
 	return 0;
 }
 
-static int raw_finish(struct target *t)
+static int raw_write_zeroes(struct target *t, uint64_t off, uint64_t len)
+{
+	struct raw_target *r = raw(t);
+
+	if (t->fresh)
+		return 0;
+	int rc = protect(r, off, len);
+	return rc ? rc : zero_range(r->fd, off, len);
+}
+
+static int raw_prepare_writes(struct target *t, const struct journal_range *ranges, unsigned n)
+{
+	struct raw_target *r = raw(t);
+	return r->journal ? journal_protect(r->journal, ranges, n) : 0;
+}
+
+static int raw_set_size(struct target *t, uint64_t size, char *err, size_t errlen)
+{
+	struct raw_target *r = raw(t);
+
+	if (r->kind == RAW_IN_PLACE) {
+		if (t->size != size)
+			return set_error(err, errlen, EINVAL,
+					 "target %s: is %llu bytes, the image %llu: not a full backup of this image", t->path,
+					 (unsigned long long)t->size, (unsigned long long)size);
+		return 0;
+	}
+	if (ftruncate(r->fd, (off_t)size) < 0)
+		return set_error(err, errlen, errno, "target %s: cannot size to %llu bytes: %s", t->path,
+				 (unsigned long long)size, strerror(errno));
+	t->size = size;
+	return 0;
+}
+
+static int raw_flush(struct target *t)
+{
+	struct raw_target *r = raw(t);
+
+	if (fdatasync(r->fd) < 0)
+		return -errno;
+	posix_fadvise(r->fd, 0, 0, POSIX_FADV_DONTNEED);
+	return 0;
+}
+
+static int raw_forget(struct target *t, const struct cbitmap *left, unsigned cluster_bits)
 {
 	struct raw_target *r = raw(t);
 	int rc = 0;
 
-	if (fdatasync(r->fd) < 0)
-		rc = -errno;
-	else
-		posix_fadvise(r->fd, 0, 0, POSIX_FADV_DONTNEED);
-	if (close(r->fd) < 0 && !rc)
-		rc = -errno;
-	r->fd = -1;
-	if (!rc)
-		rc = fsync_parent_dir(t->path);
+	if (r->journal) {
+		/* Only what the journal saved was touched at all. */
+		rc = journal_rollback(r->journal, left);
+	} else {
+		for (uint64_t c = cbitmap_next_set(left, 0); c < left->nbits && !rc;) {
+			uint64_t end = cbitmap_next_clear(left, c);
+			uint64_t off = c << cluster_bits;
+			uint64_t len = min_u64((end - c) << cluster_bits, t->size - min_u64(off, t->size));
+			if (len)
+				rc = zero_range(r->fd, off, len);
+			c = end < left->nbits ? cbitmap_next_set(left, end) : left->nbits;
+		}
+		if (!rc && fdatasync(r->fd) < 0)
+			rc = -errno;
+	}
 	return rc;
 }
 
-static void raw_abort(struct target *t)
+static int raw_publish(struct target *t, const char *name, char *err, size_t errlen)
 {
 	struct raw_target *r = raw(t);
 
-	if (r->fd >= 0)
-		close(r->fd);
+	if (strcmp(t->path, name) == 0)
+		return 0;
+	int rc = rename_noreplace(t->path, name);
+	if (rc)
+		return set_error(err, errlen, -rc, "target %s: cannot rename it to %s: %s", t->path, name,
+				 strerror(-rc));
+	char *copy = strdup(name);
+	if (copy) {
+		free(t->path);
+		t->path = copy;
+	}
+	r->published = true;
+	return 0;
+}
+
+static int raw_close(struct target *t, bool keep)
+{
+	struct raw_target *r = raw(t);
+	int rc = 0;
+
+	if (r->journal) {
+		if (!keep)
+			rc = journal_rollback(r->journal, NULL);
+		/* A journal that could not be applied stays for the next mount. */
+		int rc2 = journal_close(r->journal, rc == 0);
+		rc = rc ? rc : rc2;
+		r->journal = NULL;
+	}
+	if (r->fd >= 0 && close(r->fd) < 0 && !rc && keep)
+		rc = -errno;
 	r->fd = -1;
-	if (r->created)
+	if (!keep && (r->kind == RAW_SCRATCH || (r->kind == RAW_NEW && !r->published))) {
 		unlink(t->path);
+		fsync_parent_dir(t->path);
+	}
+	return rc;
 }
 
 static void raw_free(struct target *t)
 {
 	struct raw_target *r = raw(t);
 
+	if (r->journal)
+		journal_close(r->journal, false);
 	if (r->fd >= 0)
 		close(r->fd);
 	free(t->path);
@@ -113,8 +213,12 @@ static const struct target_ops raw_ops = {
 	.write_zeroes = raw_write_zeroes,
 	.discard = raw_discard,
 	.start_writeback = raw_start_writeback,
-	.finish = raw_finish,
-	.abort = raw_abort,
+	.prepare_writes = raw_prepare_writes,
+	.set_size = raw_set_size,
+	.flush = raw_flush,
+	.forget = raw_forget,
+	.publish = raw_publish,
+	.close = raw_close,
 	.free = raw_free,
 };
 
@@ -125,76 +229,124 @@ static const struct target_ops raw_scratch_ops = {
 	.write = raw_write,
 	.write_zeroes = raw_write_zeroes,
 	.discard = raw_discard,
-	.finish = raw_finish,
-	.abort = raw_abort,
+	.set_size = raw_set_size,
+	.flush = raw_flush,
+	.forget = raw_forget,
+	.publish = raw_publish,
+	.close = raw_close,
 	.free = raw_free,
 };
 
-static int raw_create(const char *path, uint64_t size, const struct target_ops *ops, struct target **out, char *err,
-		      size_t errlen)
+static struct raw_target *new_raw(const char *path, const struct target_ops *ops, enum raw_kind kind)
 {
 	struct raw_target *r = calloc(1, sizeof(*r));
 
 	if (!r || !(r->base.path = strdup(path))) {
 		free(r);
-		return set_error(err, errlen, ENOMEM, "target %s: out of memory", path);
+		return NULL;
 	}
 	r->base.ops = ops;
-	r->base.size = size;
-	r->base.fresh = 1;
-	r->created = true;
+	r->kind = kind;
+	r->fd = -1;
+	return r;
+}
+
+static int create_file(struct raw_target *r, char *err, size_t errlen, const char *shown)
+{
+	struct stat st;
+
 	/* Backups hold whole disks: readable by the owner only. */
-	r->fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
-	if (r->fd < 0) {
+	r->fd = open(r->base.path, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+	if (r->fd < 0 || fstat(r->fd, &st) < 0) {
 		int e = errno;
-		free(r->base.path);
-		free(r);
-		return set_error(err, errlen, e, "target %s: cannot create: %s", path, strerror(e));
+		if (r->fd >= 0) {
+			close(r->fd);
+			unlink(r->base.path);
+		}
+		r->fd = -1;
+		return set_error(err, errlen, e, "target %s: cannot create: %s", shown, strerror(e));
 	}
-	if (ftruncate(r->fd, (off_t)size) < 0) {
-		int e = errno;
-		raw_abort(&r->base);
-		raw_free(&r->base);
-		return set_error(err, errlen, e, "target %s: cannot size to %llu bytes: %s", path,
-				 (unsigned long long)size, strerror(e));
-	}
-	*out = &r->base;
+	r->base.dev = st.st_dev;
+	r->base.ino = st.st_ino;
+	r->base.fresh = 1;
 	return 0;
 }
 
-int target_raw_create(const char *path, uint64_t size, struct target **out, char *err, size_t errlen)
+int target_raw_create(const char *final_path, const char *temp_path, struct target **out, char *err, size_t errlen)
 {
-	return raw_create(path, size, &raw_ops, out, err, errlen);
-}
+	struct raw_target *r = new_raw(temp_path, &raw_ops, RAW_NEW);
+	int rc;
 
-int target_raw_create_scratch(const char *path, uint64_t size, struct target **out, char *err, size_t errlen)
-{
-	return raw_create(path, size, &raw_scratch_ops, out, err, errlen);
-}
-
-int target_raw_open_existing(const char *path, uint64_t size, struct target **out, char *err, size_t errlen)
-{
-	struct raw_target *r = calloc(1, sizeof(*r));
-	struct stat st;
-
-	if (!r || !(r->base.path = strdup(path))) {
-		free(r);
-		return set_error(err, errlen, ENOMEM, "target %s: out of memory", path);
-	}
-	r->base.ops = &raw_ops;
-	r->base.size = size;
-	r->fd = open(path, O_WRONLY | O_NOFOLLOW | O_CLOEXEC);
-	int e = r->fd < 0 ? errno : fstat(r->fd, &st) < 0 ? errno : 0;
-	if (!e && !S_ISREG(st.st_mode))
-		e = EINVAL;
-	if (e || (uint64_t)st.st_size != size) {
-		int rc = e ? set_error(err, errlen, e, "target %s: cannot update it: %s", path, strerror(e))
-			   : set_error(err, errlen, EINVAL,
-				       "target %s: is %llu bytes, the image %llu: not a full backup of this image", path,
-				       (unsigned long long)st.st_size, (unsigned long long)size);
+	if (!r)
+		return set_error(err, errlen, ENOMEM, "target %s: out of memory", final_path);
+	if ((rc = create_file(r, err, errlen, final_path))) {
 		raw_free(&r->base);
 		return rc;
 	}
 	*out = &r->base;
 	return 0;
+}
+
+int target_raw_create_scratch(const char *path, uint64_t size, struct target **out, char *err, size_t errlen)
+{
+	struct raw_target *r = new_raw(path, &raw_scratch_ops, RAW_SCRATCH);
+	int rc;
+
+	if (!r)
+		return set_error(err, errlen, ENOMEM, "store %s: out of memory", path);
+	if ((rc = create_file(r, err, errlen, path)) || (rc = raw_set_size(&r->base, size, err, errlen))) {
+		raw_close(&r->base, false);
+		raw_free(&r->base);
+		return rc;
+	}
+	*out = &r->base;
+	return 0;
+}
+
+int target_raw_open_in_place(const char *path, dev_t dev, ino_t ino, const char *journal_path, uint32_t cluster_size,
+			     struct target **out, char *err, size_t errlen)
+{
+	struct raw_target *r = new_raw(path, &raw_ops, RAW_IN_PLACE);
+	struct stat st;
+	int rc;
+
+	if (!r)
+		return set_error(err, errlen, ENOMEM, "target %s: out of memory", path);
+	r->fd = open(path, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
+	if (r->fd < 0 || fstat(r->fd, &st) < 0) {
+		int e = errno;
+		rc = set_error(err, errlen, e, "target %s: cannot update it: %s%s", path, strerror(e),
+			       e == ELOOP ? " (a symlink; the chain's backup is a regular file)" : "");
+		goto fail;
+	}
+	/* Only the very file the chain recorded, and nothing that another name
+	 * (a hard link into SOURCE_DIR, a cp -al rotation) could make live. */
+	if (!S_ISREG(st.st_mode)) {
+		rc = set_error(err, errlen, EINVAL, "target %s: not a regular file", path);
+		goto fail;
+	}
+	if (st.st_dev != dev || st.st_ino != ino) {
+		rc = set_error(err, errlen, EINVAL,
+			       "target %s: is not the file the chain's last backup was written to (inode %llu, recorded "
+			       "%llu): take a new full backup", path, (unsigned long long)st.st_ino,
+			       (unsigned long long)ino);
+		goto fail;
+	}
+	if (st.st_nlink != 1) {
+		rc = set_error(err, errlen, EMLINK,
+			       "target %s: has %llu links: an incremental updates a backup in place and would change "
+			       "every other name of it (hard-link rotation?); take a new full backup",
+			       path, (unsigned long long)st.st_nlink);
+		goto fail;
+	}
+	r->base.dev = st.st_dev;
+	r->base.ino = st.st_ino;
+	r->base.size = (uint64_t)st.st_size;
+	if ((rc = journal_create(journal_path, r->fd, r->base.size, cluster_size, &r->journal, err, errlen)))
+		goto fail;
+	*out = &r->base;
+	return 0;
+fail:
+	raw_free(&r->base);
+	return rc;
 }

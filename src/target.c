@@ -3,15 +3,16 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <inttypes.h>
 #include <libgen.h>
+#include <limits.h>
+#include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
 #include "fleecefs/target.h"
-
-int target_finish(struct target *t) { return t->ops->finish(t); }
-void target_abort(struct target *t) { t->ops->abort(t); }
 
 void target_free(struct target *t)
 {
@@ -34,4 +35,104 @@ int fsync_parent_dir(const char *path)
 		rc = -errno;
 	close(fd);
 	return rc;
+}
+
+int target_hidden_name(const char *path, uint64_t serial, const char *tag, char *out, size_t len)
+{
+	const char *slash = strrchr(path, '/');
+	const char *base = slash ? slash + 1 : path;
+	int dirlen = slash ? (int)(slash - path) : 0;
+	char suffix[96];
+
+	int n = snprintf(suffix, sizeof(suffix), ".fleecefs-%ld-%" PRIu64 ".%s", (long)getpid(), serial, tag);
+	/* A file name has at most NAME_MAX bytes: the leading dot, the name
+	 * (cut if need be) and the suffix. */
+	int keep = (int)strlen(base);
+	if (keep > NAME_MAX - 1 - n)
+		keep = NAME_MAX - 1 - n;
+	if (snprintf(out, len, "%.*s/.%.*s%s", dirlen, path, keep, base, suffix) >= (int)len)
+		return -ENAMETOOLONG;
+	return 0;
+}
+
+int rename_noreplace(const char *from, const char *to)
+{
+	if (renameat2(AT_FDCWD, from, AT_FDCWD, to, RENAME_NOREPLACE) < 0) {
+		if (errno != EINVAL && errno != ENOSYS)
+			return -errno;
+		/* A file system without RENAME_NOREPLACE: link never replaces. */
+		if (link(from, to) < 0)
+			return -errno;
+		if (unlink(from) < 0) {
+			int e = errno;
+			unlink(to);
+			return -e;
+		}
+	}
+	return fsync_parent_dir(to);
+}
+
+/* ---- names in use ---------------------------------------------------------- */
+
+static pthread_mutex_t names_lock = PTHREAD_MUTEX_INITIALIZER;
+static char **names;
+static unsigned nnames, names_cap;
+
+static int find_name_locked(const char *path)
+{
+	for (unsigned i = 0; i < nnames; i++)
+		if (strcmp(names[i], path) == 0)
+			return (int)i;
+	return -1;
+}
+
+int target_name_claim(const char *path)
+{
+	int rc = 0;
+
+	pthread_mutex_lock(&names_lock);
+	if (find_name_locked(path) >= 0) {
+		rc = -EEXIST;
+	} else {
+		if (nnames == names_cap) {
+			unsigned cap = names_cap ? names_cap * 2 : 16;
+			char **grown = realloc(names, cap * sizeof(*grown));
+			if (!grown)
+				rc = -ENOMEM;
+			else {
+				names = grown;
+				names_cap = cap;
+			}
+		}
+		if (!rc && !(names[nnames] = strdup(path)))
+			rc = -ENOMEM;
+		if (!rc)
+			nnames++;
+	}
+	pthread_mutex_unlock(&names_lock);
+	return rc;
+}
+
+void target_name_release(const char *path)
+{
+	pthread_mutex_lock(&names_lock);
+	int i = find_name_locked(path);
+	if (i >= 0) {
+		free(names[i]);
+		names[i] = names[--nnames];
+	}
+	if (!nnames) {
+		free(names);
+		names = NULL;
+		names_cap = 0;
+	}
+	pthread_mutex_unlock(&names_lock);
+}
+
+bool target_name_taken(const char *path)
+{
+	pthread_mutex_lock(&names_lock);
+	bool taken = find_name_locked(path) >= 0;
+	pthread_mutex_unlock(&names_lock);
+	return taken;
 }

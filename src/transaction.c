@@ -20,6 +20,7 @@
 #include "fleecefs/job.h"
 #include "fleecefs/snapshot.h"
 #include "fleecefs/snapstore.h"
+#include "fleecefs/target.h"
 #include "fleecefs/transaction.h"
 #include "fleecefs/util.h"
 
@@ -29,11 +30,14 @@ static pthread_mutex_t control_mutex = PTHREAD_MUTEX_INITIALIZER;
 
 /* What step 2 found out about one command. */
 struct resolved {
+	char target[PATH_MAX];    /* backup: TARGET, its directory resolved */
+	struct chain_info chain;  /* sync=incremental: the bitmap's chain record */
+	struct backup_params params; /* backup: kept from stage to prepare */
 	struct image *image;      /* backup: referenced */
 	struct image *images[CTL_MAX_IMAGES]; /* snapshot: referenced */
 	struct job *job;          /* job verbs, backup of a view: referenced */
 	struct snapstore *view;   /* backup of a view */
-	struct job *prepared;     /* backup, snapshot: after step 3 */
+	struct job *prepared;     /* backup (staged or prepared), snapshot */
 	bool bitmap_added;        /* bitmap add: done in step 3, undone on abort */
 };
 
@@ -104,31 +108,54 @@ static int open_image(const struct fleece_daemon *d, unsigned line, const char *
 	return 0;
 }
 
-/* TARGET must not lie inside the mount (the daemon would write through itself)
- * and its directory must exist. */
-static int check_target(const struct fleece_daemon *d, unsigned line, const char *target, char *err, size_t errlen)
+/* TARGET with its directory resolved (symlinks and ".." of the directory
+ * followed, never the last component) into out, judged by where it really
+ * is: not inside the mount (the daemon would write through itself), in an
+ * existing directory. */
+static int resolve_target(const struct fleece_daemon *d, unsigned line, const char *target, char *out, size_t len,
+			  char *err, size_t errlen)
 {
-	size_t mlen = strlen(d->mountpoint);
-	char copy[PATH_MAX];
+	const char *slash = strrchr(target, '/');
+	const char *name = slash + 1;
+	char dir[PATH_MAX], real[PATH_MAX];
 	struct stat st;
 
-	if (strncmp(target, d->mountpoint, mlen) == 0 && (target[mlen] == '/' || target[mlen] == '\0'))
-		return set_error(err, errlen, EINVAL, "line %u: target %s: lies inside the mount %s", line, target,
-				 d->mountpoint);
-	snprintf(copy, sizeof(copy), "%s", target);
-	const char *dir = dirname(copy);
-	if (stat(dir, &st) < 0) {
+	snprintf(dir, sizeof(dir), "%.*s", slash == target ? 1 : (int)(slash - target), target);
+	if (!strcmp(name, ".") || !strcmp(name, ".."))
+		return set_error(err, errlen, EINVAL, "line %u: target %s: must name a file", line, target);
+	if (!realpath(dir, real)) {
 		int e = errno;
 		return set_error(err, errlen, e, "line %u: target %s: directory %s: %s", line, target, dir,
 				 errno_text(e));
 	}
-	if (!S_ISDIR(st.st_mode))
+	if (stat(real, &st) < 0 || !S_ISDIR(st.st_mode))
 		return set_error(err, errlen, ENOTDIR, "line %u: target %s: %s is not a directory", line, target, dir);
-	if (d->mount_dev && st.st_dev == d->mount_dev)
+	size_t mlen = strlen(d->mountpoint);
+	bool inside = strncmp(real, d->mountpoint, mlen) == 0 && (real[mlen] == '/' || real[mlen] == '\0');
+	if (inside || (d->mount_dev && st.st_dev == d->mount_dev))
 		return set_error(err, errlen, EINVAL, "line %u: target %s: lies inside the mount %s", line, target,
 				 d->mountpoint);
+	if (snprintf(out, len, "%s/%s", strcmp(real, "/") ? real : "", name) >= (int)len)
+		return set_error(err, errlen, ENAMETOOLONG, "line %u: target %s: name too long", line, target);
+	return 0;
+}
+
+/* A new TARGET (and its manifest) must not exist, nor be a name another
+ * job is writing. */
+static int check_new_target(unsigned line, const char *target, bool checksum, char *err, size_t errlen)
+{
+	char sum[PATH_MAX + 8];
+	struct stat st;
+
 	if (lstat(target, &st) == 0)
 		return set_error(err, errlen, EEXIST, "line %u: target %s: already exists", line, target);
+	snprintf(sum, sizeof(sum), "%s.xxh3", target);
+	if (checksum && lstat(sum, &st) == 0)
+		return set_error(err, errlen, EEXIST, "line %u: target %s: its manifest %s already exists", line, target,
+				 sum);
+	if (target_name_taken(target))
+		return set_error(err, errlen, EEXIST, "line %u: target %s: is being written by another job", line,
+				 target);
 	return 0;
 }
 
@@ -257,7 +284,8 @@ static int check_backup_bitmap(struct txn_state *s, unsigned i)
 {
 	const struct ctl_command *c = &s->parsed.cmds[i];
 	const struct ctl_backup *b = &c->u.backup;
-	char msg[ERR_MAX - 32], chain[PATH_MAX], real[PATH_MAX];
+	struct chain_info *chain = &s->res[i].chain;
+	char msg[ERR_MAX - 32];
 	int rc;
 
 	if ((rc = bitmap_used_twice(s, i, b->bitmap)))
@@ -268,14 +296,31 @@ static int check_backup_bitmap(struct txn_state *s, unsigned i)
 		return set_error(s->err, sizeof(s->err), -rc, "line %u: backup %s: %s", c->line, b->image, msg);
 	if (b->sync != SYNC_INCREMENTAL)
 		return 0;
-	if (fresh || bitmap_chain_target(s->res[i].image, b->bitmap, chain, sizeof(chain)))
+	if (fresh || bitmap_chain_get(s->res[i].image, b->bitmap, chain))
 		return set_error(s->err, sizeof(s->err), EINVAL,
 				 "line %u: backup: bitmap %s has no full backup yet (start its chain with sync=full "
 				 "bitmap=%s)", c->line, b->bitmap, b->bitmap);
-	if (!realpath(b->target, real) || strcmp(real, chain) != 0)
+	const char *target = s->res[i].target;
+	if (strcmp(target, chain->final) != 0)
 		return set_error(s->err, sizeof(s->err), EINVAL,
-				 "line %u: backup: an incremental with bitmap %s updates its last backup %s, not %s",
-				 c->line, b->bitmap, chain, b->target);
+				 "line %u: backup: an incremental with bitmap %s continues its last backup %s%s%s, not %s",
+				 c->line, b->bitmap, chain->final, chain->partial ? " (kept partial as " : "",
+				 chain->partial ? chain->target : "", target);
+	if (!chain->dev && !chain->ino)
+		return set_error(s->err, sizeof(s->err), EINVAL,
+				 "line %u: backup: the chain record of bitmap %s does not say which file %s is (written "
+				 "by an older fleecefs): take a new full backup with bitmap=%s", c->line, b->bitmap,
+				 chain->target, b->bitmap);
+	if (!chain->checksum && b->checksum)
+		return set_error(s->err, sizeof(s->err), EINVAL,
+				 "line %u: backup: %s has no manifest (taken with checksum=none): use checksum=none, or "
+				 "take a new full backup", c->line, chain->target);
+	if (target_name_taken(chain->final))
+		return set_error(s->err, sizeof(s->err), EEXIST, "line %u: target %s: is being written by another job",
+				 c->line, chain->final);
+	if (chain->partial)
+		/* Completed, it gets TARGET's name: nothing may be there. */
+		return check_new_target(c->line, target, b->checksum, s->err, sizeof(s->err));
 	return 0;
 }
 
@@ -316,15 +361,16 @@ static int check_backup(struct txn_state *s, unsigned i)
 		return not_yet(line, "backup format=qcow2", s->err, sizeof(s->err));
 	if ((rc = check_new_id(s, i)))
 		return rc;
-	for (unsigned j = 0; j < i; j++) {
-		const struct ctl_command *o = &s->parsed.cmds[j];
-		if (o->verb == CTL_BACKUP && strcmp(o->u.backup.target, b->target) == 0)
+	if ((rc = resolve_target(s->d, line, b->target, s->res[i].target, sizeof(s->res[i].target), s->err,
+				 sizeof(s->err))))
+		return rc;
+	for (unsigned j = 0; j < i; j++)
+		if (s->parsed.cmds[j].verb == CTL_BACKUP && strcmp(s->res[j].target, s->res[i].target) == 0)
 			return set_error(s->err, sizeof(s->err), EEXIST,
-					 "line %u: backup: target %s is used twice in this write", line, b->target);
-	}
-	/* A raw incremental updates the chain's full backup in place. */
+					 "line %u: backup: target %s is used twice in this write", line, s->res[i].target);
+	/* A raw incremental updates the chain's last backup in place. */
 	bool in_place = b->sync == SYNC_INCREMENTAL;
-	if (!in_place && (rc = check_target(s->d, line, b->target, s->err, sizeof(s->err))))
+	if (!in_place && (rc = check_new_target(line, s->res[i].target, b->checksum, s->err, sizeof(s->err))))
 		return rc;
 	if (strncmp(b->image, VIEW_PREFIX, strlen(VIEW_PREFIX)) == 0) {
 		if (b->bitmap)
@@ -532,19 +578,39 @@ static int prepare_all(struct txn_state *s)
 		struct job_group *group = group_for(s, c->u.backup.group);
 		if (c->u.backup.group && !group)
 			return set_error(s->err, sizeof(s->err), ENOMEM, "line %u: out of memory", c->line);
-		struct backup_params p = {
-			.group = group,
+		s->res[i].params.group = group;
+		char msg[ERR_MAX - 32];
+		int rc = backup_prepare(s->res[i].prepared, &s->res[i].params, msg, sizeof(msg));
+		if (rc) {
+			snprintf(s->err, sizeof(s->err), "line %u: %s", c->line, msg);
+			return rc;
+		}
+	}
+	return 0;
+}
+
+/* Before the gates close: each backup's files (what does not depend on the
+ * point in time, and may take the file system a while). */
+static int stage_all(struct txn_state *s)
+{
+	for (unsigned i = 0; i < s->parsed.ncmds; i++) {
+		const struct ctl_command *c = &s->parsed.cmds[i];
+		if (c->verb != CTL_BACKUP)
+			continue;
+		s->res[i].params = (struct backup_params){
 			.snapshot = s->res[i].view ? s->res[i].job : NULL,
 			.view = s->res[i].view,
 			.state_dir = s->d->state_dir,
 			.cmd = &c->u.backup,
 			.image = s->res[i].image,
 			.image_path = c->u.backup.image,
+			.target_path = s->res[i].target,
+			.chain = c->u.backup.sync == SYNC_INCREMENTAL ? &s->res[i].chain : NULL,
 			.cluster_size = s->d->cluster_size,
 			.copy_workers = s->d->copy_workers,
 		};
 		char msg[ERR_MAX - 32];
-		int rc = backup_prepare(&p, &s->res[i].prepared, msg, sizeof(msg));
+		int rc = backup_stage(&s->res[i].params, &s->res[i].prepared, msg, sizeof(msg));
 		if (rc) {
 			snprintf(s->err, sizeof(s->err), "line %u: %s", c->line, msg);
 			return rc;
@@ -645,6 +711,8 @@ int txn_execute(const struct fleece_daemon *d, const char *text, size_t len, cha
 		rc = set_error(s.err, sizeof(s.err), ENOMEM, "out of memory");
 	if (!rc)
 		rc = check_all(&s);
+	if (!rc && (rc = stage_all(&s)))
+		abandon_prepared(&s);
 	if (!rc) {
 		image_namespace_lock_exclusive();
 		close_gates(&s);

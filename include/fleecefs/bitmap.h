@@ -12,7 +12,7 @@
  *                  size, mtime, ctime) and clean=1 after a clean stop
  *   NAME.bitmap    the bits and settings, replaced atomically (rename)
  *   NAME.frozen    the bits at T while a backup uses the bitmap
- *   NAME.chain     the last successful backup taken with it
+ *   NAME.chain     the backup its bits are relative to (struct chain_info)
  *   intent         the write-intent log (below)
  *
  * Crash safety, as Linux md's write-intent bitmap does it: the image is cut
@@ -39,6 +39,7 @@
 #ifndef FLEECEFS_BITMAP_H
 #define FLEECEFS_BITMAP_H
 
+#include <limits.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
@@ -90,20 +91,38 @@ int bitmap_apply(struct image *img, const struct ctl_bitmap *cmd, char *err, siz
  * closed: the bits at T are frozen (and saved), the bitmap goes on recording
  * the writes after T, and is busy. bitmap_job_end applies bitmap-mode:
  * success: keep the writes after T (on-success, always) or add the frozen
- * bits back (never); failure: add the frozen bits back (on-success, never)
- * or the granules not yet copied (always: `left`, a cluster bitmap of the
- * backup). */
+ * bits back (never); failure: add the frozen bits back, unless the job kept
+ * its partial result (bitmap-mode=always): then the granules it did not
+ * copy (`left`, a cluster bitmap of the backup), pass NULL otherwise. Call it
+ * only after the chain record describes the backup the new bits are relative
+ * to: a crash in between then leaves bits that over-approximate. */
 int bitmap_job_check(struct image *img, const char *name, bool need_consistent, const char *job_id, char *err,
 		     size_t errlen);
 int bitmap_job_begin(struct image *img, const char *name, const char *job_id, struct dirty_bitmap **out, char *err,
 		     size_t errlen);
 void bitmap_job_end(struct image *img, struct dirty_bitmap *bm, int mode, bool success, const struct cbitmap *left,
 		    unsigned cluster_bits);
-/* The chain record of NAME: the last successful backup with it. */
-void bitmap_chain_record(struct image *img, struct dirty_bitmap *bm, const char *target, const char *format,
-			 const char *sync, uint64_t point_in_time_ns, const char *job_id);
-/* The target of the last successful backup with NAME ("" if none). */
-int bitmap_chain_target(struct image *img, const char *name, char *out, size_t len);
+/* The chain record of a bitmap, NAME.chain: the backup its bits are
+ * relative to. `target` is where that backup's file is; a partial backup
+ * (bitmap-mode=always after a failure) is there under a .partial name and
+ * gets `final` when an incremental completes it. */
+struct chain_info {
+	char target[PATH_MAX];
+	char final[PATH_MAX];
+	int partial;
+	char format[16], sync[16];
+	char job[FLEECE_NAME_MAX + 1];
+	uint64_t time_ns, size, dev, ino;
+	bool checksum;
+};
+/* The record as text (key=value lines), to write now or at recovery. */
+void bitmap_chain_format(const struct chain_info *c, struct strbuf *out);
+/* Where the record of bitmap NAME lives (for a pending record, pending.h). */
+int bitmap_chain_path_by_name(struct image *img, const char *name, char *out, size_t len);
+/* Replaces the record durably; 0 or -errno. */
+int bitmap_chain_put(struct image *img, struct dirty_bitmap *bm, const char *text);
+/* The record of bitmap NAME of the image; -ENOENT when there is none. */
+int bitmap_chain_get(struct image *img, const char *name, struct chain_info *out);
 
 /* .fleece/bitmaps: path of every image that has bitmaps, and status text. */
 typedef void (*bitmap_visit_fn)(void *arg, const char *image_path, struct dirty_bitmap *bm);

@@ -28,17 +28,33 @@
  * After a cluster is copied, a guest write to it costs one atomic load.
  *
  * Write-behind: a guest write waits only for the old data to be read; the
- * target write happens on the engine's writer thread, from a queue bounded
- * by BLOCKCOPY_QUEUE_MAX bytes. The background copy queues its chunks too and
- * waits when its share (3/4) is used; a guest write never waits for room:
- * when the queue is full it writes the target itself. One writer keeps the
- * target's inode lock uncontended (buffered writes serialize on it anyway).
+ * target write happens on the engine's writer thread, from a queue. Queued
+ * data of all engines together is bounded by BLOCKCOPY_BUDGET (the daemon's
+ * write-behind memory, whatever the number of jobs). The background copy
+ * queues its chunks too, at most BACKGROUND_SHARE of the budget, and waits
+ * when its own engine's share is used (back-pressure from its target); a
+ * guest write never waits for room: without room it writes the target
+ * itself, and so does a background copy that finds the daemon's budget used
+ * by other engines. One writer keeps the target's inode lock uncontended
+ * (buffered writes serialize on it anyway); it takes queued items in batches
+ * and lets the target prepare them together (an in-place target journals
+ * their old content with one sync, target.h).
  * A failed queued write cannot be redone from the source (the guest has
  * overwritten it), so it is kept as the engine's error and the job fails.
  *
+ * Write-through (on-cbw-error=break-guest-write): no copy goes through the
+ * queue, so a cluster stops being pending only once its data is in the
+ * target, and a guest write is acknowledged only after its cluster's old
+ * data was written there (or fails, leaving the cluster pending).
+ *
+ * Progress: bytes_done counts what reached the target (written, or zero
+ * clusters a fresh target needs no write for), not what is only queued;
+ * cbw_bytes counts what guest writes copied (read and safe).
+ *
  * Zero clusters are never written to a fresh target (it is sparse); holes of
  * the source are found with SEEK_DATA and not even read.
- * Locking: see inflight.h. Counters are atomics. Errors: 0 or -errno.
+ * Locking: see inflight.h; queue_lock guards the queue; budget_lock (a
+ * leaf) the daemon-wide budget. Counters are atomics. Errors: 0 or -errno.
  */
 #ifndef FLEECEFS_BLOCKCOPY_H
 #define FLEECEFS_BLOCKCOPY_H
@@ -58,7 +74,7 @@ struct manifest;
 /* The most a copy-before-write claims at once: one 1 MiB guest write, or one
  * cluster if clusters are larger. */
 #define BLOCKCOPY_CBW_MAX (1u << 20)
-#define BLOCKCOPY_QUEUE_MAX (64u << 20)
+#define BLOCKCOPY_BUDGET (64u << 20)
 #define BLOCKCOPY_WRITEBACK_EVERY (64u << 20)
 #define BLOCKCOPY_WRITERS 1
 
@@ -97,15 +113,18 @@ struct blockcopy {
 	/* Which injection point (inject.h) its target writes are: target-write
 	 * for a backup, store-write for a snapshot or fleecing store. */
 	int write_inject_point;
-	atomic_uint_fast64_t bytes_done;   /* pending bytes resolved, by anyone */
-	atomic_uint_fast64_t cbw_bytes;    /* of which by copy-before-write */
-	atomic_uint_fast64_t bytes_written; /* bytes that reached the target */
+	/* Never queue: every copy writes the target before it counts as done. */
+	bool write_through;
+	atomic_uint_fast64_t bytes_done;   /* bytes that reached the target */
+	atomic_uint_fast64_t cbw_bytes;    /* copied by guest writes (safe: in the
+					    * target or the queue) */
+	atomic_uint_fast64_t bytes_written; /* data bytes written (not zeroes) */
 
 	/* Write-behind queue; queue_lock guards everything below. */
 	pthread_mutex_t queue_lock;
 	pthread_cond_t queue_changed;
 	struct writebehind_item *queue_head, *queue_tail;
-	uint64_t queued_bytes;       /* queued or being written */
+	uint64_t queued_bytes;       /* queued or being written (or booked) */
 	unsigned writing;
 	int queue_error;             /* first failed queued write, -errno */
 	uint64_t queue_error_offset;
@@ -122,8 +141,9 @@ int blockcopy_init(struct blockcopy *bc, struct copy_source *source, struct targ
 		   const struct blockcopy_ops *ops, void *owner);
 /* Writers stop taking queued writes while held (and go on when released). */
 void blockcopy_hold_writes(struct blockcopy *bc, bool hold);
-/* Stops the writer threads, discarding what is still queued (the job will
- * not complete); no target write runs after it returns. */
+/* Stops the writer threads, discarding what is still queued (after a drain
+ * nothing is); no target write runs after it returns. A concluded job calls
+ * it at once: it keeps no thread and no queue memory. */
 void blockcopy_stop_writers(struct blockcopy *bc);
 void blockcopy_destroy(struct blockcopy *bc);
 /* Waits until every queued write reached the target; returns the first
@@ -163,9 +183,12 @@ int64_t blockcopy_copy_next(struct blockcopy *bc, uint64_t *cursor, uint64_t max
 			    struct blockcopy_error *e);
 
 /* sync=top: clusters that hold no data of the source at T (holes, found
- * with SEEK_DATA/SEEK_HOLE) stop being pending; returns the bytes still to
- * copy. Call before anything is copied (at T). */
-uint64_t blockcopy_only_data(struct blockcopy *bc);
+ * with SEEK_DATA/SEEK_HOLE) stop being pending; returns their bytes. Runs
+ * after T, on the job's thread, while guests write: a hole seen now was a
+ * hole at T too (a write or punch after T copies the cluster first, so it is
+ * no longer pending), and a cluster claimed meanwhile is left to its copier.
+ * Its work grows with the image's extents, never with the gates closed. */
+uint64_t blockcopy_skip_holes(struct blockcopy *bc);
 
 /* sync=incremental: only the clusters of the granules set in `granules`
  * (granule = 2^gran_bits bytes, not below the cluster size) stay pending;

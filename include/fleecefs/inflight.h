@@ -75,8 +75,9 @@ void inflight_release(struct inflight *t, struct cbitmap *pending, uint64_t run_
 		      uint64_t run_count, bool copied);
 
 /* Clears pending bits of clusters nobody has claimed (for example clusters a
- * sync mode decides not to copy). Claimed clusters are left to their owner. */
-void inflight_drop_unclaimed(struct inflight *t, struct cbitmap *pending, uint64_t first, uint64_t count);
+ * sync mode decides not to copy); returns how many it cleared. Claimed
+ * clusters are left to their owner. */
+uint64_t inflight_drop_unclaimed(struct inflight *t, struct cbitmap *pending, uint64_t first, uint64_t count);
 
 /* Blocks until no claim is open. */
 void inflight_wait_idle(struct inflight *t);

@@ -93,6 +93,7 @@ struct job {
 	struct latency_histogram cbw_wait;
 	pthread_t thread;
 	bool thread_spawned;
+	bool thread_detached;          /* set by the thread before it concludes */
 	unsigned refs;                 /* registry_lock; the list holds one */
 	struct job *next;              /* registry_lock */
 	struct job_group *group;       /* set before commit, then constant */
@@ -160,11 +161,13 @@ void job_pause_on_error(struct job *job, const char *fmt, ...) __attribute__((fo
 bool job_complete_requested(struct job *job);
 /* Blocks while the job is paused; false when a stop is requested. */
 bool job_wait_running(struct job *job);
-/* Waits while paused, then until the rate limiter lets more through; false
- * when a stop is requested instead. */
-bool job_throttle(struct job *job);
-/* Accounts n bytes copied (the rate limit paces what was really read). */
-void job_charge(struct job *job, uint64_t n);
+/* Waits while paused, then until the rate limiter lets more through, and
+ * books `bytes` (the chunk about to be copied); false when a stop is
+ * requested instead. */
+bool job_throttle(struct job *job, uint64_t bytes);
+/* After the chunk: `used` of the `booked` bytes were really read (holes are
+ * not); the rest is given back to the rate limit. */
+void job_charge(struct job *job, uint64_t booked, uint64_t used);
 /* The chunk size the background copy should use now. */
 uint64_t job_chunk_size(struct job *job, uint64_t unit, uint64_t max);
 /* Sleeps until deadline (monotonic ns) or until woken by a request. */

@@ -3,54 +3,68 @@
  * Text, so that it can be read with standard tools:
  *     fleecefs-manifest 1
  *     algorithm=xxh3-64
+ *     [state=partial]          a partial backup (bitmap-mode=always)
  *     size=<bytes of the image at the point in time>
  *     cluster_size=<bytes>
  *     clusters=<n>
  *     <16 hex digits>            one line per cluster, in order
- * The last cluster is hashed over its real length; a zero cluster hashes its
- * zero bytes like any other.
+ * Header lines are key=value up to the first line without '=' (readers skip
+ * keys they do not know). The last cluster is hashed over its real length; a
+ * zero cluster hashes its zero bytes like any other. A manifest always
+ * describes what its file holds.
  *
- * The file is created (O_EXCL) when the job is prepared so that a name clash
- * fails the command, filled and made durable when the job completes, and
- * removed when it does not.
+ * Like its target, a manifest is written under a hidden temporary name
+ * (created when the job is staged, so that a clash fails the command) and
+ * published at the end; an in-place update starts from the checksums of the
+ * manifest it replaces.
+ * Clusters the job never hashed read as zeroes (sync=top skips holes without
+ * reading them): their zero checksum, computed once, is written for them.
+ *
  * Locking: hashes[] is written by whoever holds the claim of that cluster
- * (inflight.h), so no two threads write one slot. Errors: 0 or -errno.
+ * (inflight.h), so no two threads write one slot; `hashed` is atomic.
+ * Errors: 0 or -errno; functions with `err` also fill a one-line message.
  */
 #ifndef FLEECEFS_MANIFEST_H
 #define FLEECEFS_MANIFEST_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
-struct cbitmap;
+#include "fleecefs/cbitmap.h"
 
 struct manifest {
-	char *path;
+	char *temp_path;            /* where it is written */
 	int fd;
 	uint64_t size;
 	uint32_t cluster_size;
 	uint64_t nclusters;
 	uint64_t *hashes;
-	/* In-place update: the new file is written beside the old one and
-	 * renamed over it on finish; old[] are the checksums it had. */
-	char *tmp_path;
-	uint64_t *old;
+	struct cbitmap hashed;
+	uint64_t *old;              /* in-place update: the checksums it had */
+	uint64_t old_size;
+	bool partial;
 };
 
-int manifest_create(const char *target_path, uint64_t size, uint32_t cluster_size,
-		    struct manifest **out, char *err, size_t errlen);
-/* For an in-place update: reads TARGET.xxh3 (which must describe `size`
- * bytes in clusters of cluster_size); on finish it is replaced atomically by
- * the old checksums of every cluster not set since and the new ones of those
- * set. The old file stays until then (a crash keeps the chain usable). */
-int manifest_update(const char *target_path, uint64_t size, uint32_t cluster_size, struct manifest **out, char *err,
-		    size_t errlen);
+/* A new manifest, created empty under temp_path (O_EXCL); sized at T. */
+int manifest_create(const char *temp_path, uint32_t cluster_size, struct manifest **out, char *err, size_t errlen);
+/* An in-place update of the manifest at `existing` (which must describe a
+ * file of clusters of cluster_size), written under temp_path. */
+int manifest_open_update(const char *existing, const char *temp_path, uint32_t cluster_size, struct manifest **out,
+			 char *err, size_t errlen);
+/* At the point in time: `size` bytes (an update must keep its size). */
+int manifest_set_size(struct manifest *m, uint64_t size, char *err, size_t errlen);
 void manifest_set(struct manifest *m, uint64_t cluster, const void *data, size_t len);
-/* In-place update that did not complete: the clusters set in `left` (not
- * durably written) keep their old checksums. */
-void manifest_keep_old(struct manifest *m, const struct cbitmap *left);
-int manifest_finish(struct manifest *m);
-void manifest_abort(struct manifest *m);
+/* The clusters set in `left` did not get their new content: they keep
+ * their old checksums (update) or read as zeroes again (new file). */
+void manifest_forget(struct manifest *m, const struct cbitmap *left);
+void manifest_set_partial(struct manifest *m, bool partial);
+/* Writes the temporary file and makes it durable. */
+int manifest_write(struct manifest *m);
+/* Renames it to `name` (replacing an older manifest only when `replace`). */
+int manifest_publish(struct manifest *m, const char *name, bool replace);
+/* Removes the temporary file (the job did not keep its result). */
+void manifest_discard(struct manifest *m);
 void manifest_free(struct manifest *m);
 
 #endif

@@ -11,7 +11,8 @@
  * replaces what they are reading; a read never sees half-new data.
  *
  * Breaking: when the store cannot grow (ENOSPC, max-store reached) or a copy
- * fails, the store is marked broken: guest writes go on without copying,
+ * fails (unless `fail_guest`: then the guest's write fails instead, and the
+ * cluster stays to copy), the store is marked broken: guest writes go on without copying,
  * reads fail with EACCES (the frozen image can no longer be trusted), and
  * the owner frees the store (snapstore_close). The guest is never failed.
  *
@@ -57,6 +58,10 @@ struct snapstore {
 	atomic_uint_fast64_t readers; /* reads in progress; close waits for them */
 	bool attached;
 	struct latency_histogram *cbw_wait; /* where guest copy latency goes, or NULL */
+	/* on-cbw-error=break-guest-write (a fleecing backup): a copy that fails
+	 * fails the guest's write with EIO instead of breaking the store; set
+	 * at T together with bc.write_through. */
+	bool fail_guest;
 };
 
 /* With the image's gate closed (this is T): creates the store file

@@ -1,21 +1,37 @@
 /* target: where a backup's clusters go.
  *
- * An interface with one implementation per format (raw now; qcow2 later).
- * A target is created empty (O_EXCL, never following a symlink in the last
- * component), receives cluster-aligned writes from any number of threads, and
- * is either finished (flushed, durable, kept) or aborted (closed and removed).
+ * An interface with one implementation per format (raw now; qcow2 later),
+ * and the rules for putting a backup on disk so that nothing half done ever
+ * looks finished:
+ *   - a new target is written under a hidden temporary name beside its final
+ *     name (target_hidden_name), and appears under a name only through
+ *     publish, once its data is durable (flush) — renamed without replacing
+ *     anything, the directory synced;
+ *   - a target updated in place (an incremental onto an earlier raw backup)
+ *     journals the old content of every cluster before it is overwritten
+ *     (journal.h), so close(keep=false) puts the earlier backup back;
+ *   - a scratch target (a snapshot or fleecing store) lives in the state
+ *     directory and is removed at close.
+ * Life: create or open -> set_size (at the point in time) -> writes from any
+ * number of threads -> flush -> [forget] -> [publish] -> close(keep) -> free.
  *
- * Locking: write and write_zeroes may run concurrently on disjoint ranges;
- * create, finish and abort run on one thread with no write in progress.
- * Errors: 0 or -errno; create also fills a one-line message.
+ * Locking: write, write_zeroes, discard and prepare_writes may run
+ * concurrently on disjoint ranges; everything else runs on one thread with
+ * no write in progress.
+ * Errors: 0 or -errno; functions with an `err` buffer also fill a one-line
+ * message.
  */
 #ifndef FLEECEFS_TARGET_H
 #define FLEECEFS_TARGET_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 struct target;
+struct cbitmap;
+struct journal_range;
 
 struct target_ops {
 	int (*write)(struct target *t, uint64_t off, const void *buf, size_t len);
@@ -27,30 +43,52 @@ struct target_ops {
 	/* Start writing back what was written so far, without waiting (lets a
 	 * long copy overlap its writeback instead of paying for it at the end). */
 	void (*start_writeback)(struct target *t);
-	/* Durable: data, size and the directory entry. */
-	int (*finish)(struct target *t);
-	/* Close and remove what create made. */
-	void (*abort)(struct target *t);
+	/* Writes to these ranges come next: do, for all of them at once, what
+	 * each write would otherwise do on its own before it lands (an in-place
+	 * target journals the old content, with one sync). NULL: nothing. */
+	int (*prepare_writes)(struct target *t, const struct journal_range *ranges, unsigned n);
+	/* At the point in time: the target holds `size` bytes. */
+	int (*set_size)(struct target *t, uint64_t size, char *err, size_t errlen);
+	/* Everything written so far is durable. */
+	int (*flush)(struct target *t);
+	/* The clusters set in `left` did not (durably) get their new content:
+	 * make them hold again what they held before the job (zeroes for a new
+	 * file), durably. */
+	int (*forget)(struct target *t, const struct cbitmap *left, unsigned cluster_bits);
+	/* Gives the file the name `name`, never replacing anything (EEXIST),
+	 * and makes the directory entry durable. */
+	int (*publish)(struct target *t, const char *name, char *err, size_t errlen);
+	/* The job is over. keep: what was written stays (an in-place target
+	 * drops its journal). !keep: undo everything (a new file is removed, an
+	 * updated one rolled back to its earlier content). */
+	int (*close)(struct target *t, bool keep);
 	void (*free)(struct target *t);
 };
 
 struct target {
 	const struct target_ops *ops;
-	char *path;
+	char *path;          /* where the file is now */
 	uint64_t size;
 	/* Known to read as zeroes already (fresh sparse file): zero clusters need
 	 * no write at all. */
 	int fresh;
+	dev_t dev;           /* of the file, once open */
+	ino_t ino;
 };
 
-/* Creates a raw target of `size` bytes at the absolute `path`. */
-int target_raw_create(const char *path, uint64_t size, struct target **out, char *err, size_t errlen);
-/* The same for a scratch file that is read back soon and then removed (a
- * snapshot store): no early writeback, its pages stay cached. */
+/* DIR/.NAME.fleecefs-PID-SERIAL.TAG for the file `path` (NAME cut to fit). */
+int target_hidden_name(const char *path, uint64_t serial, const char *tag, char *out, size_t len);
+
+/* A new raw target that will be published as `final_path`, created (size 0,
+ * O_EXCL, mode 0600, never following a symlink) under `temp_path`. */
+int target_raw_create(const char *final_path, const char *temp_path, struct target **out, char *err, size_t errlen);
+/* A scratch file of `size` bytes (a snapshot store), read back soon and
+ * removed at close: no early writeback, its pages stay cached. */
 int target_raw_create_scratch(const char *path, uint64_t size, struct target **out, char *err, size_t errlen);
-/* Opens an existing raw target of exactly `size` bytes to update it in place
- * (an incremental onto an earlier full backup). Its abort never removes it. */
-int target_raw_open_existing(const char *path, uint64_t size, struct target **out, char *err, size_t errlen);
+/* An earlier raw backup at `path` to update in place: it must be the file
+ * (dev, ino) with no other link, and `journal_path` is created for it. */
+int target_raw_open_in_place(const char *path, dev_t dev, ino_t ino, const char *journal_path, uint32_t cluster_size,
+			     struct target **out, char *err, size_t errlen);
 
 static inline int target_write(struct target *t, uint64_t off, const void *buf, size_t len)
 {
@@ -69,11 +107,35 @@ static inline void target_start_writeback(struct target *t)
 	if (t->ops->start_writeback)
 		t->ops->start_writeback(t);
 }
-int target_finish(struct target *t);
-void target_abort(struct target *t);
+static inline int target_prepare_writes(struct target *t, const struct journal_range *ranges, unsigned n)
+{
+	return t->ops->prepare_writes ? t->ops->prepare_writes(t, ranges, n) : 0;
+}
+static inline int target_set_size(struct target *t, uint64_t size, char *err, size_t errlen)
+{
+	return t->ops->set_size(t, size, err, errlen);
+}
+static inline int target_flush(struct target *t) { return t->ops->flush(t); }
+static inline int target_forget(struct target *t, const struct cbitmap *left, unsigned cluster_bits)
+{
+	return t->ops->forget(t, left, cluster_bits);
+}
+static inline int target_publish(struct target *t, const char *name, char *err, size_t errlen)
+{
+	return t->ops->publish(t, name, err, errlen);
+}
+static inline int target_close(struct target *t, bool keep) { return t->ops->close(t, keep); }
 void target_free(struct target *t);
 
 /* fsync the directory that holds path (so a new entry survives a crash). */
 int fsync_parent_dir(const char *path);
+/* Renames `from` to `to` without replacing an existing `to` (EEXIST), then
+ * syncs the directory. */
+int rename_noreplace(const char *from, const char *to);
+/* Is this target path being written by a job now? Jobs claim their final
+ * (and partial) names for their life; claim fails with -EEXIST when taken. */
+int target_name_claim(const char *path);
+void target_name_release(const char *path);
+bool target_name_taken(const char *path);
 
 #endif

@@ -67,6 +67,11 @@ int set_error(char *err, size_t errlen, int errnum, const char *fmt, ...)
 ssize_t pread_full(int fd, void *buf, size_t len, uint64_t off);
 ssize_t pwrite_full(int fd, const void *buf, size_t len, uint64_t off);
 
+/* Replaces the file `path` atomically with `len` bytes of data: written to
+ * DIR/.NAME.tmp, fdatasync'ed, renamed over it, and with `sync_dir` the
+ * directory synced too. 0 or -errno (nothing changed on failure). */
+int write_file_atomic(const char *path, const void *data, size_t len, bool sync_dir);
+
 /* True when every byte of buf is zero (fast for large aligned buffers). */
 bool buffer_is_zero(const void *buf, size_t len);
 

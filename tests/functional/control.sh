@@ -324,7 +324,10 @@ ans=$(ctl "backup big.img $OUT/sp.raw speed=1M id=sp") || fail "backup refused: 
 check_status_keys sp
 [ "$(status sp state)" = running ] && [ -z "$(status sp finished)" ] && [ "$(status sp speed)" = 1048576 ] &&
 	[ "$(status sp bytes_total)" = 67108864 ] || fail "status of sp: $(cat "$MNT/.fleece/jobs/sp/status")"
-[ -e "$OUT/sp.raw" ] || fail "a running job has no target file"
+# A backup appears under its name only once complete: meanwhile it is written
+# under a hidden name beside it.
+[ ! -e "$OUT/sp.raw" ] || fail "a running job's target is already under its name"
+case $(hidden_files "$OUT") in *.sp.raw.fleecefs-*.tmp*) ;; *) fail "no hidden target of the running job: $(ls -a "$OUT")";; esac
 ctl "set sp speed=2M" >/dev/null || fail "set sp speed=2M refused"
 [ "$(status sp speed)" = 2097152 ] || fail "after set speed=2M: speed=$(status sp speed)"
 sleep 0.5
@@ -341,7 +344,8 @@ log "set speed ok"
 
 # ---- cancel and dismiss ------------------------------------------------------------------------------
 ans=$(ctl "backup big.img $OUT/cx.raw speed=1M id=cx") || fail "backup refused: $ans"
-[ -e "$OUT/cx.raw" ] && [ -e "$OUT/cx.raw.xxh3" ] || fail "running job cx has no target or checksum file"
+[ ! -e "$OUT/cx.raw" ] && [ ! -e "$OUT/cx.raw.xxh3" ] || fail "running job cx shows its target or manifest"
+[ -n "$(hidden_files "$OUT")" ] || fail "running job cx has no hidden target or manifest"
 ans=$(refuse EBUSY "dismiss cx")
 grep -q running <<<"$ans" || fail "dismiss of a running job: the message does not name the state: $ans"
 [ "$(status cx state)" = running ] || fail "cx is $(status cx state) after a refused dismiss"
@@ -349,6 +353,7 @@ ans=$(ctl "cancel cx") || fail "cancel refused: $ans"
 [ "$ans" = ok ] || fail "answer to cancel: '$ans'"
 [ "$(wait_job cx 20)" = cancelled ] || fail "cx: $(cat "$MNT/.fleece/jobs/cx/status")"
 [ ! -e "$OUT/cx.raw" ] && [ ! -e "$OUT/cx.raw.xxh3" ] || fail "cancelled job left $(ls "$OUT" | grep cx)"
+[ -z "$(hidden_files "$OUT")" ] || fail "cancelled job left hidden files: $(hidden_files "$OUT")"
 [[ $(status cx finished) =~ ^[0-9]+\.[0-9]{9}$ ]] || fail "cancelled job has no finished time"
 ans=$(refuse EBUSY "cancel cx")
 grep -q cancelled <<<"$ans" || fail "cancel of a cancelled job: the message does not name the state: $ans"

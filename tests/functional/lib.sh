@@ -114,6 +114,61 @@ wait_job() {
 	fail "job $id did not conclude in ${limit}s (state $s)"
 }
 
+# hidden_files DIR: the hidden files fleecefs writes targets, manifests and
+# journals under while a job runs (.NAME.fleecefs-PID-SERIAL.tmp|journal).
+hidden_files() { find "$1" -maxdepth 1 -name '.*.fleecefs-*' -printf '%f\n' | sort | tr '\n' ' '; }
+
+# bmkey IMAGE NAME KEY: one key of a bitmap's status.
+bmkey() { sed -n "s/^$3=//p" "$MNT/.fleece/bitmaps/$1/$2"; }
+dirty() { bmkey "$1" "$2" dirty_bytes; }
+# want_eq WHAT GOT WANT
+want_eq() { [ "$2" = "$3" ] || fail "$1: got '$2', want '$3'"; }
+# want_match WHAT TEXT REGEX (grep -E, case-insensitive)
+want_match() { grep -qiE -- "$3" <<<"$2" || fail "$1: '$2' does not match /$3/"; }
+# start ID COMMAND: one write that must start exactly job ID.
+start() {
+	local out
+	out=$(ctl "$2") || fail "'$2' refused: $out"
+	[ "$out" = "ok id=$1" ] || fail "'$2': answer '$out', want 'ok id=$1'"
+}
+# run_ok ID COMMAND: starts the job and waits until it completed.
+run_ok() {
+	local s
+	start "$1" "$2"
+	s=$(wait_job "$1" 60)
+	[ "$s" = completed ] || fail "job $1 $s: $(status "$1" error)"
+}
+# same WHAT A B: byte-identical files; names the differing clusters (of
+# $CS bytes, default 64 KiB) if not.
+same() {
+	cmp -s "$2" "$3" && return 0
+	fail "$1: $2 and $3 differ in clusters $("$PY" - "$2" "$3" "${CS:-65536}" <<'PY'
+import sys
+a, b, cs = open(sys.argv[1], "rb").read(), open(sys.argv[2], "rb").read(), int(sys.argv[3])
+d = [c for c in range(max(len(a), len(b)) // cs + 1) if a[c * cs:(c + 1) * cs] != b[c * cs:(c + 1) * cs]]
+print(len(d), d[:20], "sizes", len(a), len(b))
+PY
+)"
+}
+# manifest_ok TARGET [WHAT [STATE]]: TARGET.xxh3 describes what TARGET holds
+# (and is a complete manifest, or one of STATE, e.g. partial).
+manifest_ok() {
+	local out
+	out=$("$PY" "$TESTS_DIR/manifest_check.py" "$1" "${3:-complete}" 2>&1) ||
+		fail "${2:+$2: }manifest of $1 does not match it: $out"
+}
+
+# pwrites IMAGE OFF:LEN...: random data written at each place through the mount.
+pwrites() {
+	"$PY" - "$MNT/$1" "${@:2}" <<'PY'
+import os, sys
+fd = os.open(sys.argv[1], os.O_WRONLY)
+for a in sys.argv[2:]:
+    off, n = (int(x) for x in a.split(":"))
+    assert os.pwrite(fd, os.urandom(n), off) == n
+os.close(fd)
+PY
+}
 # random_image PATH SIZE: random content, not sparse.
 random_image() { head -c "$2" /dev/urandom > "$1"; }
 

@@ -369,9 +369,8 @@ Test(ratelimit, one_mib_per_second)
 	cr_assert_eq(ratelimit_delay(&rl, t0), 0, "a fresh limiter delays nothing");
 	ratelimit_charge(&rl, t0, MiB);
 	uint64_t d = ratelimit_delay(&rl, t0);
-	/* About a second; up to one 100 ms slice of idle time may be credited. */
-	cr_assert_geq(d, 900 * MS, "delay %llu ns", (unsigned long long)d);
-	cr_assert_leq(d, 1000 * MS, "delay %llu ns", (unsigned long long)d);
+	/* Exactly a second: no idle time is credited. */
+	cr_assert_eq(d, SEC, "delay %llu ns", (unsigned long long)d);
 
 	/* Steady state: going exactly when allowed, 1 MiB costs exactly 1 s. */
 	uint64_t now = t0 + d;
@@ -409,11 +408,30 @@ Test(ratelimit, idle_time_is_not_banked)
 
 	ratelimit_set(&rl, MiB);
 	ratelimit_charge(&rl, t0, MiB);
-	/* Ten idle seconds later, a burst may use at most 100 ms of credit. */
+	/* Ten idle seconds later, nothing of them is credited to a burst. */
 	uint64_t later = t0 + 10 * SEC;
 	cr_assert_eq(ratelimit_delay(&rl, later), 0);
 	ratelimit_charge(&rl, later, 2 * MiB);
-	cr_assert_eq(ratelimit_delay(&rl, later), 2 * SEC - 100 * MS);
+	cr_assert_eq(ratelimit_delay(&rl, later), 2 * SEC);
+}
+
+Test(ratelimit, booked_then_refunded)
+{
+	struct ratelimit rl = { 0 };
+
+	ratelimit_set(&rl, MiB);
+	/* Two workers book a chunk each before copying: the second waits. */
+	ratelimit_charge(&rl, t0, MiB / 4);
+	cr_assert_eq(ratelimit_delay(&rl, t0), 250 * MS);
+	ratelimit_charge(&rl, t0 + 250 * MS, MiB / 4);
+	cr_assert_eq(ratelimit_delay(&rl, t0), 500 * MS);
+	/* The second found only holes: what it did not read comes back. */
+	ratelimit_refund(&rl, t0 + 250 * MS, MiB / 4);
+	cr_assert_eq(ratelimit_delay(&rl, t0), 250 * MS);
+	/* Never into the past. */
+	ratelimit_refund(&rl, t0 + 100 * MS, MiB);
+	cr_assert_eq(ratelimit_delay(&rl, t0 + 100 * MS), 0);
+	cr_assert_eq(rl.next_ns, t0 + 100 * MS);
 }
 
 Test(ratelimit, rate_change)
@@ -434,7 +452,7 @@ Test(ratelimit, huge_charge_does_not_overflow)
 	ratelimit_set(&rl, 1ull << 40);
 	ratelimit_charge(&rl, t0, 1ull << 50);
 	/* 2^50 B at 2^40 B/s = 1024 s. */
-	cr_assert_eq(ratelimit_delay(&rl, t0), 1024 * SEC - 100 * MS);
+	cr_assert_eq(ratelimit_delay(&rl, t0), 1024 * SEC);
 }
 
 Test(ratelimit, chunk)
@@ -444,11 +462,12 @@ Test(ratelimit, chunk)
 
 	cr_assert_eq(ratelimit_chunk(&rl, unit, max), max, "unlimited: the largest chunk");
 	ratelimit_set(&rl, MiB);
-	/* A tenth of 1 MiB is 104857 B, rounded down to one 64K unit. */
+	/* A twentieth of 1 MiB is 52428 B: never below one 64K unit. */
 	cr_assert_eq(ratelimit_chunk(&rl, unit, max), unit);
-	ratelimit_set(&rl, 3 * MiB);
+	ratelimit_set(&rl, 6 * MiB);
+	/* 314572 B, rounded down to 4 units. */
 	cr_assert_eq(ratelimit_chunk(&rl, unit, max), 4 * unit);
-	ratelimit_set(&rl, 10 * MiB);
+	ratelimit_set(&rl, 20 * MiB);
 	cr_assert_eq(ratelimit_chunk(&rl, unit, max), MiB);
 	ratelimit_set(&rl, 1000);
 	cr_assert_eq(ratelimit_chunk(&rl, unit, max), unit, "never below one unit");
@@ -456,7 +475,7 @@ Test(ratelimit, chunk)
 	cr_assert_eq(ratelimit_chunk(&rl, unit, max), unit);
 	ratelimit_set(&rl, 1ull << 40);
 	cr_assert_eq(ratelimit_chunk(&rl, unit, max), max, "never above max");
-	ratelimit_set(&rl, 40 * MiB);
+	ratelimit_set(&rl, 80 * MiB);
 	cr_assert_eq(ratelimit_chunk(&rl, unit, max), max);
 	for (uint64_t rate = 1000; rate < 100 * MiB; rate = rate * 3 + 7) {
 		ratelimit_set(&rl, rate);
