@@ -172,6 +172,9 @@ meet_cbw_fault() {
 #   enospc      the target lives on a 1 MiB tmpfs
 #   cbw-read    source-read injection (once) on the cluster at 8M: read by the
 #               guest's copy-before-write, the background copy being parked
+#   cbw-write   target-write injection (once) on the cluster at 8M: written
+#               by the guest's copy-before-write (under break-guest-write the
+#               guest waits for that write; else it is queued and fails later)
 #   cbw         cbw injection (once, EIO) at 8M
 #   cbw-enospc  cbw injection (once, errno=ENOSPC) at 8M
 #   timeout     cbw delay=3000 (once) at 8M; the row sets cbw-timeout=1500
@@ -208,6 +211,7 @@ row() {
 	src-read) inject "source-read offset=4M-5M from=1";;
 	tgt-write) inject "target-write offset=4M-5M from=1";;
 	cbw-read) inject "source-read $CBW_RULE_RANGE once";;
+	cbw-write) inject "target-write $CBW_RULE_RANGE once";;
 	cbw) inject "cbw $CBW_RULE_RANGE once";;
 	cbw-enospc) inject "cbw $CBW_RULE_RANGE once errno=ENOSPC";;
 	timeout) inject "cbw $CBW_RULE_RANGE once delay=3000";;
@@ -333,6 +337,13 @@ row() {
 		err=$(status "$id" error)
 		has_words "$err" "$words" || fail "failed with error '$err', want the words '$words'"
 		[ ! -e "$target" ] && [ ! -e "$target.xxh3" ] || fail "the failed job left its target or manifest"
+		# Progress counts only what reached the target (a 1 MiB file
+		# system holds at most 1 MiB of it), never what was only queued.
+		case $point in src-read|tgt-write|enospc)
+			[ "$(status "$id" bytes_done)" -lt "$SIZE" ] || fail "a failed job shows bytes_done = $SIZE";;
+		esac
+		[ "$point" != enospc ] || [ "$(status "$id" bytes_done)" -le "$M" ] ||
+			fail "bytes_done $(status "$id" bytes_done) on a 1 MiB target file system"
 		;;
 	*-cancel)
 		[ "$(wait_job "$id" 30)" = cancelled ] || fail "job ended $(status "$id" state), want cancelled"
@@ -405,6 +416,8 @@ cbwread-snapshot  cbw-read    broken         ; on-cbw-error=break-snapshot      
 cbwread-guest     cbw-read    eio            ; on-cbw-error=break-guest-write                           ; -
 cbwread-default   cbw-read    broken         ; on-source-error=stop on-target-error=stop                ; copy-before-write|Input/output error
 cbwread-ign-guest cbw-read    eio            ; on-source-error=ignore on-cbw-error=break-guest-write    ; -
+cbwwrite-guest    cbw-write   eio            ; on-cbw-error=break-guest-write                           ; -
+cbwwrite-snapshot cbw-write   broken         ; -                                                        ; writing the target at offset 8388608|Input/output error
 cbw-snapshot      cbw         broken         ; -                                                        ; copy-before-write|8389120|Input/output error
 cbw-guest         cbw         eio            ; on-cbw-error=break-guest-write                           ; -
 cbw-enospc-guest  cbw-enospc  eio            ; on-cbw-error=break-guest-write on-target-error=ignore    ; -
