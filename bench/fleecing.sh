@@ -16,22 +16,7 @@ top=$(cd "$(dirname "$0")/.." && pwd)
 FLEECEFS=${FLEECEFS:-$top/build-check/fleecefs}
 WORK=${WORK:-/tmp/fleecefs-bench-fleecing}
 SIZE=${SIZE:-2G} RUNTIME=${RUNTIME:-10} REPS=${REPS:-3} DELAY_MS=${DELAY_MS:-20}
-mkdir -p "$WORK/src" "$WORK/mnt" "$WORK/out"
-img=$WORK/src/disk.raw
-want=$(numfmt --from=iec "$SIZE")
-[ -f "$img" ] && [ "$(stat -c %s "$img")" = "$want" ] || head -c "$want" /dev/urandom > "$img"
-pid=
-cleanup() { mountpoint -q "$WORK/mnt" && fusermount3 -u "$WORK/mnt"; [ -n "$pid" ] && wait "$pid" 2>/dev/null; rm -rf "$WORK/out"; }
-trap cleanup EXIT
-
-mount_fs() { "$FLEECEFS" -f "$@" "$WORK/src" "$WORK/mnt" 2>>"$WORK/daemon.log" & pid=$!
-	     for _ in $(seq 100); do [ -e "$WORK/mnt/.fleece/ctl" ] && return; sleep 0.05; done; exit 1; }
-umount_fs() { fusermount3 -u "$WORK/mnt"; wait "$pid" || true; pid=; }
-fio_run() {
-	fio --name=w --filename="$WORK/mnt/disk.raw" --rw=randwrite --bs=4k --iodepth=16 --ioengine=libaio \
-	    --direct=1 --runtime="$RUNTIME" --time_based --randrepeat=0 --norandommap --output-format=json 2>/dev/null |
-		jq -r '.jobs[0].write | "\(.iops) \(.clat_ns.percentile["99.000000"] / 1000)"'
-}
+. "$top/bench/lib.sh"
 phase() {  # NAME [backup options]
 	local name=$1 opts=${2-}
 	rm -f "$WORK/out"/*
@@ -43,9 +28,7 @@ phase() {  # NAME [backup options]
 	local r; r=$(fio_run)
 	if [ -n "$opts" ]; then
 		echo "cancel b" > "$WORK/mnt/.fleece/ctl" 2>/dev/null || true
-		local s=$WORK/mnt/.fleece/jobs/b/status
-		until grep -qE '^state=(completed|failed|cancelled)' "$s"; do sleep 0.05; done
-		local p99w; p99w=$(sed -n 's/^cbw_wait_us_p99=//p' "$s")
+		local p99w; p99w=$(wait_job b | sed -n 's/^cbw_wait_us_p99=//p')
 		echo "dismiss b" > "$WORK/mnt/.fleece/ctl"
 		echo clear > "$WORK/mnt/.fleece/inject"
 		r="$r $p99w"

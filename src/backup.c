@@ -351,8 +351,10 @@ static void undecide(struct backup *b)
 	b->chain_text = NULL;
 }
 
-/* Puts the result under `name` (with its manifest), after the decision.
- * `data_path` is where the data file is now. */
+/* Puts the result under `name` (with its manifest), after the decision. An
+ * in-place file's manifest is replaced where it keeps its name, and goes
+ * when the file moves or the job wrote none (checksum=none: it would
+ * describe the earlier content). */
 static int publish(struct backup *b, const char *name, char *what, size_t len)
 {
 	char mname[PATH_MAX + 8], mold[PATH_MAX + 8];
@@ -360,7 +362,8 @@ static int publish(struct backup *b, const char *name, char *what, size_t len)
 	int rc;
 
 	manifest_name(b->target->path, mold, sizeof(mold));
-	if (b->manifest && (rc = manifest_publish(b->manifest, manifest_name(name, mname, sizeof(mname)), replace))) {
+	manifest_name(name, mname, sizeof(mname));
+	if (b->manifest && (rc = manifest_publish(b->manifest, mname, replace))) {
 		snprintf(what, len, "manifest %s: cannot publish it: %s", mname, strerror_safe(-rc));
 		return rc;
 	}
@@ -369,8 +372,7 @@ static int publish(struct backup *b, const char *name, char *what, size_t len)
 			unlink(mname);
 		return rc;
 	}
-	/* An in-place file that moved: its old manifest describes nothing now. */
-	if (b->in_place && strcmp(mold, mname) != 0 && unlink(mold) == 0)
+	if (b->in_place && (strcmp(mold, mname) != 0 || !b->manifest) && unlink(mold) == 0)
 		fsync_parent_dir(mold);
 	return 0;
 }
@@ -718,8 +720,7 @@ static int stage_files(struct backup *b, const struct backup_params *p, char *er
 		pending_set(b->record, "manifest_temp", mtemp);
 	if (b->in_place) {
 		pending_set(b->record, "journal", journal);
-		if (cmd->checksum)
-			pending_set(b->record, "manifest_old", manifest_name(data, mpath, sizeof(mpath)));
+		pending_set(b->record, "manifest_old", manifest_name(data, mpath, sizeof(mpath)));
 	}
 	if ((rc = pending_save(b->record)))
 		return set_error(err, errlen, -rc, "backup %s: cannot write to the state directory: %s", cmd->image,

@@ -167,9 +167,13 @@ int manifest_write(struct manifest *m)
 {
 	uint64_t last_len = m->size - (m->nclusters ? (m->nclusters - 1) * (uint64_t)m->cluster_size : 0);
 	uint64_t zero_full = zero_hash(m->cluster_size), zero_last = zero_hash(last_len);
-	FILE *f = fdopen(m->fd, "w");
 	int rc = 0;
 
+	/* Written again (a group member cancelled after its copy, now kept as
+	 * partial): from the start. */
+	if (m->fd < 0 && (m->fd = open(m->temp_path, O_WRONLY | O_TRUNC | O_NOFOLLOW | O_CLOEXEC)) < 0)
+		return -errno;
+	FILE *f = fdopen(m->fd, "w");
 	if (!f)
 		return -errno;
 	m->fd = -1;

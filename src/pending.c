@@ -267,7 +267,9 @@ static void redo(const struct pending *p, const char *where, const char *decisio
 	snprintf(manifest, sizeof(manifest), "%s.xxh3", name);
 	if (mtemp && access(mtemp, F_OK) == 0 && rename(mtemp, manifest) == 0)
 		fsync_parent_dir(manifest);
-	if (mold && strcmp(mold, manifest) != 0)
+	/* The earlier manifest describes nothing any more: it was replaced,
+	 * or its file moved, or the job wrote none. */
+	if (mold && (strcmp(mold, manifest) != 0 || !mtemp))
 		remove_file(mold);
 	write_chain(p);
 	remove_file(get(p, "journal"));

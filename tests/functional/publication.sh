@@ -13,7 +13,10 @@
 #      (another inode) is refused too;
 #   4. TARGET=MNT/../elsewhere/x.raw lies outside the mount: accepted;
 #      targets really inside it (also through ..) are refused;
-#   5. a crash after the job decided to publish is finished by the next mount
+#   5. an incremental with checksum=none drops the manifest it made stale; a
+#      group member cancelled after its copy (bitmap-mode=always) is kept
+#      whole as a partial;
+#   6. a crash after the job decided to publish is finished by the next mount
 #      (record, temporary files and chain as a crash leaves them).
 . "$TESTS_DIR/lib.sh"
 
@@ -124,7 +127,37 @@ soft want_match "inside through a symlink" "$out" "inside the mount"
 soft eval '[ ! -e "$SRC/sub/z.raw" ] && [ ! -e "$SRC/sub/y.raw" ] || fail "a refused target was created"'
 
 # =============================================================================
-log "5. a crash after the decision is finished by the next mount"
+log "5. an incremental without checksums drops the manifest it made stale"
+random_image "$SRC/cs.img" 4M
+run_ok cs0 "bitmap add cs.img b
+backup cs.img $OUT/cs.raw bitmap=b id=cs0"
+pwrites cs.img 70000:100
+run_ok cs1 "backup cs.img $OUT/cs.raw sync=incremental bitmap=b checksum=none id=cs1"
+soft same "cs.raw after the incremental" "$SRC/cs.img" "$OUT/cs.raw"
+soft eval '[ ! -e "$OUT/cs.raw.xxh3" ] || fail "the manifest of the earlier content is still there"'
+out=$(ctl_expect EINVAL "backup cs.img $OUT/cs.raw sync=incremental bitmap=b") || exit 1
+soft want_match "an incremental with checksums onto a backup without" "$out" "no manifest"
+
+# A group member cancelled after its copy was done, with bitmap-mode=always:
+# kept as a partial (its manifest written a second time, as partial).
+random_image "$SRC/g1.img" 4M
+random_image "$SRC/g2.img" 4M
+out=$(ctl "bitmap add g1.img b
+backup g1.img $OUT/g1.raw bitmap=b bitmap-mode=always group=g id=g1
+backup g2.img $OUT/g2.raw speed=64K group=g id=g2") || fail "group refused: $out"
+for _ in $(seq 200); do [ "$(status g1 bytes_done)" = $((4 * M)) ] && break; sleep 0.05; done
+sleep 0.3
+ctl "cancel g2" >/dev/null || fail "cancel g2"
+want_eq g1 "$(wait_job g1)" cancelled
+want_eq g2 "$(wait_job g2)" cancelled
+soft want_eq "g1: partial" "$(status g1 partial)" "$OUT/g1.raw.partial"
+soft manifest_ok "$OUT/g1.raw.partial" "g1 (kept after its copy)" partial
+soft same "g1's partial holds everything" "$SRC/g1.img" "$OUT/g1.raw.partial"
+soft eval '[ ! -e "$OUT/g2.raw" ] && [ ! -e "$OUT/g1.raw" ] || fail "a cancelled member is under its name"'
+soft want_eq "hidden files after the group" "$(hidden_files "$OUT")" ""
+
+# =============================================================================
+log "6. a crash after the decision is finished by the next mount"
 # As a crash between the decision and the renames leaves it: the record with
 # decision=commit, the data and manifest under their hidden names.
 unmount_fleece
