@@ -101,19 +101,34 @@ static void describe_error(const struct blockcopy_error *e, char *buf, size_t le
 
 /* ---- the guest write path ----------------------------------------------- */
 
+/* break-guest-write: the old data of clusters the background copy queued
+ * must be in the target before the guest may overwrite them. */
+static int wait_queued(struct backup *b, uint64_t off, uint64_t len)
+{
+	if (!b->bc.cbw_write_through || blockcopy_wait_queued(&b->bc, off, len) == 0)
+		return 0;
+	log_warn("backup %s: writing the target failed for the old data at offset %" PRIu64
+		 ": failing the guest write (on-cbw-error=break-guest-write)", b->job.id, off);
+	return -EIO;
+}
+
 static int backup_before_write(struct image_hook *hook, uint64_t off, uint64_t len)
 {
 	struct backup *b = (struct backup *)((char *)hook - offsetof(struct backup, hook));
 	struct blockcopy_error e;
 	char what[200];
 
-	if (!blockcopy_needs_copy(&b->bc, off, len) || atomic_load(&b->broken))
+	if (atomic_load(&b->broken))
 		return 0;
+	if (!blockcopy_needs_copy(&b->bc, off, len))
+		return wait_queued(b, off, len);
 	uint64_t start = clock_monotonic_ns();
 	int rc = blockcopy_before_write(&b->bc, off, len, b->cbw_timeout_ms * 1000000ull, &e);
+	if (!rc)
+		rc = wait_queued(b, off, len);   /* its own copies are written already */
 	latency_record(&b->job.cbw_wait, (clock_monotonic_ns() - start) / 1000);
-	if (rc == 0)
-		return 0;
+	if (rc == 0 || !e.err)
+		return rc;
 	if (rc == -ETIMEDOUT)
 		snprintf(what, sizeof(what), "copy-before-write of offset %" PRIu64 " took longer than cbw-timeout=%" PRIu64
 			 " ms", off, b->cbw_timeout_ms);
@@ -496,10 +511,16 @@ static int finish_copy(struct backup *b)
 	uint64_t copied_ns = clock_monotonic_ns(), where = 0;
 	char what[200];
 
+	/* Nothing is left to copy before a guest write, except under
+	 * break-guest-write, where a guest write still waits for the queued
+	 * writes of its cluster: the hook stays until they drained. */
+	if (b->attached && !b->bc.cbw_write_through)
+		image_detach(b->image, &b->hook);
+	b->attached = b->attached && b->bc.cbw_write_through;
+	int rc = blockcopy_drain(&b->bc, &where, backup_gives_up, job);
 	if (b->attached)
 		image_detach(b->image, &b->hook);
 	b->attached = false;
-	int rc = blockcopy_drain(&b->bc, &where, backup_gives_up, job);
 	if (rc == -ECANCELED)
 		return rc;
 	uint64_t drained_ns = clock_monotonic_ns();
@@ -829,7 +850,7 @@ int backup_prepare(struct job *job, const struct backup_params *p, char *err, si
 		b->fleece.cbw_wait = &b->job.cbw_wait;
 		/* break-guest-write holds for the store's copies too. */
 		b->fleece.fail_guest = b->on_cbw_error == CBW_BREAK_GUEST_WRITE;
-		b->fleece.bc.write_through = b->fleece.fail_guest;
+		b->fleece.bc.cbw_write_through = b->fleece.fail_guest;
 		b->source = &b->fleece.source;
 		size = b->fleece.size;
 	} else {
@@ -855,7 +876,7 @@ int backup_prepare(struct job *job, const struct backup_params *p, char *err, si
 		return set_error(err, errlen, -rc, "backup %s: out of memory for %" PRIu64 " clusters", cmd->image,
 				 div_round_up(size, p->cluster_size));
 	b->bc_ready = true;
-	b->bc.write_through = b->on_cbw_error == CBW_BREAK_GUEST_WRITE;
+	b->bc.cbw_write_through = b->on_cbw_error == CBW_BREAK_GUEST_WRITE;
 	if (cmd->sync == SYNC_INCREMENTAL)
 		atomic_store(&b->bytes_total, blockcopy_restrict(&b->bc, &b->bitmap->frozen, b->bitmap->gran_bits));
 	else

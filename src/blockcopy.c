@@ -304,6 +304,8 @@ static void *writer_thread(void *arg)
 			pthread_mutex_lock(&bc->queue_lock);
 			bc->writing--;
 			if (retry) {
+				bc->write_failures++;
+				pthread_cond_broadcast(&bc->queue_changed);
 				append_locked(bc, item);
 				/* Not in a tight loop against a target that keeps failing. */
 				struct timespec ts;
@@ -311,6 +313,8 @@ static void *writer_thread(void *arg)
 				pthread_cond_timedwait(&bc->queue_changed, &bc->queue_lock, &ts);
 				continue;
 			}
+			if (rc)
+				bc->write_failures++;
 			if (rc && !bc->queue_error) {
 				bc->queue_error = rc;
 				bc->queue_error_offset = off;
@@ -348,8 +352,6 @@ static bool reserve_room(struct blockcopy *bc, uint64_t bytes)
 {
 	uint64_t limit = BACKGROUND_SHARE(BLOCKCOPY_BUDGET);
 
-	if (bc->write_through)
-		return false;
 	pthread_mutex_lock(&bc->queue_lock);
 	while (bc->nwriters && !bc->stopping && !bc->queue_error && bc->queued_bytes &&
 	       bc->queued_bytes + bytes > limit)
@@ -376,8 +378,6 @@ static void unreserve_room(struct blockcopy *bc, uint64_t bytes)
 static bool enqueue_run(struct blockcopy *bc, uint64_t first, uint64_t count, uint64_t len, void *buf,
 			uint64_t reserved)
 {
-	if (bc->write_through)
-		return false;
 	struct writebehind_item *item = malloc(sizeof(*item));
 	if (!item)
 		return false;
@@ -435,6 +435,25 @@ void blockcopy_wait_written(struct blockcopy *bc, uint64_t first, uint64_t count
 	pthread_mutex_unlock(&bc->queue_lock);
 }
 
+int blockcopy_wait_queued(struct blockcopy *bc, uint64_t off, uint64_t len)
+{
+	if (off >= bc->size || !len)
+		return 0;
+	uint64_t end = min_u64(off + len, bc->size);
+	uint64_t first = off >> bc->cluster_bits, count = ((end - 1) >> bc->cluster_bits) - first + 1;
+	if (!cbitmap_any_set(&bc->queued, first, count))
+		return 0;
+	pthread_mutex_lock(&bc->queue_lock);
+	uint64_t failures = bc->write_failures;
+	bool queued;
+	while ((queued = cbitmap_any_set(&bc->queued, first, count)) && !bc->stopping && !bc->queue_error &&
+	       bc->write_failures == failures)
+		pthread_cond_wait(&bc->queue_changed, &bc->queue_lock);
+	int rc = queued && !bc->stopping && !bc->queue_error ? -EIO : 0;
+	pthread_mutex_unlock(&bc->queue_lock);
+	return rc;
+}
+
 int blockcopy_queue_error(struct blockcopy *bc)
 {
 	pthread_mutex_lock(&bc->queue_lock);
@@ -469,7 +488,8 @@ static int copy_claimed_run(struct blockcopy *bc, uint64_t run_first, uint64_t r
 		return e->err = -ENOMEM;
 	}
 	rc = read_run(bc, run_first, run_count, buf, !by_guest, read_bytes);
-	if (!rc && enqueue_run(bc, run_first, run_count, bytes, buf, by_guest ? 0 : reserved)) {
+	if (!rc && !(by_guest && bc->cbw_write_through) &&
+	    enqueue_run(bc, run_first, run_count, bytes, buf, by_guest ? 0 : reserved)) {
 		buf = NULL;
 		reserved = 0;
 	} else if (!rc) {

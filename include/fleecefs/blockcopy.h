@@ -42,10 +42,12 @@
  * A failed queued write cannot be redone from the source (the guest has
  * overwritten it), so it is kept as the engine's error and the job fails.
  *
- * Write-through (on-cbw-error=break-guest-write): no copy goes through the
- * queue, so a cluster stops being pending only once its data is in the
- * target, and a guest write is acknowledged only after its cluster's old
- * data was written there (or fails, leaving the cluster pending).
+ * Write-through (on-cbw-error=break-guest-write): a guest's copy does not go
+ * through the queue but writes the target before the guest write goes on
+ * (or fails it, leaving the cluster pending); a guest write to a cluster the
+ * background copy has queued waits until that write is done
+ * (blockcopy_wait_queued). Either way the guest write is acknowledged only
+ * after its cluster's old data is in the target.
  *
  * Progress: bytes_done counts what reached the target (written, or zero
  * clusters a fresh target needs no write for), not what is only queued;
@@ -113,8 +115,9 @@ struct blockcopy {
 	/* Which injection point (inject.h) its target writes are: target-write
 	 * for a backup, store-write for a snapshot or fleecing store. */
 	int write_inject_point;
-	/* Never queue: every copy writes the target before it counts as done. */
-	bool write_through;
+	/* Guest copies never queue: each writes the target before the guest
+	 * write goes on (on-cbw-error=break-guest-write). */
+	bool cbw_write_through;
 	atomic_uint_fast64_t bytes_done;   /* bytes that reached the target */
 	atomic_uint_fast64_t cbw_bytes;    /* copied by guest writes (safe: in the
 					    * target or the queue) */
@@ -127,6 +130,7 @@ struct blockcopy {
 	uint64_t queued_bytes;       /* queued or being written (or booked) */
 	unsigned writing;
 	int queue_error;             /* first failed queued write, -errno */
+	uint64_t write_failures;     /* queued writes that failed (kept or not) */
 	uint64_t queue_error_offset;
 	bool stopping;
 	bool held;                   /* writers wait (a job stopped on error) */
@@ -150,6 +154,11 @@ void blockcopy_destroy(struct blockcopy *bc);
  * queued write's error (0 if none) and its offset in *offset, or -ECANCELED
  * as soon as give_up(arg) says so (checked every 50 ms; NULL: never). */
 int blockcopy_drain(struct blockcopy *bc, uint64_t *offset, bool (*give_up)(void *arg), void *arg);
+/* break-guest-write: waits until no cluster of [off, off + len) is still
+ * queued. -EIO when a queued write failed meanwhile and its data is kept for
+ * another try (its old data is not in the target); 0 when written, or when
+ * the engine is ending (stopping, or its queue failed: the job fails). */
+int blockcopy_wait_queued(struct blockcopy *bc, uint64_t off, uint64_t len);
 /* The first queued write's error so far, 0 if none (cheap; for job loops). */
 int blockcopy_queue_error(struct blockcopy *bc);
 /* Waits until no cluster of [first, first + count) is still queued: their

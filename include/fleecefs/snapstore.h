@@ -60,7 +60,7 @@ struct snapstore {
 	struct latency_histogram *cbw_wait; /* where guest copy latency goes, or NULL */
 	/* on-cbw-error=break-guest-write (a fleecing backup): a copy that fails
 	 * fails the guest's write with EIO instead of breaking the store; set
-	 * at T together with bc.write_through. */
+	 * at T together with bc.cbw_write_through. */
 	bool fail_guest;
 };
 
