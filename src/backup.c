@@ -552,6 +552,8 @@ static enum job_state backup_run(struct job *job)
 	enum job_state final = JOB_FAILED;
 
 	b->run_start_ns = clock_monotonic_ns();
+	if (b->in_place)
+		blockcopy_prepare_target(&b->bc);
 	if (b->sync == SYNC_TOP)
 		atomic_fetch_sub(&b->bytes_total, blockcopy_skip_holes(&b->bc));
 	if (b->sync == SYNC_NONE) {

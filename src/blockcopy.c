@@ -610,6 +610,28 @@ uint64_t blockcopy_restrict(struct blockcopy *bc, const struct cbitmap *granules
 	return total;
 }
 
+int blockcopy_prepare_target(struct blockcopy *bc)
+{
+	struct journal_range ranges[256];
+	unsigned n = 0;
+	int rc = 0;
+
+	if (!bc->target->ops->prepare_writes)
+		return 0;
+	for (uint64_t c = cbitmap_next_set(&bc->pending, 0); c < bc->nclusters && !rc;) {
+		uint64_t end = cbitmap_next_clear(&bc->pending, c);
+		ranges[n++] = (struct journal_range){ c << bc->cluster_bits, run_bytes(bc, c, end - c) };
+		if (n == sizeof(ranges) / sizeof(ranges[0])) {
+			rc = target_prepare_writes(bc->target, ranges, n);
+			n = 0;
+		}
+		c = end < bc->nclusters ? cbitmap_next_set(&bc->pending, end) : bc->nclusters;
+	}
+	if (n && !rc)
+		rc = target_prepare_writes(bc->target, ranges, n);
+	return rc;
+}
+
 int blockcopy_left_over(struct blockcopy *bc, struct cbitmap *out)
 {
 	int rc = cbitmap_init(out, bc->nclusters, false);

@@ -203,6 +203,11 @@ uint64_t blockcopy_skip_holes(struct blockcopy *bc);
  * (granule = 2^gran_bits bytes, not below the cluster size) stay pending;
  * returns the bytes to copy. Call at T, before anything is copied. */
 uint64_t blockcopy_restrict(struct blockcopy *bc, const struct cbitmap *granules, unsigned gran_bits);
+/* Lets the target prepare, before the copy starts, for every cluster still
+ * pending (an in-place target journals all their old content up front, in
+ * offset order, with a sync per few hundred runs instead of one per write).
+ * A failure is only lost time: each write prepares itself again. */
+int blockcopy_prepare_target(struct blockcopy *bc);
 /* After the writers stopped: the clusters whose data at T is not durably in
  * the target (still pending, or queued and failed or discarded), into `out`
  * (initialised here; the caller destroys it). 0 or -ENOMEM. */
