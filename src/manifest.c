@@ -99,6 +99,22 @@ static int read_manifest(const char *path, uint32_t cluster_size, uint64_t *size
 	return 0;
 }
 
+/* The checksum table of `size` bytes; an update starts from its old sums. */
+static int allocate(struct manifest *m, uint64_t size)
+{
+	m->size = size;
+	m->nclusters = div_round_up(size, m->cluster_size);
+	m->hashes = calloc(m->nclusters ? m->nclusters : 1, sizeof(*m->hashes));
+	if (!m->hashes || cbitmap_init(&m->hashed, m->nclusters, m->old != NULL)) {
+		free(m->hashes);
+		m->hashes = NULL;
+		return -ENOMEM;
+	}
+	if (m->old)
+		memcpy(m->hashes, m->old, m->nclusters * sizeof(*m->old));
+	return 0;
+}
+
 int manifest_open_update(const char *existing, const char *temp_path, uint32_t cluster_size, struct manifest **out,
 			 char *err, size_t errlen)
 {
@@ -112,25 +128,27 @@ int manifest_open_update(const char *existing, const char *temp_path, uint32_t c
 		manifest_free(m);
 		return rc;
 	}
+	if (allocate(m, m->old_size)) {
+		manifest_discard(m);
+		manifest_free(m);
+		return set_error(err, errlen, ENOMEM, "manifest %s: out of memory", existing);
+	}
 	*out = m;
 	return 0;
 }
 
 int manifest_set_size(struct manifest *m, uint64_t size, char *err, size_t errlen)
 {
-	if (m->old && size != m->old_size)
-		return set_error(err, errlen, EINVAL, "manifest describes %" PRIu64 " bytes, the image has %" PRIu64,
-				 m->old_size, size);
-	m->size = size;
-	m->nclusters = div_round_up(size, m->cluster_size);
-	m->hashes = calloc(m->nclusters ? m->nclusters : 1, sizeof(*m->hashes));
-	if (!m->hashes || cbitmap_init(&m->hashed, m->nclusters, m->old != NULL)) {
-		free(m->hashes);
-		m->hashes = NULL;
-		return set_error(err, errlen, ENOMEM, "manifest: out of memory for %" PRIu64 " clusters", m->nclusters);
+	if (m->old) {
+		/* Allocated when staged (no copying with the gates closed). */
+		if (size != m->size)
+			return set_error(err, errlen, EINVAL, "manifest describes %" PRIu64 " bytes, the image has %" PRIu64,
+					 m->size, size);
+		return 0;
 	}
-	if (m->old)
-		memcpy(m->hashes, m->old, m->nclusters * sizeof(*m->old));
+	if (allocate(m, size))
+		return set_error(err, errlen, ENOMEM, "manifest: out of memory for %" PRIu64 " clusters",
+				 div_round_up(size, m->cluster_size));
 	return 0;
 }
 
