@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <poll.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -38,6 +39,10 @@ static uint64_t serial_of(fuse_ino_t ino) { return (ino >> 8) & 0xffffffffu; }
 static unsigned index_of(fuse_ino_t ino) { return (unsigned)((ino >> 40) & 0x7fffffu); }
 
 static const struct fleece_daemon *daemon_ctx;
+/* Set once at FUSE init, before any write arrives; atomic because the thread
+ * that answered init is not the one that serves the writes. The default is
+ * the kernel's oldest request size. */
+static _Atomic size_t max_write_request = 32 * 4096;
 
 static const struct {
 	const char *name;
@@ -294,6 +299,19 @@ void ctlfs_init(const struct fleece_daemon *d)
 	events_set_listener(wake_readers);
 }
 
+void ctlfs_set_max_write(size_t max_request)
+{
+	atomic_store_explicit(&max_write_request, max_request, memory_order_relaxed);
+}
+
+size_t ctlfs_write_limit(void)
+{
+	size_t request = atomic_load_explicit(&max_write_request, memory_order_relaxed);
+	long page = sysconf(_SC_PAGESIZE);
+	size_t shorter = (size_t)(page > 0 ? page : 4096);
+	return request > shorter ? request - shorter : 0;
+}
+
 void ctlfs_lookup_root(fuse_req_t req)
 {
 	reply_entry(req, INO(K_DIR, 0));
@@ -399,7 +417,8 @@ static char *version_text(void)
 	struct strbuf sb = { 0 };
 	strbuf_printf(&sb, "version=%s\nfeatures=backup sync-full sync-top sync-none format-raw checksum-xxh3 events pause "
 			   "error-policies groups inject snapshot fleecing bitmaps sync-incremental\n"
-			   "cluster_size=%" PRIu32 "\n", PACKAGE_VERSION, daemon_ctx->cluster_size);
+			   "cluster_size=%" PRIu32 "\nctl_max_write=%zu\n", PACKAGE_VERSION, daemon_ctx->cluster_size,
+		      ctlfs_write_limit());
 	return strbuf_steal(&sb);
 }
 
@@ -646,7 +665,19 @@ void ctlfs_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, s
 	char *answer = NULL;
 
 	int rc;
-	if (kind_of(ino) == K_CTL) {
+	size_t limit = ctlfs_write_limit();
+	if ((kind_of(ino) == K_CTL || kind_of(ino) == K_INJECT) && size > limit) {
+		/* The kernel may have cut a larger write(2) here: running this
+		 * piece would run part of it, and the rest as another write. */
+		struct strbuf sb = { 0 };
+		strbuf_printf(&sb, "error: the write is %zu bytes or more; one %s must fit in %zu bytes "
+			      "(the kernel splits larger writes)\n", size,
+			      kind_of(ino) == K_CTL ? "transaction" : "write", limit);
+		answer = strbuf_steal(&sb);
+		log_info("control: %s refused a write of %zu bytes or more (the limit is %zu)",
+			 kind_of(ino) == K_CTL ? "ctl" : "inject", size, limit);
+		rc = -EMSGSIZE;
+	} else if (kind_of(ino) == K_CTL) {
 		rc = txn_execute(daemon_ctx, buf, size, &answer);
 	} else if (kind_of(ino) == K_INJECT) {
 		char err[256];

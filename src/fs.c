@@ -979,6 +979,26 @@ static void fs_poll(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi, s
 	fuse_reply_poll(req, POLLIN | POLLOUT);
 }
 
+/* The most one write request can carry: the kernel cuts a write to a
+ * direct-I/O file into requests of at most min(max_write, max_pages pages).
+ * libfuse asks for as many pages as max_write needs; the kernel grants at
+ * most fs.fuse.max_pages_limit (256 where that setting does not exist). */
+static size_t write_request_max(unsigned max_write)
+{
+	unsigned long pages = 256;
+	long page = sysconf(_SC_PAGESIZE);
+	FILE *f = fopen("/proc/sys/fs/fuse/max_pages_limit", "re");
+
+	if (f) {
+		unsigned long limit;
+		if (fscanf(f, "%lu", &limit) == 1 && limit > 0)
+			pages = limit;
+		fclose(f);
+	}
+	size_t by_pages = pages * (size_t)(page > 0 ? page : 4096);
+	return max_write < by_pages ? max_write : by_pages;
+}
+
 static void fs_init(void *userdata, struct fuse_conn_info *conn)
 {
 	(void)userdata;
@@ -995,6 +1015,8 @@ static void fs_init(void *userdata, struct fuse_conn_info *conn)
 	conn->max_background = 64;
 	conn->congestion_threshold = 48;
 	conn->time_gran = 1;
+	/* The control files refuse writes that may reach them in pieces. */
+	ctlfs_set_max_write(write_request_max(conn->max_write));
 }
 
 const struct fuse_lowlevel_ops fs_operations = {

@@ -1,7 +1,8 @@
 /* ctlfs: the .fleece/ control tree of the mount.
  *
  *   .fleece/            0700, owned by the user who mounted
- *     ctl               write: one transaction; read: its answer
+ *     ctl               write: one transaction (at most ctlfs_write_limit()
+ *                       bytes); read: its answer
  *     version           key=value lines
  *     events            blocking, pollable stream of event lines
  *     jobs/ID/status    one job's status, taken when the file is opened
@@ -25,6 +26,7 @@
 #define FUSE_USE_VERSION 312
 #include <fuse_lowlevel.h>
 #include <stdbool.h>
+#include <stddef.h>
 
 #include "fleecefs/daemon.h"
 
@@ -33,6 +35,13 @@
 static inline bool ctlfs_owns(fuse_ino_t ino) { return (ino & CTLFS_INO_FLAG) != 0; }
 
 void ctlfs_init(const struct fleece_daemon *d);
+/* The most bytes one write request from the kernel can carry (negotiated at
+ * FUSE init). A write to ctl or inject that may be only the first piece of a
+ * larger write(2) is refused whole with EMSGSIZE: anything over this less one
+ * page, since the first piece from an unaligned buffer is up to a page short. */
+void ctlfs_set_max_write(size_t max_request);
+/* The largest write ctl and inject accept. */
+size_t ctlfs_write_limit(void);
 /* Answers parked event reads (unmount). */
 void ctlfs_shutdown(void);
 /* Frees the control files still open when the session ended. */
