@@ -2,7 +2,8 @@
  *
  *   .fleece/            0700, owned by the user who mounted
  *     ctl               write: one transaction (at most ctlfs_write_limit()
- *                       bytes); read: its answer
+ *                       bytes), or part of one from begin to commit on this
+ *                       open file (control.h); read: its answer
  *     version           key=value lines
  *     events            blocking, pollable stream of event lines
  *     jobs/ID/status    one job's status, taken when the file is opened
@@ -15,7 +16,9 @@
  * job's serial number, so a dismissed job's nodes simply stop resolving.
  * Every control node is direct-I/O and never cached by the kernel.
  *
- * Locking: each open file has its own state; events readers are kept in a
+ * Locking: each open file has its own state; the writes of one open file are
+ * serialized by its write lock, held while the write runs (taken before the
+ * control mutex of transaction.h); events readers are kept in a
  * list under events_readers_lock, which the event listener takes to answer
  * parked reads and poll handles. Requests are answered from any thread.
  * Errors: FUSE replies with errno; never crashes on any input.
