@@ -101,14 +101,22 @@ check_backups() {
 # with app(c) (both c).
 one_point() { [ "$1" = "$2" ] || [ "$1" = $(($2 + 1)) ]; }
 
-start_writer
-answer=$(bash -c "$script" 2>"$T/bash.err") || fail "the example failed (bash said: $answer)"
-[ ! -s "$T/bash.err" ] || fail "bash complained: $(cat "$T/bash.err")"
-[ "$answer" = "$want_answer" ] || fail "the example answered '$answer', want '$want_answer'"
-check_backups db app
-stop_writer
-db=$DB app=$APP count=$COUNT
-log "example: db=$db app=$app (writer reached $count)"
+# round WHAT SCRIPT ANSWER DB_ID APP_ID: runs SCRIPT with bash while the
+# writer runs; it must say nothing on stderr and print ANSWER, and the two
+# backups must complete. Sets db, app (their counters) and count (the
+# writer's last).
+round() {
+	start_writer
+	answer=$(bash -c "$2" 2>"$T/bash.err") || fail "$1 failed: $answer $(cat "$T/bash.err")"
+	[ ! -s "$T/bash.err" ] || fail "$1: bash complained: $(cat "$T/bash.err")"
+	[ "$answer" = "$3" ] || fail "$1 answered '$answer', want '$3'"
+	check_backups "$4" "$5"
+	stop_writer
+	db=$DB app=$APP count=$COUNT
+	log "$1: db=$db app=$app (writer reached $count)"
+}
+
+round "the example" "$script" "$want_answer" db app
 [ "$db" -ge 200 ] || fail "db's backup holds counter $db, from before the writer was running"
 [ "$count" -gt "$db" ] || fail "the writer did not go on after the point in time ($count, $db)"
 one_point "$db" "$app" || fail "the example's backups are not of one point in time: db=$db app=$app"
@@ -117,29 +125,14 @@ one_point "$db" "$app" || fail "the example's backups are not of one point in ti
 # goes on meanwhile), and still both are of the moment of commit.
 slow=$(sed -e 's|/db\.raw id=db|/db-slow.raw id=db-slow|' -e 's|/app\.raw id=app|/app-slow.raw id=app-slow|' \
 	-e '/^echo /s/$/; sleep 0.2/' <<<"$script")
-grep -q 'id=db-slow' <<<"$slow" && grep -q 'id=app-slow' <<<"$slow" || fail "cannot rename the example's jobs: $slow"
-start_writer
-answer=$(bash -c "$slow" 2>"$T/bash.err") || fail "the slowed example failed: $answer"
-[ ! -s "$T/bash.err" ] || fail "bash complained: $(cat "$T/bash.err")"
-[ "$answer" = "ok id=db-slow id=app-slow" ] || fail "the slowed example answered '$answer'"
-check_backups db-slow app-slow
-stop_writer
-db=$DB app=$APP count=$COUNT
-log "slowed example: db=$db app=$app (writer reached $count)"
+round "the slowed example" "$slow" "ok id=db-slow id=app-slow" db-slow app-slow
 one_point "$db" "$app" || fail "the slowed example's backups are not of one point in time: db=$db app=$app"
 
 # Without begin and commit: two transactions, 0.2 s apart; only the second
 # answer is read back, and the counters show the two points in time.
 two=$(sed -e '/^echo begin/d' -e '/^echo commit/d' -e 's|/db\.raw id=db|/db-two.raw id=db-two|' \
 	-e 's|/app\.raw id=app|/app-two.raw id=app-two|' -e '/^echo "backup db/s/$/; sleep 0.2/' <<<"$script")
-start_writer
-answer=$(bash -c "$two" 2>"$T/bash.err") || fail "the two-write variant failed: $answer"
-[ ! -s "$T/bash.err" ] || fail "bash complained: $(cat "$T/bash.err")"
-[ "$answer" = "ok id=app-two" ] || fail "the two-write variant answered '$answer', want only the last answer"
-check_backups db-two app-two
-stop_writer
-db=$DB app=$APP count=$COUNT
-log "two writes: db=$db app=$app (writer reached $count)"
+round "two writes" "$two" "ok id=app-two" db-two app-two
 one_point "$db" "$app" && fail "two transactions 0.2 s apart look like one point in time (db=$db app=$app): the check cannot tell"
 [ "$app" -gt "$db" ] || fail "app's backup ($app) should be later than db's ($db)"
 ctl "$(printf 'dismiss %s\n' db app db-slow app-slow db-two app-two)" >/dev/null || fail "dismiss"
