@@ -559,7 +559,7 @@ static int parse_line(char *line, unsigned lineno, struct ctl_command *cmd, char
 static int parse_text(const char *text, size_t len, unsigned first_line, struct ctl_txn *txn, char *err,
 		      size_t errlen)
 {
-	unsigned lineno = first_line;
+	unsigned lineno = first_line, cap = 0;
 	size_t pos = 0;
 	int rc = 0;
 
@@ -588,13 +588,22 @@ static int parse_text(const char *text, size_t len, unsigned first_line, struct 
 			break;
 		}
 		char *line = strndup(start, n);
-		char **storage = realloc(txn->storage, (txn->nstorage + 1) * sizeof(*storage));
-		struct ctl_command *cmds = realloc(txn->cmds, (txn->ncmds + 1) * sizeof(*cmds));
-		if (storage)
-			txn->storage = storage;
-		if (cmds)
-			txn->cmds = cmds;
-		if (!line || !storage || !cmds) {
+		bool grown = true;
+		if (txn->nstorage == cap) {
+			/* Doubling: a write (or transaction) of 100000 short
+			 * lines must not copy the arrays 100000 times. */
+			unsigned more = cap ? cap * 2 : 16;
+			char **storage = realloc(txn->storage, more * sizeof(*storage));
+			if (storage)
+				txn->storage = storage;
+			struct ctl_command *cmds = storage ? realloc(txn->cmds, more * sizeof(*cmds)) : NULL;
+			if (cmds)
+				txn->cmds = cmds;
+			grown = storage && cmds;
+			if (grown)
+				cap = more;
+		}
+		if (!line || !grown) {
 			free(line);
 			rc = set_error(err, errlen, ENOMEM, "line %u: out of memory", lineno);
 			break;
