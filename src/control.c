@@ -555,16 +555,18 @@ static int parse_line(char *line, unsigned lineno, struct ctl_command *cmd, char
 	}
 }
 
-int ctl_parse(const char *text, size_t len, struct ctl_txn *txn, char *err, size_t errlen)
+/* ctl_parse, with the first line of text numbered first_line + 1. */
+static int parse_text(const char *text, size_t len, unsigned first_line, struct ctl_txn *txn, char *err,
+		      size_t errlen)
 {
-	unsigned lineno = 0;
+	unsigned lineno = first_line, cap = 0;
 	size_t pos = 0;
 	int rc = 0;
 
 	*txn = (struct ctl_txn){ 0 };
 	const char *nul = memchr(text, '\0', len);
 	if (nul) {
-		unsigned line = 1;
+		unsigned line = first_line + 1;
 		for (const char *p = text; p < nul; p++)
 			line += *p == '\n';
 		return set_error(err, errlen, EINVAL, "line %u: contains a NUL byte", line);
@@ -586,13 +588,22 @@ int ctl_parse(const char *text, size_t len, struct ctl_txn *txn, char *err, size
 			break;
 		}
 		char *line = strndup(start, n);
-		char **storage = realloc(txn->storage, (txn->nstorage + 1) * sizeof(*storage));
-		struct ctl_command *cmds = realloc(txn->cmds, (txn->ncmds + 1) * sizeof(*cmds));
-		if (storage)
-			txn->storage = storage;
-		if (cmds)
-			txn->cmds = cmds;
-		if (!line || !storage || !cmds) {
+		bool grown = true;
+		if (txn->nstorage == cap) {
+			/* Doubling: a write (or transaction) of 100000 short
+			 * lines must not copy the arrays 100000 times. */
+			unsigned more = cap ? cap * 2 : 16;
+			char **storage = realloc(txn->storage, more * sizeof(*storage));
+			if (storage)
+				txn->storage = storage;
+			struct ctl_command *cmds = storage ? realloc(txn->cmds, more * sizeof(*cmds)) : NULL;
+			if (cmds)
+				txn->cmds = cmds;
+			grown = storage && cmds;
+			if (grown)
+				cap = more;
+		}
+		if (!line || !grown) {
 			free(line);
 			rc = set_error(err, errlen, ENOMEM, "line %u: out of memory", lineno);
 			break;
@@ -610,6 +621,11 @@ int ctl_parse(const char *text, size_t len, struct ctl_txn *txn, char *err, size
 	return rc;
 }
 
+int ctl_parse(const char *text, size_t len, struct ctl_txn *txn, char *err, size_t errlen)
+{
+	return parse_text(text, len, 0, txn, err, errlen);
+}
+
 void ctl_txn_free(struct ctl_txn *txn)
 {
 	for (unsigned i = 0; i < txn->nstorage; i++)
@@ -617,4 +633,164 @@ void ctl_txn_free(struct ctl_txn *txn)
 	free(txn->storage);
 	free(txn->cmds);
 	*txn = (struct ctl_txn){ 0 };
+}
+
+/* ---- transactions over several writes ------------------------------------- */
+
+enum line_kind { LINE_NONE, LINE_COMMAND, LINE_BEGIN, LINE_COMMIT, LINE_ABORT };
+
+static bool is_blank(char c)
+{
+	return c == ' ' || c == '\t' || c == '\r';
+}
+
+/* What one line of a write is: nothing (blank, comment), one of the
+ * transaction words alone, or a command. The words must stand alone, so that
+ * "begin" with arguments is an error and not a command that looks like one. */
+static int classify_line(const char *line, size_t n, enum line_kind *kind, char *err, size_t errlen)
+{
+	static const struct {
+		const char *word;
+		enum line_kind kind;
+	} words[] = { { "begin", LINE_BEGIN }, { "commit", LINE_COMMIT }, { "abort", LINE_ABORT } };
+	size_t i = 0, w;
+
+	while (i < n && is_blank(line[i]))
+		i++;
+	if (i == n || line[i] == '#') {
+		*kind = LINE_NONE;
+		return 0;
+	}
+	for (w = i; w < n && !is_blank(line[w]); w++)
+		;
+	*kind = LINE_COMMAND;
+	for (size_t k = 0; k < sizeof(words) / sizeof(words[0]); k++) {
+		if (w - i != strlen(words[k].word) || memcmp(line + i, words[k].word, w - i) != 0)
+			continue;
+		*kind = words[k].kind;
+		while (w < n && is_blank(line[w]))
+			w++;
+		if (w < n)
+			return set_error(err, errlen, EINVAL, "%s takes no arguments", words[k].word);
+	}
+	return 0;
+}
+
+static int session_append(struct ctl_session *s, const char *line, size_t n, char *err, size_t errlen)
+{
+	size_t max = s->max ? s->max : CTL_SESSION_MAX;
+	unsigned max_lines = s->max_lines ? s->max_lines : CTL_SESSION_MAX_COMMANDS;
+
+	if (s->len + n + 1 > max)
+		return set_error(err, errlen, EMSGSIZE, "the transaction would be larger than %zu bytes", max);
+	if (s->lines == max_lines)
+		return set_error(err, errlen, EMSGSIZE, "the transaction would have more than %u commands", max_lines);
+	if (s->len + n + 1 > s->cap) {
+		size_t cap = s->cap ? s->cap : 4096;
+		while (cap < s->len + n + 1)
+			cap *= 2;
+		char *grown = realloc(s->text, cap);
+		if (!grown)
+			return set_error(err, errlen, ENOMEM, "out of memory");
+		s->text = grown;
+		s->cap = cap;
+	}
+	memcpy(s->text + s->len, line, n);
+	s->text[s->len + n] = '\n';
+	s->len += n + 1;
+	s->lines++;
+	return 0;
+}
+
+bool ctl_session_end(struct ctl_session *s)
+{
+	bool was_open = s->open;
+	size_t max = s->max;
+	unsigned max_lines = s->max_lines;
+
+	free(s->text);
+	*s = (struct ctl_session){ .max = max, .max_lines = max_lines };
+	return was_open;
+}
+
+int ctl_session_feed(struct ctl_session *s, const char *buf, size_t len, enum ctl_feed_action *action, char *err,
+		     size_t errlen)
+{
+	bool was_open = s->open, first = true;
+	size_t old_len = s->len, pos = 0;
+	unsigned old_lines = s->lines;
+	enum line_kind last = LINE_NONE;
+	int rc = 0;
+
+	*action = CTL_FEED_RUN;
+	/* Every command line is classified, in order. Without a transaction
+	 * open or opened here, the write is a transaction of its own, as it
+	 * always was: only misplaced transaction words are refused here. */
+	while (pos < len && !rc) {
+		const char *line = buf + pos;
+		const char *nl = memchr(line, '\n', len - pos);
+		size_t n = nl ? (size_t)(nl - line) : len - pos;
+		enum line_kind kind;
+		pos += n + (nl ? 1 : 0);
+		if ((rc = classify_line(line, n, &kind, err, errlen)) || kind == LINE_NONE)
+			continue;
+		if (last == LINE_COMMIT || last == LINE_ABORT) {
+			rc = set_error(err, errlen, EINVAL, "%s must be the last command of its write",
+				       last == LINE_COMMIT ? "commit" : "abort");
+			break;
+		}
+		switch (kind) {
+		case LINE_BEGIN:
+			if (s->open)
+				rc = set_error(err, errlen, EINVAL, "begin: a transaction is already open on this file");
+			else if (!first)
+				rc = set_error(err, errlen, EINVAL,
+					       "begin must be the first command of its write (it opens a transaction "
+					       "that later writes on this open file add to)");
+			else
+				s->open = true;
+			break;
+		case LINE_COMMIT:
+		case LINE_ABORT:
+			if (!s->open)
+				rc = set_error(err, errlen, EINVAL, "%s: no transaction is open on this file (write begin first)",
+					       kind == LINE_COMMIT ? "commit" : "abort");
+			break;
+		case LINE_COMMAND:
+			if (s->open)
+				rc = session_append(s, line, n, err, errlen);
+			break;
+		case LINE_NONE:
+			break;
+		}
+		first = false;
+		last = kind;
+	}
+	if (!rc && !s->open)
+		return 0; /* CTL_FEED_RUN */
+	/* Every command this write added, checked now, numbered within the
+	 * transaction: the writer learns of a bad line when it writes it. */
+	if (!rc && s->lines > old_lines) {
+		struct ctl_txn txn;
+		rc = parse_text(s->text + old_len, s->len - old_len, old_lines, &txn, err, errlen);
+		if (!rc)
+			ctl_txn_free(&txn);
+	}
+	if (!rc && last == LINE_COMMIT && !s->lines)
+		rc = set_error(err, errlen, EINVAL, "commit: the transaction is empty");
+	if (rc) {
+		if (was_open) {
+			size_t used = strnlen(err, errlen);
+			snprintf(err + used, errlen - used, "; the transaction was aborted, nothing of it ran");
+		}
+		ctl_session_end(s);
+		return rc;
+	}
+	if (last == LINE_ABORT) {
+		ctl_session_end(s);
+		*action = CTL_FEED_ABORTED;
+	} else {
+		*action = last == LINE_COMMIT ? CTL_FEED_COMMIT : CTL_FEED_APPENDED;
+	}
+	return 0;
 }

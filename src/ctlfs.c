@@ -8,12 +8,14 @@
 #include <stdio.h>
 #include <poll.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include "fleecefs/bitmap.h"
+#include "fleecefs/control.h"
 #include "fleecefs/ctlfs.h"
 #include "fleecefs/events.h"
 #include "fleecefs/inject.h"
@@ -38,6 +40,10 @@ static uint64_t serial_of(fuse_ino_t ino) { return (ino >> 8) & 0xffffffffu; }
 static unsigned index_of(fuse_ino_t ino) { return (unsigned)((ino >> 40) & 0x7fffffu); }
 
 static const struct fleece_daemon *daemon_ctx;
+/* Set once at FUSE init, before any write arrives; atomic because the thread
+ * that answered init is not the one that serves the writes. The default is
+ * the kernel's oldest request size. */
+static _Atomic size_t max_write_request = 32 * 4096;
 
 static const struct {
 	const char *name;
@@ -65,6 +71,11 @@ struct ctl_file {
 	/* views */
 	struct job *job;             /* referenced */
 	struct snapstore *view;
+	/* ctl: a transaction opened with begin on this open file. write_lock
+	 * serializes the writes of the file, held while one runs (before the
+	 * control mutex; lock is taken inside it only for the answer). */
+	pthread_mutex_t write_lock;
+	struct ctl_session session;
 	/* Every open control file, so that those still open when the daemon
 	 * stops (no RELEASE will come) are freed: open_files_lock. */
 	struct ctl_file *next_open, *prev_open;
@@ -294,6 +305,19 @@ void ctlfs_init(const struct fleece_daemon *d)
 	events_set_listener(wake_readers);
 }
 
+void ctlfs_set_max_write(size_t max_request)
+{
+	atomic_store_explicit(&max_write_request, max_request, memory_order_relaxed);
+}
+
+size_t ctlfs_write_limit(void)
+{
+	size_t request = atomic_load_explicit(&max_write_request, memory_order_relaxed);
+	long page = sysconf(_SC_PAGESIZE);
+	size_t shorter = (size_t)(page > 0 ? page : 4096);
+	return request > shorter ? request - shorter : 0;
+}
+
 void ctlfs_lookup_root(fuse_req_t req)
 {
 	reply_entry(req, INO(K_DIR, 0));
@@ -399,7 +423,8 @@ static char *version_text(void)
 	struct strbuf sb = { 0 };
 	strbuf_printf(&sb, "version=%s\nfeatures=backup sync-full sync-top sync-none format-raw checksum-xxh3 events pause "
 			   "error-policies groups inject snapshot fleecing bitmaps sync-incremental\n"
-			   "cluster_size=%" PRIu32 "\n", PACKAGE_VERSION, daemon_ctx->cluster_size);
+			   "cluster_size=%" PRIu32 "\nctl_max_write=%zu\n", PACKAGE_VERSION, daemon_ctx->cluster_size,
+		      ctlfs_write_limit());
 	return strbuf_steal(&sb);
 }
 
@@ -413,6 +438,14 @@ static void remove_reader(struct ctl_file *f)
 	if (f->next_reader)
 		f->next_reader->prev_reader = f->prev_reader;
 	pthread_mutex_unlock(&readers_lock);
+}
+
+/* A file whose open failed: nothing else knows it yet. */
+static void drop_unopened(struct ctl_file *f)
+{
+	pthread_mutex_destroy(&f->write_lock);
+	pthread_mutex_destroy(&f->lock);
+	free(f);
 }
 
 void ctlfs_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
@@ -435,14 +468,14 @@ void ctlfs_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 	}
 	f->kind = k;
 	pthread_mutex_init(&f->lock, NULL);
+	pthread_mutex_init(&f->write_lock, NULL);
 	if (k == K_VIEW) {
 		f->job = job_find_by_serial(serial_of(ino));
 		f->view = f->job && job_is_snapshot(f->job) ? snapshot_member(f->job, index_of(ino)) : NULL;
 		if (!f->view) {
 			if (f->job)
 				job_put(f->job);
-			pthread_mutex_destroy(&f->lock);
-			free(f);
+			drop_unopened(f);
 			fuse_reply_err(req, ENOENT);
 			return;
 		}
@@ -464,8 +497,7 @@ void ctlfs_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 			job_put(job);
 			f->text = strbuf_steal(&sb);
 		} else {
-			pthread_mutex_destroy(&f->lock);
-			free(f);
+			drop_unopened(f);
 			fuse_reply_err(req, ENOENT);
 			return;
 		}
@@ -479,8 +511,7 @@ void ctlfs_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 		pthread_mutex_unlock(&readers_lock);
 	}
 	if (k != K_CTL && k != K_EVENTS && k != K_VIEW && !f->text) {
-		pthread_mutex_destroy(&f->lock);
-		free(f);
+		drop_unopened(f);
 		fuse_reply_err(req, ENOMEM);
 		return;
 	}
@@ -640,15 +671,66 @@ void ctlfs_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct f
 	free(copy);
 }
 
+/* One write to ctl: a transaction of its own, or part of one opened with
+ * begin on this file. f->write_lock held. */
+static int write_ctl(struct ctl_file *f, const char *buf, size_t size, char **answer)
+{
+	enum ctl_feed_action action;
+	struct strbuf sb = { 0 };
+	char err[512];
+	int rc = ctl_session_feed(&f->session, buf, size, &action, err, sizeof(err));
+
+	if (rc) {
+		log_info("control: %s", err);
+		strbuf_printf(&sb, "error: %s\n", err);
+		*answer = strbuf_steal(&sb);
+		return rc;
+	}
+	switch (action) {
+	case CTL_FEED_RUN:
+		return txn_execute(daemon_ctx, buf, size, answer);
+	case CTL_FEED_COMMIT:
+		rc = txn_execute(daemon_ctx, f->session.text, f->session.len, answer);
+		ctl_session_end(&f->session);
+		return rc;
+	case CTL_FEED_APPENDED:
+	case CTL_FEED_ABORTED:
+		break;
+	}
+	strbuf_printf(&sb, "ok\n");
+	*answer = strbuf_steal(&sb);
+	return 0;
+}
+
 void ctlfs_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, struct fuse_file_info *fi)
 {
 	struct ctl_file *f = (struct ctl_file *)(uintptr_t)fi->fh;
 	char *answer = NULL;
 
+	if (kind_of(ino) != K_CTL && kind_of(ino) != K_INJECT) {
+		fuse_reply_err(req, EACCES);
+		return;
+	}
 	int rc;
-	if (kind_of(ino) == K_CTL) {
-		rc = txn_execute(daemon_ctx, buf, size, &answer);
-	} else if (kind_of(ino) == K_INJECT) {
+	size_t limit = ctlfs_write_limit();
+	pthread_mutex_lock(&f->write_lock);
+	if (size > limit) {
+		/* The kernel may have cut a larger write(2) here: running this
+		 * piece would run part of it, and the rest as another write. */
+		bool aborted = ctl_session_end(&f->session);
+		struct strbuf sb = { 0 };
+		strbuf_printf(&sb, "error: the write is %zu bytes or more; one %s must fit in %zu bytes "
+			      "(the kernel splits larger writes)%s\n", size,
+			      kind_of(ino) == K_CTL ? "transaction" : "write", limit,
+			      aborted ? "; the transaction was aborted, nothing of it ran" : "");
+		answer = strbuf_steal(&sb);
+		log_info("control: %s refused a write of %zu bytes or more (the limit is %zu)%s",
+			 kind_of(ino) == K_CTL ? "ctl" : "inject", size, limit,
+			 aborted ? "; its open transaction was aborted" : "");
+		rc = -EMSGSIZE;
+	} else if (kind_of(ino) == K_CTL) {
+		rc = write_ctl(f, buf, size, &answer);
+	} else {
 		char err[256];
 		struct strbuf sb = { 0 };
 		rc = inject_apply(buf, size, err, sizeof(err));
@@ -657,9 +739,6 @@ void ctlfs_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, s
 		else
 			strbuf_printf(&sb, "ok\n");
 		answer = strbuf_steal(&sb);
-	} else {
-		fuse_reply_err(req, EACCES);
-		return;
 	}
 	pthread_mutex_lock(&f->lock);
 	free(f->text);
@@ -667,6 +746,7 @@ void ctlfs_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, s
 	f->len = answer ? strlen(answer) : 0;
 	f->pos = 0;
 	pthread_mutex_unlock(&f->lock);
+	pthread_mutex_unlock(&f->write_lock);
 	if (rc)
 		fuse_reply_err(req, -rc);
 	else
@@ -689,7 +769,13 @@ static void free_file(struct ctl_file *f)
 	}
 	if (f->job)
 		job_put(f->job);
+	/* Closing the file before commit drops what it wrote since begin. */
+	unsigned pending = f->session.lines;
+	if (ctl_session_end(&f->session))
+		log_info("control: ctl closed with a transaction open (%u command%s since begin): dropped, nothing of it ran",
+			 pending, pending == 1 ? "" : "s");
 	free(f->text);
+	pthread_mutex_destroy(&f->write_lock);
 	pthread_mutex_destroy(&f->lock);
 	free(f);
 }

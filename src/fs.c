@@ -379,6 +379,17 @@ static void reply_new_entry(fuse_req_t req, fuse_ino_t parent, const char *name)
 		fuse_reply_entry(req, &e);
 }
 
+/* Is `name` in dirfd the (hidden) state directory? Lookups of it answer
+ * ENOENT, so the kernel sends mkdir, create and a rename over it as for a
+ * free name, and an unlink or rmdir through a stale cached entry. Each is
+ * refused with EPERM, as for any reserved name: never EEXIST or EISDIR,
+ * which would tell what is there. */
+static bool names_state_dir(int dirfd, const char *name)
+{
+	struct stat st;
+	return fstatat(dirfd, name, &st, AT_SYMLINK_NOFOLLOW) == 0 && is_state_dir(&st);
+}
+
 static void fs_mkdir(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode)
 {
 	if (reserved_name(parent, name)) {
@@ -386,20 +397,16 @@ static void fs_mkdir(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t
 		return;
 	}
 	int dirfd = node_of(parent)->fd;
+	if (names_state_dir(dirfd, name)) {
+		fuse_reply_err(req, EPERM);
+		return;
+	}
 	if (mkdirat(dirfd, name, mode) < 0) {
 		fuse_reply_err(req, errno);
 		return;
 	}
 	give_to_caller(req, dirfd, name);
 	reply_new_entry(req, parent, name);
-}
-
-/* Is `name` in dirfd the (hidden) state directory? The kernel never looks
- * it up successfully, so it sends a rename over it as over a free name. */
-static bool names_state_dir(int dirfd, const char *name)
-{
-	struct stat st;
-	return fstatat(dirfd, name, &st, AT_SYMLINK_NOFOLLOW) == 0 && is_state_dir(&st);
 }
 
 /* Would removing or replacing `name` in dirfd drop a busy image?
@@ -420,6 +427,10 @@ static void fs_unlink(fuse_req_t req, fuse_ino_t parent, const char *name)
 		return;
 	}
 	int dirfd = node_of(parent)->fd;
+	if (names_state_dir(dirfd, name)) {
+		fuse_reply_err(req, EPERM);
+		return;
+	}
 	image_namespace_lock_shared();
 	if (name_is_busy(dirfd, name))
 		rc = EBUSY;
@@ -435,7 +446,12 @@ static void fs_rmdir(fuse_req_t req, fuse_ino_t parent, const char *name)
 		fuse_reply_err(req, EPERM);
 		return;
 	}
-	fuse_reply_err(req, unlinkat(node_of(parent)->fd, name, AT_REMOVEDIR) < 0 ? errno : 0);
+	int dirfd = node_of(parent)->fd;
+	if (names_state_dir(dirfd, name)) {
+		fuse_reply_err(req, EPERM);
+		return;
+	}
+	fuse_reply_err(req, unlinkat(dirfd, name, AT_REMOVEDIR) < 0 ? errno : 0);
 }
 
 static void fs_rename(fuse_req_t req, fuse_ino_t parent, const char *name, fuse_ino_t newparent,
@@ -604,6 +620,10 @@ static void fs_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_
 		return;
 	}
 	int dirfd = node_of(parent)->fd;
+	if (names_state_dir(dirfd, name)) {
+		fuse_reply_err(req, EPERM);
+		return;
+	}
 	int flags = source_open_flags(fi->flags);
 	if (flags & O_TRUNC) {
 		image_namespace_lock_shared();
@@ -959,6 +979,26 @@ static void fs_poll(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi, s
 	fuse_reply_poll(req, POLLIN | POLLOUT);
 }
 
+/* The most one write request can carry: the kernel cuts a write to a
+ * direct-I/O file into requests of at most min(max_write, max_pages pages).
+ * libfuse asks for as many pages as max_write needs; the kernel grants at
+ * most fs.fuse.max_pages_limit (256 where that setting does not exist). */
+static size_t write_request_max(unsigned max_write)
+{
+	unsigned long pages = 256;
+	long page = sysconf(_SC_PAGESIZE);
+	FILE *f = fopen("/proc/sys/fs/fuse/max_pages_limit", "re");
+
+	if (f) {
+		unsigned long limit;
+		if (fscanf(f, "%lu", &limit) == 1 && limit > 0)
+			pages = limit;
+		fclose(f);
+	}
+	size_t by_pages = pages * (size_t)(page > 0 ? page : 4096);
+	return max_write < by_pages ? max_write : by_pages;
+}
+
 static void fs_init(void *userdata, struct fuse_conn_info *conn)
 {
 	(void)userdata;
@@ -975,6 +1015,8 @@ static void fs_init(void *userdata, struct fuse_conn_info *conn)
 	conn->max_background = 64;
 	conn->congestion_threshold = 48;
 	conn->time_gran = 1;
+	/* The control files refuse writes that may reach them in pieces. */
+	ctlfs_set_max_write(write_request_max(conn->max_write));
 }
 
 const struct fuse_lowlevel_ops fs_operations = {

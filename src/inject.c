@@ -155,14 +155,20 @@ static int parse_rule(char *line, unsigned lineno, struct rule *r, char *err, si
 	return 0;
 }
 
+static void free_rules(struct rule *r)
+{
+	while (r) {
+		struct rule *next = r->next;
+		free(r);
+		r = next;
+	}
+}
+
 void inject_clear(void)
 {
 	pthread_mutex_lock(&rules_lock);
-	while (rules) {
-		struct rule *r = rules;
-		rules = r->next;
-		free(r);
-	}
+	free_rules(rules);
+	rules = NULL;
 	atomic_store(&inject_active, false);
 	pthread_mutex_unlock(&rules_lock);
 }
@@ -195,7 +201,12 @@ int inject_apply(const char *text, size_t len, char *err, size_t errlen)
 		}
 		char *start = line + strspn(line, " \t\r");
 		if (strncmp(start, "clear", 5) == 0 && start[5 + strspn(start + 5, " \t\r")] == '\0') {
+			/* Lines apply in order: clear also drops the rules the
+			 * lines before it in this write added. */
 			clear = true;
+			free_rules(added);
+			added = NULL;
+			tail = &added;
 		} else {
 			struct rule *r = malloc(sizeof(*r));
 			if (!r)
@@ -210,16 +221,16 @@ int inject_apply(const char *text, size_t len, char *err, size_t errlen)
 		free(line);
 	}
 	if (rc) {
-		while (added) {
-			struct rule *r = added;
-			added = r->next;
-			free(r);
-		}
+		free_rules(added);
 		return rc;
 	}
-	if (clear)
-		inject_clear();
+	/* One step under the lock: a check running meanwhile sees the old
+	 * rules or the new ones, never none in between. */
 	pthread_mutex_lock(&rules_lock);
+	if (clear) {
+		free_rules(rules);
+		rules = NULL;
+	}
 	struct rule **end = &rules;
 	while (*end)
 		end = &(*end)->next;

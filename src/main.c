@@ -168,7 +168,37 @@ static bool path_is_inside(const char *inner, const char *outer)
 	return strncmp(inner, outer, n) == 0 && (inner[n] == '/' || inner[n] == '\0');
 }
 
-/* Creates the state directory if needed and proves it is writable. */
+/* The state directory holds bitmaps, chain records and the frozen old data
+ * of snapshots: nobody but the daemon's user may look in. One created
+ * earlier (by hand, by an older version, under another umask) may be open to
+ * others: close it if it is ours, else refuse to use it. */
+static int tighten_state_dir(const char *path)
+{
+	struct stat st;
+	int rc = 0;
+	int fd = open(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+
+	if (fd < 0)
+		return die("state_dir %s: %s", path, strerror(errno));
+	if (fstat(fd, &st) < 0) {
+		rc = die("state_dir %s: %s", path, strerror(errno));
+	} else if (st.st_mode & 077) {
+		mode_t mode = st.st_mode & 07777;
+		if (st.st_uid != geteuid())
+			rc = die("state_dir %s: mode %04o lets others in, and it belongs to uid %u, not to us: "
+				 "make it mode 0700", path, (unsigned)mode, (unsigned)st.st_uid);
+		else if (fchmod(fd, 0700) < 0)
+			rc = die("state_dir %s: cannot change mode %04o to 0700: %s", path, (unsigned)mode,
+				 strerror(errno));
+		else
+			log_info("state_dir %s: mode %04o let others in; changed to 0700", path, (unsigned)mode);
+	}
+	close(fd);
+	return rc;
+}
+
+/* Creates the state directory if needed, keeps others out of it and proves
+ * it is writable. */
 static int prepare_state_dir(struct fleece_daemon *d, const char *requested)
 {
 	char *path = NULL;
@@ -194,6 +224,8 @@ static int prepare_state_dir(struct fleece_daemon *d, const char *requested)
 		return die("state_dir %s: must not be SOURCE_DIR itself", d->state_dir);
 	if (path_is_inside(d->state_dir, d->mountpoint))
 		return die("state_dir %s: lies inside MOUNTPOINT %s", d->state_dir, d->mountpoint);
+	if ((rc = tighten_state_dir(d->state_dir)))
+		return rc;
 	char probe[PATH_MAX];
 	snprintf(probe, sizeof(probe), "%s/.write-test-%d", d->state_dir, (int)getpid());
 	int fd = open(probe, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);

@@ -5,6 +5,11 @@
 # daemon built with -fsanitize=thread under the tests that stress its threads.
 # Needs root (FUSE mounts, test mounts of tmpfs, apt-get).
 #   SKIP_ASAN=1 tests/run-all.sh    only the normal pass
+# The last line is always "N passed, N failed, N skipped", summed over the
+# test-suite.log of every pass that ran (a pass that could not build or run
+# its tests, and a ThreadSanitizer report, count as one failure each). The
+# exit status is non-zero if anything failed or was skipped: a test that
+# should run here and skips is a failure.
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
@@ -14,16 +19,63 @@ jobs=$(nproc)
 # The VM test's kernel and initramfs, shared by both passes.
 export FLEECE_VM_CACHE=${FLEECE_VM_CACHE:-$top/build-check/vm-cache}
 
+passed=0 failed=0 skipped=0
+notes=()   # failures no test-suite.log counts
+
+# tally DIR: adds the counts of the test-suite.log that make check wrote in
+# DIR (XFAIL counts as passed, XPASS and ERROR as failed).
+tally() {
+	local log=$1/test-suite.log key n
+	[ -f "$log" ] || return 1
+	for key in PASS XFAIL FAIL XPASS ERROR SKIP; do
+		n=$(sed -n "s/^# $key: *\([0-9]*\).*/\1/p" "$log" | head -n 1)
+		n=${n:-0}
+		case $key in
+		PASS|XFAIL) passed=$((passed + n)) ;;
+		SKIP) skipped=$((skipped + n)) ;;
+		*) failed=$((failed + n)) ;;
+		esac
+	done
+}
+
+# The summary, whatever ended the run.
+summary() {
+	local rc=$? note
+	trap - EXIT
+	if [ "$rc" != 0 ] && [ "$failed" = 0 ]; then
+		failed=1
+		notes+=("the run stopped early (status $rc)")
+	fi
+	for note in "${notes[@]}"; do echo "=== counted as a failure: $note"; done
+	[ "$skipped" = 0 ] || echo "=== $skipped test(s) skipped: a test that should run here and skips is a failure"
+	echo "$passed passed, $failed failed, $skipped skipped"
+	[ "$failed" = 0 ] && [ "$skipped" = 0 ] && exit "$rc"
+	exit 1
+}
+trap summary EXIT
+
 pass() {  # NAME CONFIGURE-ARGS...
-	local dir=$top/$1
+	local dir=$top/$1 name=$1
 	shift
 	mkdir -p "$dir"
 	echo "=== $(basename "$dir"): configure $*"
-	(cd "$dir" && { [ -f Makefile ] || "$top/configure" -q "$@"; } && make -s -j"$jobs") || return 1
+	if ! (cd "$dir" && { [ -f Makefile ] || "$top/configure" -q "$@"; } && make -s -j"$jobs"); then
+		failed=$((failed + 1))
+		notes+=("$name: the build failed")
+		return 1
+	fi
 	echo "=== $(basename "$dir"): make check"
-	local only=()
+	local only=() rc=0
 	[ -n "${TESTS:-}" ] && only=(TESTS="$TESTS")
-	if ! (cd "$dir" && make -s -j2 check "${only[@]}"); then
+	# A log left by an earlier run must not be counted for this one.
+	rm -f "$dir/test-suite.log"
+	(cd "$dir" && make -s -j2 check "${only[@]}") || rc=$?
+	if ! tally "$dir"; then
+		failed=$((failed + 1))
+		notes+=("$name: make check wrote no test-suite.log (status $rc)")
+		return 1
+	fi
+	if [ "$rc" != 0 ]; then
 		for log in "$dir"/tests/unit/*.log "$dir"/tests/functional/*.log; do
 			grep -qE '^(FAIL|ERROR)' "$log" 2>/dev/null && { echo "--- $log"; tail -n 60 "$log"; }
 		done
@@ -31,7 +83,7 @@ pass() {  # NAME CONFIGURE-ARGS...
 	fi
 }
 
-TSAN_TESTS="tests/functional/backup-pit.sh tests/functional/job-control.sh tests/functional/transactions.sh tests/functional/stop-resume.sh tests/functional/shutdown.sh"
+TSAN_TESTS="tests/functional/backup-pit.sh tests/functional/job-control.sh tests/functional/transactions.sh tests/functional/stop-resume.sh tests/functional/shutdown.sh tests/functional/ctl-begin-commit.sh"
 start=$(date +%s)
 pass build-check --enable-werror
 if [ "${SKIP_ASAN:-0}" != 1 ]; then
@@ -47,7 +99,13 @@ if [ "${SKIP_ASAN:-0}" != 1 ]; then
 	if ls "$top"/build-tsan/tsan-report.* >/dev/null 2>&1; then
 		cat "$top"/build-tsan/tsan-report.*
 		echo "=== ThreadSanitizer reported the above"
+		failed=$((failed + 1))
+		notes+=("build-tsan: ThreadSanitizer reports")
 		exit 1
 	fi
 fi
-echo "=== all tests passed in $(( $(date +%s) - start ))s"
+if [ "$failed" = 0 ] && [ "$skipped" = 0 ]; then
+	echo "=== all tests passed in $(( $(date +%s) - start ))s"
+else
+	echo "=== finished in $(( $(date +%s) - start ))s, not all passed"
+fi

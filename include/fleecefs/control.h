@@ -1,8 +1,9 @@
 /* control: the command language of .fleece/ctl, parsed into typed requests.
  *
- * One write(2) is one transaction: every non-empty line is one command
- * (lines starting with '#' are comments). Words are separated by blanks; a
- * word may be double-quoted ("a b", with \" and \\ inside) to hold blanks.
+ * One write(2) is one transaction, unless begin/commit join several (below):
+ * every non-empty line is one command (lines starting with '#' are
+ * comments). Words are separated by blanks; a word may be double-quoted
+ * ("a b", with \" and \\ inside) to hold blanks.
  * Positional arguments come first, then key=value options.
  *
  * This module only checks what can be checked from the text: syntax, value
@@ -113,5 +114,44 @@ const char *ctl_format_name(enum target_format format);
 
 /* IMAGE paths: relative, no empty, "." or ".." components. */
 bool ctl_image_path_is_valid(const char *path);
+
+/* ---- one transaction over several writes: begin ... commit ----------------
+ * Shells write one line per write(2). On one open ctl file, a write whose
+ * first command is the line "begin" opens a transaction; the commands of that
+ * write after it and of every later write on the file are added to it, each
+ * checked at once (ctl_parse, numbered "line N" for the Nth command since
+ * begin), until a write whose last command is "commit" runs them as one
+ * transaction, or "abort" drops them. A write refused while a transaction is
+ * open aborts it (the message says so): a script never commits less than it
+ * wrote. Without begin, a write is a transaction of its own, as always.
+ * Locking: none; the caller serializes the writes of one session.
+ * Errors: ctl_session_feed returns 0 or -EINVAL (misplaced begin, commit or
+ * abort, bad syntax), -EMSGSIZE (more than max bytes or max_lines commands)
+ * or -ENOMEM, with a one-line message; on error no transaction is open. */
+#define CTL_SESSION_MAX (16u << 20)
+/* As many as one write of the shortest commands can hold: the executor costs
+ * about 1 KiB per command, so 16 MiB of them would cost gigabytes. */
+#define CTL_SESSION_MAX_COMMANDS 131072u
+
+struct ctl_session {
+	bool open;
+	char *text;                  /* the commands since begin, one per line */
+	size_t len, cap;
+	unsigned lines;              /* commands in text */
+	size_t max;                  /* most bytes of text; 0: CTL_SESSION_MAX */
+	unsigned max_lines;          /* most commands; 0: CTL_SESSION_MAX_COMMANDS */
+};
+
+enum ctl_feed_action {
+	CTL_FEED_RUN,                /* no transaction open: run this write itself */
+	CTL_FEED_APPENDED,           /* begin, or commands added: answer "ok" */
+	CTL_FEED_COMMIT,             /* run text (len bytes) as one transaction, then ctl_session_end */
+	CTL_FEED_ABORTED,            /* abort: dropped, answer "ok" */
+};
+
+int ctl_session_feed(struct ctl_session *s, const char *buf, size_t len, enum ctl_feed_action *action, char *err,
+		     size_t errlen);
+/* Drops the transaction, if one is open (true then), and its text. */
+bool ctl_session_end(struct ctl_session *s);
 
 #endif

@@ -1,7 +1,9 @@
 /* ctlfs: the .fleece/ control tree of the mount.
  *
  *   .fleece/            0700, owned by the user who mounted
- *     ctl               write: one transaction; read: its answer
+ *     ctl               write: one transaction (at most ctlfs_write_limit()
+ *                       bytes), or part of one from begin to commit on this
+ *                       open file (control.h); read: its answer
  *     version           key=value lines
  *     events            blocking, pollable stream of event lines
  *     jobs/ID/status    one job's status, taken when the file is opened
@@ -14,7 +16,9 @@
  * job's serial number, so a dismissed job's nodes simply stop resolving.
  * Every control node is direct-I/O and never cached by the kernel.
  *
- * Locking: each open file has its own state; events readers are kept in a
+ * Locking: each open file has its own state; the writes of one open file are
+ * serialized by its write lock, held while the write runs (taken before the
+ * control mutex of transaction.h); events readers are kept in a
  * list under events_readers_lock, which the event listener takes to answer
  * parked reads and poll handles. Requests are answered from any thread.
  * Errors: FUSE replies with errno; never crashes on any input.
@@ -25,6 +29,7 @@
 #define FUSE_USE_VERSION 312
 #include <fuse_lowlevel.h>
 #include <stdbool.h>
+#include <stddef.h>
 
 #include "fleecefs/daemon.h"
 
@@ -33,6 +38,13 @@
 static inline bool ctlfs_owns(fuse_ino_t ino) { return (ino & CTLFS_INO_FLAG) != 0; }
 
 void ctlfs_init(const struct fleece_daemon *d);
+/* The most bytes one write request from the kernel can carry (negotiated at
+ * FUSE init). A write to ctl or inject that may be only the first piece of a
+ * larger write(2) is refused whole with EMSGSIZE: anything over this less one
+ * page, since the first piece from an unaligned buffer is up to a page short. */
+void ctlfs_set_max_write(size_t max_request);
+/* The largest write ctl and inject accept. */
+size_t ctlfs_write_limit(void);
 /* Answers parked event reads (unmount). */
 void ctlfs_shutdown(void);
 /* Frees the control files still open when the session ended. */

@@ -1,8 +1,9 @@
 /* inject: deliberate errors and delays at chosen points of the copy path, for
  * tests and for users who reproduce a bug (in the spirit of QEMU's blkdebug).
  *
- * Rules are written to .fleece/inject, one per line (one write replaces
- * nothing: each line adds a rule; "clear" removes them all):
+ * Rules are written to .fleece/inject, one per line, applied in order (one
+ * write replaces nothing: each line adds a rule; "clear" removes every rule
+ * so far, also those added by earlier lines of the same write):
  *
  *     POINT [offset=START-END] [once|every=N|from=N] [errno=NAME] [delay=MS]
  *

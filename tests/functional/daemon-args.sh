@@ -136,6 +136,24 @@ no_warnings() {
 }
 soft no_warnings
 
+# ---- an existing state dir open to others: tightened when ours, else refused -------
+chmod 0755 "$SRC/.fleecefs"
+mount_fleece
+[ "$(stat -c %a "$SRC/.fleecefs")" = 700 ] ||
+	fail "an existing state dir of mode 0755 kept mode $(stat -c %a "$SRC/.fleecefs"), want 700"
+grep -q "state_dir $SRC/.fleecefs: mode 0755 let others in; changed to 0700" "$T/daemon.log" ||
+	fail "no log line about the state dir's mode: $(cat "$T/daemon.log")"
+unmount_fleece
+[ "$DAEMON_RC" = 0 ] || fail "fleecefs exited $DAEMON_RC"
+mkdir -p "$T/src-foreign" "$T/foreign-state"
+chmod 0750 "$T/foreign-state"
+chown 65534:65534 "$T/foreign-state"
+soft run_refused "state_dir open to others, owned by another user" "state_dir.*$T/foreign-state.*0750" \
+	-f -o "state_dir=$T/foreign-state" "$T/src-foreign" "$MNT"
+[ "$(stat -c %a:%u "$T/foreign-state")" = 750:65534 ] ||
+	fail "a refused daemon changed another user's state dir: $(stat -c %a:%u "$T/foreign-state")"
+ls -A "$T/foreign-state" | grep -q . && fail "the refused daemon left files in $T/foreign-state"
+
 # ---- SIGTERM: exit status 0 and unmounted ----------------------------------------
 mount_fleece -o "state_dir=$T/state-explicit"
 [ "$(stat -c %a "$T/state-explicit")" = 700 ] || fail "state_dir= created with mode $(stat -c %a "$T/state-explicit")"

@@ -400,6 +400,56 @@ expect ENOENT 'os.open(A[0], os.O_RDONLY)' "$MNT/to-state/secret"
 [ "$(cat "$SRC/.fleecefs/secret")" = secret ] || fail "the state dir's content changed"
 ctl_expect ENOENT "backup .fleecefs/secret $OUT/secret.raw" >/dev/null
 [ ! -e "$OUT/secret.raw" ] || fail "a refused backup of the state dir left a target"
+# What the daemon is asked about its name answers EPERM, as for any reserved
+# name (EEXIST or EISDIR would tell that something is there); lookups stay
+# ENOENT, and from them the kernel answers unlink, rmdir and a rename from it
+# without asking the daemon.
+touch "$MNT/a-file"
+soft expect EPERM 'os.mkdir(A[0])' "$MNT/.fleecefs"
+soft expect EPERM 'os.mkdir(A[0], 0o700)' "$MNT/.fleecefs"
+soft expect EPERM 'os.close(os.open(A[0], os.O_WRONLY | os.O_CREAT, 0o600))' "$MNT/.fleecefs"
+soft expect EPERM 'os.close(os.open(A[0], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))' "$MNT/.fleecefs"
+soft expect EPERM 'os.close(os.open(A[0], os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600))' "$MNT/.fleecefs"
+soft expect EPERM 'open(A[0], "x").close()' "$MNT/.fleecefs"
+soft expect EPERM 'os.rename(A[0], A[1])' "$MNT/empty-dir" "$MNT/.fleecefs"
+soft expect EPERM 'os.rename(A[0], A[1])' "$MNT/a-file" "$MNT/.fleecefs"
+soft expect EPERM 'renameat2(A[0], A[1], 1)' "$MNT/a-file" "$MNT/.fleecefs"    # RENAME_NOREPLACE
+soft expect ENOENT 'os.stat(A[0])' "$MNT/.fleecefs"
+soft expect ENOENT 'os.unlink(A[0])' "$MNT/.fleecefs"
+soft expect ENOENT 'os.rmdir(A[0])' "$MNT/.fleecefs"
+soft expect ENOENT 'os.rename(A[0], A[1])' "$MNT/.fleecefs" "$MNT/moved-state"
+soft expect ENOENT 'renameat2(A[0], A[1], 2)' "$MNT/empty-dir" "$MNT/.fleecefs" # RENAME_EXCHANGE needs both
+soft expect ENOENT 'os.close(os.open(A[0], os.O_RDONLY))' "$MNT/.fleecefs"
+[ -d "$SRC/.fleecefs" ] && [ "$(stat -c %i "$SRC/.fleecefs")" = "$state_ino" ] &&
+	[ ! -e "$SRC/moved-state" ] || fail "the state dir was changed by the refused operations"
+[ -f "$SRC/a-file" ] && [ -d "$SRC/empty-dir" ] || fail "a refused rename moved its source"
+# The kernel does send an unlink or rmdir for a name whose cached entry is
+# stale: look names up through the mount, then move the state dir to them
+# behind its back (for a moment: the entries live 1 s).
+"$PY" - "$SRC" "$MNT" > "$T/stale-state" <<'EOF' || fail "stale-entry probe: $(cat "$T/stale-state")"
+import errno, os, sys
+src, mnt = sys.argv[1], sys.argv[2]
+os.mkdir(f"{mnt}/stale-dir")
+open(f"{mnt}/stale-file", "w").close()
+got = []
+for name, remove in (("stale-dir", os.rmdir), ("stale-file", os.unlink)):
+    os.stat(f"{mnt}/{name}")
+    remove(f"{src}/{name}")
+    os.rename(f"{src}/.fleecefs", f"{src}/{name}")
+    try:
+        remove(f"{mnt}/{name}")
+        got.append(f"{name}:OK")
+    except OSError as e:
+        got.append(f"{name}:{errno.errorcode.get(e.errno, str(e.errno))}")
+    finally:
+        os.rename(f"{src}/{name}", f"{src}/.fleecefs")
+print(" ".join(got))
+EOF
+[ "$(cat "$T/stale-state")" = "stale-dir:EPERM stale-file:EPERM" ] ||
+	fail "rmdir/unlink of the state dir through a stale entry: $(cat "$T/stale-state"), want EPERM for both"
+[ -d "$SRC/.fleecefs" ] && [ "$(stat -c %i "$SRC/.fleecefs")" = "$state_ino" ] &&
+	[ "$(cat "$SRC/.fleecefs/secret")" = secret ] || fail "the state dir was changed through a stale entry"
+rm -f "$MNT/a-file"
 log "default state dir hidden"
 
 # ---- .fleece in SOURCE_DIR is shadowed by the control dir (in the root only) ------------

@@ -1067,3 +1067,259 @@ Test(ctl, verb_words_round_trip)
 		cr_assert_eq(strncmp(texts[v], ctl_verb_name(cmd->verb), strlen(ctl_verb_name(cmd->verb))), 0);
 	}
 }
+
+/* ---- begin ... commit: one transaction over several writes ------------------ */
+
+static struct ctl_session session;
+
+static void end_session(void)
+{
+	ctl_session_end(&session);
+}
+
+TestSuite(session, .fini = end_session);
+
+static enum ctl_feed_action action;
+
+static int feed_len(const char *text, size_t len)
+{
+	memset(err, 0, sizeof(err));
+	action = (enum ctl_feed_action)-1;
+	return ctl_session_feed(&session, text, len, &action, err, sizeof(err));
+}
+
+static int feed(const char *text)
+{
+	return feed_len(text, strlen(text));
+}
+
+static void feed_ok(const char *text, enum ctl_feed_action want)
+{
+	int rc = feed(text);
+	cr_assert_eq(rc, 0, "'%s' refused (%d): %s", text, rc, err);
+	cr_assert_eq(action, want, "'%s': action %d, want %d", text, action, want);
+}
+
+/* The write fails with want_rc, its message holds every key, and no
+ * transaction is open afterwards. */
+static void feed_refused(const char *text, int want_rc, const char *const *keys)
+{
+	int rc = feed(text);
+	cr_assert_eq(rc, want_rc, "'%s': rc %d, want %d (%s)", text, rc, want_rc, err);
+	cr_assert(err[0] && !strchr(err, '\n'), "'%s': message '%s' is not one line", text, err);
+	for (; keys && *keys; keys++)
+		cr_assert(strstr(err, *keys), "'%s': message '%s' lacks '%s'", text, err, *keys);
+	cr_assert(!session.open, "'%s': a transaction is still open", text);
+	cr_assert_eq(session.len, 0);
+	cr_assert_eq(session.lines, 0);
+	cr_assert_null(session.text);
+}
+
+static void assert_text(const char *want)
+{
+	cr_assert(session.open);
+	cr_assert_eq(session.len, strlen(want), "text '%.*s', want '%s'", (int)session.len,
+		     session.text ? session.text : "", want);
+	if (session.len) /* text is NULL before anything was added */
+		cr_assert_eq(memcmp(session.text, want, session.len), 0, "text '%.*s', want '%s'", (int)session.len,
+			     session.text, want);
+}
+
+#define KEYS(...) ((const char *const[]){ __VA_ARGS__, NULL })
+
+Test(session, without_begin_every_write_runs_by_itself)
+{
+	static const char *const texts[] = {
+		"backup a.img /t/a", "backup a.img /t/a\nbackup b.img /t/b\n", "", "\n\n", "# begin\n",
+		"  # commit", "beginning x", "committed", "aborted", "frobnicate", "backup begin /t/begin",
+		"cancel commit", "\"begin\"",
+	};
+
+	for (size_t i = 0; i < sizeof(texts) / sizeof(texts[0]); i++) {
+		feed_ok(texts[i], CTL_FEED_RUN);
+		cr_assert(!session.open, "'%s' opened a transaction", texts[i]);
+		cr_assert_null(session.text, "'%s' kept text", texts[i]);
+	}
+}
+
+Test(session, begin_append_commit)
+{
+	feed_ok("begin\n", CTL_FEED_APPENDED);
+	assert_text("");
+	feed_ok("backup db.img /backup/db.raw id=db\n", CTL_FEED_APPENDED);
+	feed_ok("# a comment, and a blank line\n\n", CTL_FEED_APPENDED);
+	feed_ok("backup app.img /backup/app.raw id=app", CTL_FEED_APPENDED); /* no newline */
+	cr_assert_eq(session.lines, 2);
+	feed_ok("commit\n", CTL_FEED_COMMIT);
+	assert_text("backup db.img /backup/db.raw id=db\nbackup app.img /backup/app.raw id=app\n");
+	/* The text is one transaction for ctl_parse (and so txn_execute). */
+	cr_assert_eq(ctl_parse(session.text, session.len, &txn, err, sizeof(err)), 0, "%s", err);
+	cr_assert_eq(txn.ncmds, 2);
+	cr_assert_str_eq(txn.cmds[0].u.backup.id, "db");
+	cr_assert_str_eq(txn.cmds[1].u.backup.id, "app");
+	cr_assert(ctl_session_end(&session));
+	cr_assert(!session.open);
+	cr_assert(!ctl_session_end(&session));
+	/* Closed: the next write is a transaction of its own again. */
+	feed_ok("backup c.img /t/c", CTL_FEED_RUN);
+}
+
+Test(session, everything_in_one_write)
+{
+	feed_ok("# header\n  begin \t\r\nbackup a.img /t/a\n\nbackup b.img /t/b\ncommit\r\n# trailer\n", CTL_FEED_COMMIT);
+	assert_text("backup a.img /t/a\nbackup b.img /t/b\n");
+	ctl_session_end(&session);
+	/* Commands after begin in the opening write, more in later writes. */
+	feed_ok("begin\nbackup a.img /t/a\nbackup b.img /t/b", CTL_FEED_APPENDED);
+	feed_ok("backup c.img /t/c\ncommit", CTL_FEED_COMMIT);
+	assert_text("backup a.img /t/a\nbackup b.img /t/b\nbackup c.img /t/c\n");
+	cr_assert_eq(session.lines, 3);
+}
+
+Test(session, abort_drops)
+{
+	feed_ok("begin", CTL_FEED_APPENDED);
+	feed_ok("backup a.img /t/a", CTL_FEED_APPENDED);
+	feed_ok("backup b.img /t/b\nabort\n", CTL_FEED_ABORTED);
+	cr_assert(!session.open);
+	cr_assert_null(session.text);
+	feed_refused("commit", -EINVAL, KEYS("commit", "no transaction is open"));
+	feed_ok("begin\nabort", CTL_FEED_ABORTED);
+	cr_assert(!session.open);
+}
+
+Test(session, misplaced_words)
+{
+	/* Without a transaction. */
+	feed_refused("commit", -EINVAL, KEYS("commit: no transaction is open", "begin"));
+	feed_refused("abort\n", -EINVAL, KEYS("abort: no transaction is open"));
+	feed_refused("backup a.img /t/a\ncommit", -EINVAL, KEYS("commit: no transaction is open"));
+	feed_refused("backup a.img /t/a\nbegin", -EINVAL, KEYS("begin must be the first command of its write"));
+	feed_refused("begin\nbegin", -EINVAL, KEYS("begin: a transaction is already open"));
+	feed_refused("begin\ncommit\nbackup a.img /t/a", -EINVAL, KEYS("commit must be the last command of its write"));
+	feed_refused("begin\ncommit\ncommit", -EINVAL, KEYS("commit must be the last command"));
+	feed_refused("begin\nabort\nbackup a.img /t/a", -EINVAL, KEYS("abort must be the last command of its write"));
+	feed_refused("begin now", -EINVAL, KEYS("begin takes no arguments"));
+	feed_refused("begin\ncommit", -EINVAL, KEYS("commit: the transaction is empty"));
+	/* Refusals inside a transaction abort it, and say so. */
+	static const struct {
+		const char *text;
+		const char *key;
+	} inside[] = {
+		{ "begin", "begin: a transaction is already open on this file" },
+		{ "# x\nbegin", "begin: a transaction is already open" },
+		{ "backup a.img /t/a\nbegin", "begin: a transaction is already open" },
+		{ "commit\nbackup b.img /t/b", "commit must be the last command of its write" },
+		{ "commit\n# fine\nabort", "commit must be the last command" },
+		{ "abort\nbackup b.img /t/b", "abort must be the last command of its write" },
+		{ "commit please", "commit takes no arguments" },
+		{ "abort it", "abort takes no arguments" },
+	};
+	for (size_t i = 0; i < sizeof(inside) / sizeof(inside[0]); i++) {
+		feed_ok("begin", CTL_FEED_APPENDED);
+		feed_ok("backup a.img /t/a", CTL_FEED_APPENDED);
+		feed_refused(inside[i].text, -EINVAL,
+			     KEYS(inside[i].key, "the transaction was aborted, nothing of it ran"));
+		feed_refused("commit", -EINVAL, KEYS("no transaction is open"));
+	}
+}
+
+Test(session, a_bad_line_aborts_the_transaction)
+{
+	feed_ok("begin", CTL_FEED_APPENDED);
+	feed_ok("backup a.img /t/a id=a", CTL_FEED_APPENDED);
+	feed_ok("# comments and blank lines do not count\n\n", CTL_FEED_APPENDED);
+	/* Checked when written, numbered within the transaction. */
+	feed_refused("backup b.img /t/b colour=blue", -EINVAL,
+		     KEYS("line 2: backup: unknown option 'colour'", "the transaction was aborted, nothing of it ran"));
+	feed_refused("commit", -EINVAL, KEYS("no transaction is open"));
+
+	feed_ok("begin\nbackup a.img /t/a", CTL_FEED_APPENDED);
+	feed_ok("backup b.img /t/b\nbackup c.img /t/c", CTL_FEED_APPENDED);
+	feed_refused("backup d.img /t/d\nfrobnicate\ncommit", -EINVAL, KEYS("line 5: unknown command 'frobnicate'", "aborted"));
+	/* In the opening write, the transaction was never open. */
+	feed_refused("begin\nbackup a.img", -EINVAL, KEYS("line 1: backup: usage"));
+	cr_assert(!strstr(err, "aborted"), "message '%s'", err);
+	/* A NUL byte, a line too long. */
+	feed_ok("begin\nbackup a.img /t/a", CTL_FEED_APPENDED);
+	static const char nul[] = "backup b.img /t/b\0 id=x\n";
+	cr_assert_eq(feed_len(nul, sizeof(nul) - 1), -EINVAL);
+	cr_assert(strstr(err, "line 2: contains a NUL byte"), "message '%s'", err);
+	cr_assert(!session.open);
+	char longline[CTL_MAX_LINE + 40];
+	snprintf(longline, sizeof(longline), "backup a.img /t/%0*d", CTL_MAX_LINE, 0);
+	feed_ok("begin", CTL_FEED_APPENDED);
+	feed_refused(longline, -EINVAL, KEYS("line 1: longer than", "aborted"));
+}
+
+Test(session, size_cap)
+{
+	cr_assert_eq(CTL_SESSION_MAX, 16u << 20);
+	session.max = 64;
+	feed_ok("begin", CTL_FEED_APPENDED);
+	feed_ok("backup a.img /t/a", CTL_FEED_APPENDED);            /* 18 bytes */
+	feed_ok("backup b.img /t/b\nbackup c.img /t/c", CTL_FEED_APPENDED); /* 54 */
+	feed_refused("backup d.img /t/d", -EMSGSIZE,
+		     KEYS("the transaction would be larger than 64 bytes", "aborted, nothing of it ran"));
+	/* The cap stays with the session, and exactly the cap fits. */
+	cr_assert_eq(session.max, 64);
+	feed_ok("begin\nbackup a.img /t/a\nbackup b.img /t/b\nbackup c.img /t/c", CTL_FEED_APPENDED);
+	feed_ok("cancel ab", CTL_FEED_APPENDED);                    /* 10: 64 */
+	cr_assert_eq(session.len, 64);
+	feed_ok("commit", CTL_FEED_COMMIT);
+	ctl_session_end(&session);
+
+	/* And a number of commands. */
+	cr_assert_eq(CTL_SESSION_MAX_COMMANDS, 131072u);
+	session.max = 0;
+	session.max_lines = 3;
+	feed_ok("begin\ncancel a\ncancel b", CTL_FEED_APPENDED);
+	feed_ok("cancel c\n# not a command\n\n", CTL_FEED_APPENDED);
+	feed_refused("cancel d", -EMSGSIZE, KEYS("the transaction would have more than 3 commands", "aborted"));
+	cr_assert_eq(session.max_lines, 3);
+	feed_ok("begin\ncancel a\ncancel b\ncancel c\ncommit", CTL_FEED_COMMIT);
+	cr_assert_eq(session.lines, 3);
+}
+
+/* Many small writes, as a shell makes them: the text grows, every command
+ * is kept in order. */
+Test(session, many_writes)
+{
+	char line[64], want[64];
+
+	feed_ok("begin", CTL_FEED_APPENDED);
+	for (int i = 0; i < 5000; i++) {
+		snprintf(line, sizeof(line), "cancel job-%d\n", i);
+		feed_ok(line, CTL_FEED_APPENDED);
+	}
+	feed_ok("commit\n", CTL_FEED_COMMIT);
+	cr_assert_eq(session.lines, 5000);
+	cr_assert_eq(ctl_parse(session.text, session.len, &txn, err, sizeof(err)), 0, "%s", err);
+	cr_assert_eq(txn.ncmds, 5000);
+	for (int i = 0; i < 5000; i += 499) {
+		snprintf(want, sizeof(want), "job-%d", i);
+		cr_assert_str_eq(txn.cmds[i].u.job.id, want);
+		cr_assert_eq(txn.cmds[i].line, (unsigned)i + 1);
+	}
+}
+
+/* A FUSE write buffer is not NUL-terminated: nothing past len is read. */
+Test(session, unterminated_text_not_read_past_len)
+{
+	size_t page = (size_t)sysconf(_SC_PAGESIZE);
+	char *map = mmap(NULL, 2 * page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	static const char *const texts[] = { "begin", "backup a.img /t/a", "   ", "# c", "commit" };
+	static const enum ctl_feed_action want[] = { CTL_FEED_APPENDED, CTL_FEED_APPENDED, CTL_FEED_APPENDED,
+						     CTL_FEED_APPENDED, CTL_FEED_COMMIT };
+
+	cr_assert_neq(map, MAP_FAILED);
+	cr_assert_eq(mprotect(map + page, page, PROT_NONE), 0);
+	for (size_t i = 0; i < sizeof(texts) / sizeof(texts[0]); i++) {
+		size_t n = strlen(texts[i]);
+		memcpy(map + page - n, texts[i], n);
+		cr_assert_eq(feed_len(map + page - n, n), 0, "'%s': %s", texts[i], err);
+		cr_assert_eq(action, want[i], "'%s'", texts[i]);
+	}
+	assert_text("backup a.img /t/a\n");
+	munmap(map, 2 * page);
+}

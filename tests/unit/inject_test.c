@@ -394,6 +394,23 @@ Test(inject, clear_removes_every_rule)
 	cr_assert_eq(inject_check(INJECT_CBW, 0, 1), -EIO);
 	cr_assert_eq(inject_check(INJECT_TARGET_WRITE, 0, 1), -EIO);
 
+	/* Lines apply in order: a clear after rules of the same write drops
+	 * them too (and the older ones); rules after it stay. */
+	inject_clear();
+	apply_ok("source-read from=1");
+	apply_ok("target-write from=1\nclear");
+	cr_assert_eq(count_rules(), 0);
+	cr_assert(!atomic_load(&inject_active));
+	cr_assert_eq(inject_check(INJECT_TARGET_WRITE, 0, 1), 0);
+	cr_assert_eq(inject_check(INJECT_SOURCE_READ, 0, 1), 0);
+	apply_ok("source-read from=1");
+	apply_ok("target-write from=1\nclear\ncbw from=1\n  clear  \ncbw every=2\nsource-read errno=ENOSPC");
+	assert_listing("cbw offset=0- every=2 errno=EIO matched=0 fired=0\n"
+		       "source-read offset=0- once errno=ENOSPC matched=0 fired=0\n");
+	/* A refused write with a clear in the middle changes nothing. */
+	cr_assert_eq(apply("cbw\nclear\ntarget-write every=0"), -EINVAL);
+	cr_assert_eq(count_rules(), 2);
+
 	/* inject_clear (at exit) does the same. */
 	inject_clear();
 	cr_assert_eq(count_rules(), 0);
