@@ -83,7 +83,7 @@ pass() {  # NAME CONFIGURE-ARGS...
 	fi
 }
 
-TSAN_TESTS="tests/functional/backup-pit.sh tests/functional/job-control.sh tests/functional/transactions.sh tests/functional/stop-resume.sh tests/functional/shutdown.sh tests/functional/ctl-begin-commit.sh"
+TSAN_TESTS="tests/functional/backup-pit.sh tests/functional/job-control.sh tests/functional/transactions.sh tests/functional/stop-resume.sh tests/functional/shutdown.sh tests/functional/ctl-begin-commit.sh tests/functional/publication.sh"
 start=$(date +%s)
 pass build-check --enable-werror
 if [ "${SKIP_ASAN:-0}" != 1 ]; then
