@@ -461,6 +461,12 @@ void ctlfs_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 		fuse_reply_err(req, EACCES);
 		return;
 	}
+	/* With O_DIRECT (and aio) the kernel may send the pieces of one write
+	 * out of order, so a split write could not be refused whole. */
+	if ((k == K_CTL || k == K_INJECT) && (fi->flags & O_DIRECT)) {
+		fuse_reply_err(req, EINVAL);
+		return;
+	}
 	struct ctl_file *f = calloc(1, sizeof(*f));
 	if (!f) {
 		fuse_reply_err(req, ENOMEM);

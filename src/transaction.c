@@ -187,7 +187,7 @@ static int check_new_id(struct txn_state *s, unsigned i)
 	for (unsigned j = 0; j < i; j++) {
 		const char *other = new_job_id(&s->parsed.cmds[j]);
 		if (other && strcmp(other, id) == 0)
-			return set_error(s->err, sizeof(s->err), EEXIST, "line %u: %s: id %s is used twice in this write",
+			return set_error(s->err, sizeof(s->err), EEXIST, "line %u: %s: id %s is used twice in this transaction",
 					 c->line, ctl_verb_name(c->verb), id);
 	}
 	return 0;
@@ -274,7 +274,7 @@ static int bitmap_used_twice(struct txn_state *s, unsigned i, const char *name)
 				    o->verb == CTL_BITMAP && o->u.bitmap.op != BITMAP_ADD ? o->u.bitmap.name : NULL;
 		if (other && s->res[j].image == s->res[i].image && strcmp(other, name) == 0)
 			return set_error(s->err, sizeof(s->err), EINVAL,
-					 "line %u: bitmap %s is used by line %u of this write already", c->line, name,
+					 "line %u: bitmap %s is used by line %u of this transaction already", c->line, name,
 					 o->line);
 	}
 	return 0;
@@ -340,7 +340,7 @@ static int check_bitmap(struct txn_state *s, unsigned i)
 		return rc;
 	/* Each line meets the state before this write (plus earlier adds). */
 	if (b->op != BITMAP_ADD && added_earlier(s, i, b->name))
-		return set_error(s->err, sizeof(s->err), EINVAL, "line %u: bitmap %s is added by this write already",
+		return set_error(s->err, sizeof(s->err), EINVAL, "line %u: bitmap %s is added by this transaction already",
 				 c->line, b->name);
 	if (b->op == BITMAP_ADD && added_earlier(s, i, b->name))
 		return set_error(s->err, sizeof(s->err), EEXIST, "line %u: bitmap add: %s is added twice", c->line,
@@ -367,7 +367,7 @@ static int check_backup(struct txn_state *s, unsigned i)
 	for (unsigned j = 0; j < i; j++)
 		if (s->parsed.cmds[j].verb == CTL_BACKUP && strcmp(s->res[j].target, s->res[i].target) == 0)
 			return set_error(s->err, sizeof(s->err), EEXIST,
-					 "line %u: backup: target %s is used twice in this write", line, s->res[i].target);
+					 "line %u: backup: target %s is used twice in this transaction", line, s->res[i].target);
 	/* A raw incremental updates the chain's last backup in place. */
 	bool in_place = b->sync == SYNC_INCREMENTAL;
 	if (!in_place && (rc = check_new_target(line, s->res[i].target, b->checksum, s->err, sizeof(s->err))))
@@ -413,7 +413,7 @@ static int check_release(struct txn_state *s, unsigned i)
 	for (unsigned j = 0; j < i; j++)
 		if (s->res[j].job == job)
 			return set_error(s->err, sizeof(s->err), EINVAL,
-					 "line %u: release %s: the job is already acted on by line %u of this write",
+					 "line %u: release %s: the job is already acted on by line %u of this transaction",
 					 c->line, job->id, s->parsed.cmds[j].line);
 	int rc = snapshot_check_release(job, msg, sizeof(msg));
 	if (rc)
@@ -446,7 +446,7 @@ static int check_job_verb(struct txn_state *s, unsigned i)
 	for (unsigned j = 0; j < i; j++)
 		if (s->res[j].job == job)
 			return set_error(s->err, sizeof(s->err), EINVAL,
-					 "line %u: %s %s: the job is already acted on by line %u of this write", c->line,
+					 "line %u: %s %s: the job is already acted on by line %u of this transaction", c->line,
 					 verb, job->id, s->parsed.cmds[j].line);
 	int rc = job_check_verb(job, job_verb_of(c->verb), msg, sizeof(msg));
 	if (rc)

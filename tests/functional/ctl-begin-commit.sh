@@ -241,7 +241,7 @@ ENOENT error: line 2: image missing.img: no such image" begin "$B1" "backup miss
 expect_writes "OK ok
 OK ok
 OK ok
-EEXIST error: line 2: backup: id s1 is used twice in this write" begin "$B1" "backup tiny.img $OUT/s1b.raw id=s1" commit
+EEXIST error: line 2: backup: id s1 is used twice in this transaction" begin "$B1" "backup tiny.img $OUT/s1b.raw id=s1" commit
 log "refusals: nothing ran"
 
 # Success: commit answers ok and the ids; the jobs ran as one transaction.

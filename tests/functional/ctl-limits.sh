@@ -138,6 +138,12 @@ ok" ] || fail "a $limit-byte write to inject: $out"
 inject clear
 log "inject: the same limit"
 
+# ---- O_DIRECT opens of ctl and inject: refused ------------------------------------------------
+# (with O_DIRECT and aio the pieces of one write may come out of order)
+soft expect EINVAL 'os.open(A[0], os.O_RDWR | os.O_DIRECT)' "$MNT/.fleece/ctl"
+soft expect EINVAL 'os.open(A[0], os.O_WRONLY | os.O_DIRECT)' "$MNT/.fleece/inject"
+soft expect OK 'os.close(os.open(A[0], os.O_RDWR))' "$MNT/.fleece/ctl"
+
 # ---- the daemon serves on ------------------------------------------------------------------
 ans=$(ctl "backup tiny.img $OUT/after.raw id=after") || fail "a small write after the refusals: $ans"
 [ "$(wait_job after 30)" = completed ] || fail "job after did not complete"
