@@ -23,6 +23,7 @@
 #include "fleecefs/ctlfs.h"
 #include "fleecefs/fs.h"
 #include "fleecefs/image.h"
+#include "fleecefs/inject.h"
 #include "fleecefs/util.h"
 
 #define ATTR_TIMEOUT 1.0
@@ -267,6 +268,8 @@ static int truncate_node(struct fnode *n, struct fuse_file_info *fi, off_t size)
 	image_namespace_lock_shared();
 	if (image_is_busy(n->dev, n->ino)) {
 		rc = -EBUSY;
+	} else if ((rc = inject_check(INJECT_TRUNCATE, (uint64_t)size, 1))) {
+		;
 	} else if (fi) {
 		if (ftruncate(handle_of(fi)->fd, size) < 0)
 			rc = -errno;
@@ -583,10 +586,15 @@ static void fs_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 	n = node_of(ino);
 	int flags = source_open_flags(fi->flags);
 	proc_path(path, sizeof(path), n->fd);
+	/* The check and the truncating open under one hold of the namespace
+	 * lock: no job can start in between and see its image emptied
+	 * without copy-before-write. */
 	if (flags & O_TRUNC) {
 		image_namespace_lock_shared();
 		if (image_is_busy(n->dev, n->ino))
 			rc = -EBUSY;
+		else
+			rc = inject_check(INJECT_TRUNCATE, 0, 1);
 	}
 	if (!rc) {
 		fd = open(path, flags);
@@ -625,22 +633,28 @@ static void fs_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_
 		return;
 	}
 	int flags = source_open_flags(fi->flags);
-	if (flags & O_TRUNC) {
+	/* As in fs_open: the check and the truncating open under one hold. */
+	bool truncating = flags & O_TRUNC;
+	int fd = -1;
+	if (truncating) {
 		image_namespace_lock_shared();
-		rc = name_is_busy(dirfd, name) ? -EBUSY : 0;
-		image_namespace_unlock();
-		if (rc) {
-			fuse_reply_err(req, EBUSY);
-			return;
-		}
+		rc = name_is_busy(dirfd, name) ? -EBUSY : inject_check(INJECT_TRUNCATE, 0, 1);
+	} else {
+		rc = 0;
 	}
-	int fd = openat(dirfd, name, flags | O_CREAT | (fi->flags & O_EXCL) | O_NOFOLLOW, mode);
-	if (fd < 0 && errno == EINVAL && (flags & O_DIRECT)) {
-		flags &= ~O_DIRECT;
+	if (!rc) {
 		fd = openat(dirfd, name, flags | O_CREAT | (fi->flags & O_EXCL) | O_NOFOLLOW, mode);
+		if (fd < 0 && errno == EINVAL && (flags & O_DIRECT)) {
+			flags &= ~O_DIRECT;
+			fd = openat(dirfd, name, flags | O_CREAT | (fi->flags & O_EXCL) | O_NOFOLLOW, mode);
+		}
+		if (fd < 0)
+			rc = -errno;
 	}
-	if (fd < 0) {
-		fuse_reply_err(req, errno);
+	if (truncating)
+		image_namespace_unlock();
+	if (rc) {
+		fuse_reply_err(req, -rc);
 		return;
 	}
 	give_to_caller(req, dirfd, name);
@@ -781,11 +795,15 @@ static void fs_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t off, of
 		image_namespace_lock_shared();
 		if (image_is_busy(n->dev, n->ino))
 			rc = EBUSY;
+		else if ((rc = -inject_check(INJECT_TRUNCATE, (uint64_t)off, 1)))
+			;
 		else if (fallocate(h->fd, mode, off, len) < 0)
 			rc = errno;
 		image_namespace_unlock();
-	} else if ((mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE)) && h->image) {
-		/* Destroys old data like a write: jobs copy it first. */
+	} else if (h->image) {
+		/* Punching or zeroing destroys old data like a write, and even
+		 * allocating changes what SEEK_DATA says of the range (a
+		 * snapshot view reports the holes of T): jobs copy it first. */
 		rc = -image_write_begin(h->image, (uint64_t)off, (uint64_t)len);
 		if (!rc) {
 			if (fallocate(h->fd, mode, off, len) < 0)

@@ -13,6 +13,11 @@
  *               store-write   a snapshot or fleecing store being written
  *               cbw           a guest write's copy-before-write, before it
  *                             starts (a delay here is a slow copy)
+ *               truncate      an operation of the mount that shortens or
+ *                             empties a file (O_TRUNC open or create,
+ *                             truncate, fallocate collapse/insert), after
+ *                             its check that no job runs on the file and
+ *                             before it acts (offset: the new size)
  *   offset=     the rule applies to operations overlapping [START, END)
  *               (sizes with K, M, G, T; END may be omitted: to the end)
  *   once        the first matching operation only (the default)
@@ -36,7 +41,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
-enum inject_point { INJECT_SOURCE_READ, INJECT_TARGET_WRITE, INJECT_CBW, INJECT_STORE_WRITE, INJECT_POINTS };
+enum inject_point {
+	INJECT_SOURCE_READ, INJECT_TARGET_WRITE, INJECT_CBW, INJECT_STORE_WRITE, INJECT_TRUNCATE, INJECT_POINTS
+};
 
 extern atomic_bool inject_active;
 
