@@ -17,7 +17,8 @@
 M=$((1 << 20))
 proc() { sed -n "s/^$1:[[:space:]]*\([0-9]*\).*/\1/p" "/proc/$DAEMON_PID/status"; }
 asan=no
-ldd "$FLEECEFS" 2>/dev/null | grep -q libasan && asan=yes
+# (Not `| grep -q`: under pipefail ldd's SIGPIPE would hide the match.)
+case $(ldd "$FLEECEFS" 2>/dev/null) in *libasan*) asan=yes;; esac
 
 # =============================================================================
 log "1. sync=top on a 1 TiB sparse image"
