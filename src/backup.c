@@ -605,7 +605,7 @@ static enum job_state backup_run(struct job *job)
 	if (b->fleecing)
 		snapstore_close(&b->fleece, false);   /* keeps its counters readable */
 	if (b->counted_active)
-		atomic_fetch_sub(&b->image->active_jobs, 1);
+		image_job_ended(b->image);
 	b->counted_active = false;
 	if (b->snapshot)
 		snapshot_use(b->snapshot, b->job.id, false);
@@ -658,7 +658,7 @@ static void backup_abandon(struct job *job)
 	if (b->snapshot)
 		snapshot_use(b->snapshot, b->job.id, false);
 	if (b->counted_active)
-		atomic_fetch_sub(&b->image->active_jobs, 1);
+		image_job_ended(b->image);
 	b->counted_active = false;
 	undo_result(b);
 }
@@ -884,11 +884,11 @@ int backup_prepare(struct job *job, const struct backup_params *p, char *err, si
 	else
 		atomic_store(&b->bytes_total, size);   /* sync=top: less once the holes are known */
 	if (!p->view && !cmd->fleecing) {
-		if ((rc = image_attach_locked(p->image, &b->hook)))
+		if ((rc = image_attach_locked(p->image, &b->hook, false)))
 			return set_error(err, errlen, -rc, "backup %s: out of memory", cmd->image);
 		b->attached = true;
 		/* Counted before the thread can run, so it can never count down first. */
-		atomic_fetch_add(&p->image->active_jobs, 1);
+		image_job_started(p->image);
 		b->counted_active = true;
 	}
 	if (p->group)

@@ -301,7 +301,7 @@ static int write_meta(struct bitmap_set *set, bool clean)
 	char buf[PATH_MAX + 512];
 	int n;
 
-	if (!set->image || fstat(set->image->read_fd, &st) < 0)
+	if (!set->image || image_fstat(set->image, &st) < 0)
 		return 0;
 	n = snprintf(buf, sizeof(buf),
 		     "path=%s\ndev=%" PRIu64 "\nino=%" PRIu64 "\nsize=%" PRIu64 "\nmtime=%" PRId64 ".%09ld\n"
@@ -314,16 +314,11 @@ static int write_meta(struct bitmap_set *set, bool clean)
 /* The image's path relative to SOURCE_DIR, as it is now (renames included). */
 static void refresh_path(struct bitmap_set *set)
 {
-	char proc[64], real[PATH_MAX];
+	char real[PATH_MAX];
 	size_t root = strlen(source_root);
 
-	if (!set->image)
+	if (!set->image || image_path(set->image, real, sizeof(real)) < 0)
 		return;
-	snprintf(proc, sizeof(proc), "/proc/self/fd/%d", set->image->read_fd);
-	ssize_t n = readlink(proc, real, sizeof(real) - 1);
-	if (n <= 0)
-		return;
-	real[n] = '\0';
 	if (strncmp(real, source_root, root) == 0 && real[root] == '/') {
 		char *p = strdup(real + root + 1);
 		if (p) {
@@ -479,14 +474,9 @@ static int make_set(struct image *img, struct bitmap_set **out, char *err, size_
 		return rc;  /* the set is kept; a later add tries again */
 	}
 	sync_dir(state_bitmaps_dir);
-	if ((rc = image_attach_locked(img, &set->hook)))
+	/* The bitmaps hook runs before any job's. */
+	if ((rc = image_attach_locked(img, &set->hook, true)))
 		return set_error(err, errlen, -rc, "out of memory");
-	/* The bitmaps hook runs before any job's: move it to the front. */
-	for (unsigned i = img->nhooks - 1; i > 0; i--) {
-		struct image_hook *h = img->hooks[i];
-		img->hooks[i] = img->hooks[i - 1];
-		img->hooks[i - 1] = h;
-	}
 	set->attached = true;
 	pthread_mutex_lock(&registry_lock);
 	set->next = sets;
@@ -694,14 +684,8 @@ static void load_set(const char *dir)
 	}
 	if (set->image) {
 		open_intent(set);
-		if (image_attach_locked(set->image, &set->hook) == 0) {
-			for (unsigned i = set->image->nhooks - 1; i > 0; i--) {
-				struct image_hook *h = set->image->hooks[i];
-				set->image->hooks[i] = set->image->hooks[i - 1];
-				set->image->hooks[i - 1] = h;
-			}
+		if (image_attach_locked(set->image, &set->hook, true) == 0)
 			set->attached = true;
-		}
 	}
 	pthread_mutex_lock(&registry_lock);
 	set->next = sets;
@@ -759,7 +743,7 @@ void bitmaps_stop(void)
 		struct bitmap_set *set = all;
 		all = set->next;
 		struct stat st;
-		if (set->image && fstat(set->image->read_fd, &st) == 0 && st.st_nlink == 0) {
+		if (set->image && image_fstat(set->image, &st) == 0 && st.st_nlink == 0) {
 			/* The image was deleted through the mount: so are its bitmaps. */
 			char file[PATH_MAX + 256];
 			DIR *d = opendir(set->dir);

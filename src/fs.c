@@ -27,7 +27,6 @@
 #include "fleecefs/util.h"
 
 #define ATTR_TIMEOUT 1.0
-#define DIRECT_ALIGN 512u
 
 struct fnode {
 	dev_t dev;
@@ -36,11 +35,12 @@ struct fnode {
 	uint64_t nlookup;    /* table_lock */
 };
 
+/* An open file. A regular file's handle points at its image, which does
+ * every guest I/O (image.h); other files keep their own descriptor. */
 struct fhandle {
-	int fd;              /* opened with the caller's flags */
-	int buffered_fd;     /* without O_DIRECT, for unaligned requests; or fd */
-	bool direct;
 	struct image *image; /* regular files */
+	unsigned kind;       /* image_io_kind of the open flags */
+	int fd;              /* other files; -1 for images */
 	/* All live handles, so that those a guest still holds when the daemon
 	 * stops (no RELEASE will come) are closed at teardown. handles_lock. */
 	struct fhandle *prev, *next;
@@ -242,13 +242,17 @@ static void fs_forget_multi(fuse_req_t req, size_t count, struct fuse_forget_dat
 
 /* ---- attributes --------------------------------------------------------- */
 
-static void reply_attr_of(fuse_req_t req, fuse_ino_t ino, int fd_or_minus1)
+/* Attributes through the open handle when there is one (an image's are
+ * those of the file its backend serves). */
+static void reply_attr_of(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
+	struct fhandle *h = fi ? handle_of(fi) : NULL;
 	struct stat st;
-	int rc = fd_or_minus1 >= 0 ? fstat(fd_or_minus1, &st)
-				   : fstatat(node_of(ino)->fd, "", &st, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW);
+	int rc = h && h->image ? image_fstat(h->image, &st)
+		 : h ? (fstat(h->fd, &st) < 0 ? -errno : 0)
+		     : (fstatat(node_of(ino)->fd, "", &st, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) < 0 ? -errno : 0);
 	if (rc < 0)
-		fuse_reply_err(req, errno);
+		fuse_reply_err(req, -rc);
 	else
 		fuse_reply_attr(req, &st, ATTR_TIMEOUT);
 }
@@ -257,7 +261,7 @@ static void fs_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 {
 	if (ctlfs_owns(ino))
 		return ctlfs_getattr(req, ino);
-	reply_attr_of(req, ino, fi ? handle_of(fi)->fd : -1);
+	reply_attr_of(req, ino, fi);
 }
 
 static int truncate_node(struct fnode *n, struct fuse_file_info *fi, off_t size)
@@ -270,6 +274,8 @@ static int truncate_node(struct fnode *n, struct fuse_file_info *fi, off_t size)
 		rc = -EBUSY;
 	} else if ((rc = inject_check(INJECT_TRUNCATE, (uint64_t)size, 1))) {
 		;
+	} else if (fi && handle_of(fi)->image) {
+		rc = image_change_size(handle_of(fi)->image, -1, (uint64_t)size, 0);
 	} else if (fi) {
 		if (ftruncate(handle_of(fi)->fd, size) < 0)
 			rc = -errno;
@@ -293,7 +299,8 @@ static void fs_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to
 	n = node_of(ino);
 	proc_path(path, sizeof(path), n->fd);
 	if (to_set & FUSE_SET_ATTR_MODE) {
-		rc = fi ? fchmod(handle_of(fi)->fd, attr->st_mode) : fchmodat(AT_FDCWD, path, attr->st_mode, 0);
+		rc = fi && !handle_of(fi)->image ? fchmod(handle_of(fi)->fd, attr->st_mode)
+						 : fchmodat(AT_FDCWD, path, attr->st_mode, 0);
 		if (rc < 0)
 			goto err;
 	}
@@ -320,11 +327,11 @@ static void fs_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to
 			tv[1].tv_nsec = UTIME_NOW;
 		else if (to_set & FUSE_SET_ATTR_MTIME)
 			tv[1] = attr->st_mtim;
-		rc = fi ? futimens(handle_of(fi)->fd, tv) : utimensat(AT_FDCWD, path, tv, 0);
+		rc = fi && !handle_of(fi)->image ? futimens(handle_of(fi)->fd, tv) : utimensat(AT_FDCWD, path, tv, 0);
 		if (rc < 0)
 			goto err;
 	}
-	reply_attr_of(req, ino, fi ? handle_of(fi)->fd : -1);
+	reply_attr_of(req, ino, fi);
 	return;
 err:
 	fuse_reply_err(req, errno);
@@ -523,8 +530,6 @@ static void free_handle(struct fhandle *h)
 	if (h->next)
 		h->next->prev = h->prev;
 	pthread_mutex_unlock(&handles_lock);
-	if (h->buffered_fd >= 0 && h->buffered_fd != h->fd)
-		close(h->buffered_fd);
 	if (h->fd >= 0)
 		close(h->fd);
 	if (h->image)
@@ -532,7 +537,8 @@ static void free_handle(struct fhandle *h)
 	free(h);
 }
 
-/* Builds the handle for fd (takes ownership). 0 or -errno. */
+/* Builds the handle for fd, opened with `flags` (takes ownership: an
+ * image's handle keeps no descriptor of its own). 0 or -errno. */
 static int make_handle(int fd, int flags, struct fuse_file_info *fi)
 {
 	struct fhandle *h = calloc(1, sizeof(*h));
@@ -544,22 +550,16 @@ static int make_handle(int fd, int flags, struct fuse_file_info *fi)
 		return -ENOMEM;
 	}
 	h->fd = fd;
-	h->buffered_fd = fd;
-	h->direct = (flags & O_DIRECT) != 0;
+	h->kind = image_io_kind(flags);
 	if (fstat(fd, &st) < 0) {
 		rc = -errno;
 		goto fail;
 	}
-	if (S_ISREG(st.st_mode) && (rc = image_get(fd, &h->image)))
-		goto fail;
-	if (h->direct) {
-		char path[64];
-		proc_path(path, sizeof(path), fd);
-		h->buffered_fd = open(path, (flags & ~(O_DIRECT | O_TRUNC | O_CREAT | O_EXCL)) | O_CLOEXEC);
-		if (h->buffered_fd < 0) {
-			rc = -errno;
+	if (S_ISREG(st.st_mode)) {
+		if ((rc = image_get(fd, &h->image)) || (rc = image_open_kind(h->image, h->kind)))
 			goto fail;
-		}
+		close(fd);
+		h->fd = -1;
 	}
 	fi->fh = (uintptr_t)h;
 	link_handle(h);
@@ -671,44 +671,7 @@ static void fs_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_
 	}
 }
 
-/* The O_DIRECT descriptor serves aligned requests; unaligned ones (allowed by
- * FUSE, refused by most file systems) and sources that want more alignment
- * than we checked fall back to the buffered descriptor of the same file. */
-static bool direct_fits(const struct fhandle *h, size_t size, off_t off)
-{
-	return h->direct && off % DIRECT_ALIGN == 0 && size % DIRECT_ALIGN == 0;
-}
-
-static ssize_t guest_pread(struct fhandle *h, void *aligned_buf, size_t size, off_t off)
-{
-	ssize_t n;
-
-	if (direct_fits(h, size, off)) {
-		n = pread(h->fd, aligned_buf, size, off);
-		if (n >= 0 || errno != EINVAL)
-			return n < 0 ? -errno : n;
-	}
-	n = pread(h->buffered_fd, aligned_buf, size, off);
-	return n < 0 ? -errno : n;
-}
-
-static ssize_t guest_pwrite(struct fhandle *h, const char *buf, size_t size, off_t off)
-{
-	ssize_t n;
-
-	if (direct_fits(h, size, off)) {
-		/* FUSE hands us the data at an unaligned address. */
-		void *aligned = thread_buffer(THREAD_BUFFER_GUEST, size);
-		if (!aligned)
-			return -ENOMEM;
-		memcpy(aligned, buf, size);
-		n = pwrite(h->fd, aligned, size, off);
-		if (n >= 0 || errno != EINVAL)
-			return n < 0 ? -errno : n;
-	}
-	n = pwrite(h->buffered_fd, buf, size, off);
-	return n < 0 ? -errno : n;
-}
+static int64_t or_errno(int64_t n) { return n < 0 ? -errno : n; }
 
 static void fs_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
 {
@@ -720,9 +683,7 @@ static void fs_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
 		return;
 	}
 	struct fhandle *h = handle_of(fi);
-	if (h->image)
-		image_note_guest_request(h->image);
-	ssize_t n = guest_pread(h, buf, size, off);
+	ssize_t n = h->image ? image_read(h->image, h->kind, buf, size, (uint64_t)off) : or_errno(pread(h->fd, buf, size, off));
 	if (n < 0)
 		fuse_reply_err(req, (int)-n);
 	else
@@ -737,18 +698,11 @@ static void fs_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
 	struct fhandle *h = handle_of(fi);
 	ssize_t n;
 
-	if (!h->image) {
-		n = guest_pwrite(h, buf, size, off);
-	} else {
-		/* Jobs on this image see the write before it lands. */
-		int rc = image_write_begin(h->image, (uint64_t)off, size);
-		if (rc) {
-			fuse_reply_err(req, -rc);
-			return;
-		}
-		n = guest_pwrite(h, buf, size, off);
-		image_write_end(h->image);
-	}
+	/* Jobs on an image see the write before it lands (image.h). */
+	if (h->image)
+		n = image_write(h->image, h->kind, buf, size, (uint64_t)off);
+	else
+		n = or_errno(pwrite(h->fd, buf, size, off));
 	if (n < 0)
 		fuse_reply_err(req, (int)-n);
 	else
@@ -776,8 +730,10 @@ static void fs_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_f
 		fuse_reply_err(req, 0);
 		return;
 	}
-	int fd = handle_of(fi)->fd;
-	fuse_reply_err(req, (datasync ? fdatasync(fd) : fsync(fd)) < 0 ? errno : 0);
+	struct fhandle *h = handle_of(fi);
+	int rc = h->image ? image_fsync(h->image, datasync != 0)
+			  : ((datasync ? fdatasync(h->fd) : fsync(h->fd)) < 0 ? -errno : 0);
+	fuse_reply_err(req, -rc);
 }
 
 static void fs_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t off, off_t len, struct fuse_file_info *fi)
@@ -789,40 +745,32 @@ static void fs_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t off, of
 	struct fhandle *h = handle_of(fi);
 	int rc = 0;
 
-	if (mode & (FALLOC_FL_COLLAPSE_RANGE | FALLOC_FL_INSERT_RANGE)) {
-		/* Shifts data and changes the size: like truncate. */
+	if (!h->image) {
+		rc = fallocate(h->fd, mode, off, len) < 0 ? -errno : 0;
+	} else if (mode & (FALLOC_FL_COLLAPSE_RANGE | FALLOC_FL_INSERT_RANGE)) {
+		/* Shifts data and changes the size: like truncate (the kernel
+		 * does not pass these to FUSE today; kept for when it does). */
 		struct fnode *n = node_of(ino);
 		image_namespace_lock_shared();
 		if (image_is_busy(n->dev, n->ino))
-			rc = EBUSY;
-		else if ((rc = -inject_check(INJECT_TRUNCATE, (uint64_t)off, 1)))
-			;
-		else if (fallocate(h->fd, mode, off, len) < 0)
-			rc = errno;
+			rc = -EBUSY;
+		else if (!(rc = inject_check(INJECT_TRUNCATE, (uint64_t)off, 1)))
+			rc = image_change_size(h->image, mode, (uint64_t)off, (uint64_t)len);
 		image_namespace_unlock();
-	} else if (h->image) {
-		/* Punching or zeroing destroys old data like a write, and even
-		 * allocating changes what SEEK_DATA says of the range (a
-		 * snapshot view reports the holes of T): jobs copy it first. */
-		rc = -image_write_begin(h->image, (uint64_t)off, (uint64_t)len);
-		if (!rc) {
-			if (fallocate(h->fd, mode, off, len) < 0)
-				rc = errno;
-			image_write_end(h->image);
-		}
-	} else if (fallocate(h->fd, mode, off, len) < 0) {
-		rc = errno;
+	} else {
+		rc = image_fallocate(h->image, h->kind, mode, (uint64_t)off, (uint64_t)len);
 	}
-	fuse_reply_err(req, rc);
+	fuse_reply_err(req, -rc);
 }
 
 static void fs_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence, struct fuse_file_info *fi)
 {
 	if (ctlfs_owns(ino))
 		return ctlfs_lseek(req, ino, off, whence, fi);
-	off_t r = lseek(handle_of(fi)->fd, off, whence);
+	struct fhandle *h = handle_of(fi);
+	int64_t r = h->image ? image_lseek(h->image, (uint64_t)off, whence) : or_errno(lseek(h->fd, off, whence));
 	if (r < 0)
-		fuse_reply_err(req, errno);
+		fuse_reply_err(req, (int)-r);
 	else
 		fuse_reply_lseek(req, r);
 }

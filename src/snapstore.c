@@ -138,7 +138,7 @@ ssize_t snapstore_read(struct snapstore *s, void *buf, uint64_t off, size_t len)
 		ssize_t got;
 		if (from_source) {
 			/* Unchanged since T, and held so until this read ends. */
-			got = pread_full(s->image->read_fd, (char *)buf + (pos - off), (size_t)(run_end - pos), pos);
+			got = image_pread(s->image, (char *)buf + (pos - off), (size_t)(run_end - pos), pos);
 			inflight_read_end(&s->bc.inflight, &reg);
 		} else {
 			blockcopy_wait_written(&s->bc, c, n);
@@ -156,13 +156,19 @@ ssize_t snapstore_read(struct snapstore *s, void *buf, uint64_t off, size_t len)
 	return (ssize_t)(end - off);
 }
 
-/* Where the next data (want_data) or hole starts in [from, end) of fd, or end. */
+/* Where the next data (want_data) or hole starts in [from, end), or end;
+ * r is what SEEK_DATA/SEEK_HOLE answered (-errno on failure). */
+static uint64_t seek_result(int64_t r, uint64_t from, uint64_t end, bool want_data)
+{
+	if (r < 0)
+		return want_data && r == -ENXIO ? end : from;
+	return min_u64((uint64_t)r, end);
+}
+
 static uint64_t seek_in(int fd, uint64_t from, uint64_t end, bool want_data)
 {
 	off_t r = lseek(fd, (off_t)from, want_data ? SEEK_DATA : SEEK_HOLE);
-	if (r < 0)
-		return want_data && errno == ENXIO ? end : from;
-	return min_u64((uint64_t)r, end);
+	return seek_result(r < 0 ? -errno : r, from, end, want_data);
 }
 
 int64_t snapstore_seek(struct snapstore *s, uint64_t off, int whence)
@@ -187,7 +193,8 @@ int64_t snapstore_seek(struct snapstore *s, uint64_t off, int whence)
 						 &reg, &from_source);
 		uint64_t run_end = min_u64((c + n) << bits, s->size), found;
 		if (from_source) {
-			found = seek_in(s->image->read_fd, pos, run_end, want_data);
+			found = seek_result(source_seek(&s->image->source, pos, want_data ? SEEK_DATA : SEEK_HOLE), pos,
+					    run_end, want_data);
 			inflight_read_end(&s->bc.inflight, &reg);
 		} else {
 			blockcopy_wait_written(&s->bc, c, n);
@@ -267,8 +274,8 @@ int snapstore_open(struct snapstore *s, struct image *image, const char *store_p
 	s->owner = owner;
 	atomic_init(&s->broken, false);
 	atomic_init(&s->readers, 0);
-	if (fstat(image->read_fd, &s->st_at_t) < 0)
-		return set_error(err, errlen, errno, "cannot read the image: %s", strerror(errno));
+	if ((rc = image_fstat(image, &s->st_at_t)))
+		return set_error(err, errlen, -rc, "cannot read the image: %s", strerror(-rc));
 	s->size = (uint64_t)s->st_at_t.st_size;
 	if (!(s->store_path = strdup(store_path)))
 		return set_error(err, errlen, ENOMEM, "out of memory");
@@ -284,7 +291,7 @@ int snapstore_open(struct snapstore *s, struct image *image, const char *store_p
 		goto fail;
 	}
 	s->bc.write_inject_point = INJECT_STORE_WRITE;
-	if ((rc = image_attach_locked(image, &s->hook))) {
+	if ((rc = image_attach_locked(image, &s->hook, false))) {
 		blockcopy_destroy(&s->bc);
 		rc = set_error(err, errlen, -rc, "out of memory");
 		goto fail;
@@ -292,7 +299,7 @@ int snapstore_open(struct snapstore *s, struct image *image, const char *store_p
 	image_ref(image);
 	s->image = image;
 	s->attached = true;
-	atomic_fetch_add(&image->active_jobs, 1);
+	image_job_started(image);
 	return 0;
 fail:
 	if (s->store_read_fd >= 0)
@@ -328,7 +335,7 @@ void snapstore_close(struct snapstore *s, bool gate_closed)
 	s->store = NULL;
 	close(s->store_read_fd);
 	s->store_read_fd = -1;
-	atomic_fetch_sub(&s->image->active_jobs, 1);
+	image_job_ended(s->image);
 	image_put(s->image);
 	s->image = NULL;
 	free(s->store_path);

@@ -246,7 +246,7 @@ static int resolve_image(struct txn_state *s, unsigned line, const char *path, s
 	close(fd);
 	if (rc)
 		return set_error(s->err, sizeof(s->err), -rc, "line %u: image %s: %s", line, path, errno_text(-rc));
-	if ((*out)->read_fd < 0)
+	if (!image_readable(*out))
 		return set_error(s->err, sizeof(s->err), EACCES, "line %u: image %s: the daemon cannot read it", line,
 				 path);
 	return 0;

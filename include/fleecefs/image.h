@@ -1,53 +1,83 @@
-/* image: one source file as jobs see it.
+/* image: one source file, as guests and jobs see it.
  *
  * An image is identified by (st_dev, st_ino) of its source file, so every open
  * through the mount and every job on that file share one object, whatever path
- * or rename brought them there. It owns read-only descriptors for copying, the
- * write gate (gate.h) and the list of before-write hooks that jobs attach.
- *
- * Guest writes, write-zeroes and punch-holes run as
- *     rc = image_write_begin(img, off, len);   // enters the gate, runs hooks
- *     if (rc == 0) { pwrite/fallocate...; image_write_end(img); }
- * Hooks run in attach order with the gate entered; a hook may block (copy-
- * before-write) and may fail the write with -errno.
+ * or rename brought them there. It owns:
+ *   - the backend: the file's descriptors, one per kind of guest access
+ *     (read-only or read-write, O_DIRECT, O_DSYNC, O_SYNC; opened when a
+ *     handle first needs it) and read-only ones for copies. All guest I/O
+ *     goes through image_read/write/fallocate/fsync/lseek; the fs layer's
+ *     handles point at the image, never at a descriptor, so the backend can
+ *     be replaced as a whole (image_replace_backend, with the gate closed:
+ *     a mirror's switch to its target) without any handle knowing;
+ *   - the gate (gate.h): guest reads and writes run inside it, so closing it
+ *     drains them all;
+ *   - the hooks jobs attach: before_write runs before the guest changes a
+ *     range (and may block, copy-before-write, or fail the write), after_write
+ *     sees the range and the result once it is done;
+ *   - the count of jobs that keep the image busy (no unlink, rename over or
+ *     truncate meanwhile).
  *
  * Locking:
  *   - registry_lock (mutex): the (dev, ino) tree and every refcount.
  *   - the namespace lock (rwlock): held shared by operations that would make a
- *     busy image vanish or change size (unlink, rename over, truncate), and
+ *     busy image vanish or change size (unlink, rename over, truncate, a
+ *     truncating open or create) across their check and their act, and
  *     exclusively by a transaction while it starts jobs; so "is it busy?" and
  *     the operation happen atomically with respect to job starts.
- *   - hooks[]/nhooks: changed only with the image's gate closed (image_attach/
- *     image_detach close it themselves or the caller holds it closed), read by
- *     writers inside the gate. No lock on the write path.
- *   - active_jobs: incremented under the namespace lock held exclusively,
- *     decremented atomically by concluding jobs.
- * Errors: 0 or -errno.
+ *   - hooks[]/nhooks: changed only with the image's gate closed (the attach
+ *     and detach functions close it themselves or the caller holds it
+ *     closed), read by writers inside the gate. No lock on the write path.
+ *   - backend: read inside the gate without a lock (it changes only with the
+ *     gate closed); users outside the gate (copies) take a reference under
+ *     backend_lock (a leaf). A backend's descriptors appear once (-1 to fd,
+ *     under backend_lock) and stay until it is freed.
+ *   - active_jobs: counted up under the namespace lock held exclusively
+ *     (image_job_started), down atomically (image_job_ended).
+ * Errors: 0 or -errno (I/O functions: bytes or -errno).
  */
 #ifndef FLEECEFS_IMAGE_H
 #define FLEECEFS_IMAGE_H
 
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <sys/stat.h>
 #include <sys/types.h>
 
 #include "fleecefs/gate.h"
 #include "fleecefs/source.h"
 
-struct image_hook {
-	/* Before the guest changes [off, off + len) of the image. */
-	int (*before_write)(struct image_hook *hook, uint64_t off, uint64_t len);
+/* The kind of a guest's access, from its open flags. */
+enum {
+	IMAGE_IO_WRITE = 1,      /* opened for writing */
+	IMAGE_IO_DIRECT = 2,     /* O_DIRECT: aligned requests bypass the cache */
+	IMAGE_IO_DSYNC = 4,
+	IMAGE_IO_SYNC = 8,
+	IMAGE_IO_KINDS = 16,
 };
+unsigned image_io_kind(int open_flags);
+
+struct image_hook {
+	/* Before the guest changes [off, off + len) of the image; 0 or -errno
+	 * (the write fails). */
+	int (*before_write)(struct image_hook *hook, uint64_t off, uint64_t len);
+	/* After it: `result` is the bytes written or -errno. NULL: not needed. */
+	void (*after_write)(struct image_hook *hook, uint64_t off, uint64_t len, int64_t result);
+};
+
+struct image_backend;
 
 struct image {
 	dev_t dev;
 	ino_t ino;
 	unsigned refcount;      /* registry_lock */
-	int read_fd;            /* O_RDONLY, -1 if the daemon may not read it */
-	int direct_fd;          /* O_RDONLY|O_DIRECT, -1 if unsupported */
+	struct image_backend *backend;
+	pthread_mutex_t backend_lock;
 	struct gate gate;
-	struct image_hook **hooks;   /* grows; changed only with the gate closed */
+	/* Private to image.c (see Locking). */
+	struct image_hook **hooks;
 	unsigned nhooks, hooks_cap;
 	atomic_uint active_jobs;
 	/* Guest reads and writes served, for background copies to notice a busy
@@ -57,34 +87,52 @@ struct image {
 	struct copy_source source;
 };
 
-static inline void image_note_guest_request(struct image *img)
-{
-	atomic_fetch_add_explicit(&img->guest_requests, 1, memory_order_relaxed);
-}
-
 /* Finds or creates the image of the file open on fd (any access mode). */
 int image_get(int fd, struct image **out);
 void image_ref(struct image *img);
 void image_put(struct image *img);
-/* Looks up an existing image without creating one; takes a reference. */
-struct image *image_find(dev_t dev, ino_t ino);
+/* Can the daemon read the file (for copies)? */
+bool image_readable(const struct image *img);
 
-int image_write_begin_slow(struct image *img, uint64_t off, uint64_t len);
-static inline int image_write_begin(struct image *img, uint64_t off, uint64_t len)
-{
-	image_note_guest_request(img);
-	gate_enter(&img->gate);
-	if (__builtin_expect(img->nhooks == 0, 1))
-		return 0;
-	return image_write_begin_slow(img, off, len);
-}
-static inline void image_write_end(struct image *img) { gate_exit(&img->gate); }
+/* ---- guest I/O ------------------------------------------------------------- */
 
-/* With the gate closed by the caller. 0 or -ENOMEM. */
-int image_attach_locked(struct image *img, struct image_hook *hook);
+/* A handle of this kind is about to use the image: its descriptor is opened
+ * now (never on the I/O path). */
+int image_open_kind(struct image *img, unsigned kind);
+ssize_t image_read(struct image *img, unsigned kind, void *buf, size_t size, uint64_t off);
+/* The file's current content into any buffer, buffered, outside the gate
+ * (a snapshot view's reads of clusters nobody changed since T). */
+ssize_t image_pread(struct image *img, void *buf, size_t size, uint64_t off);
+/* Runs the hooks, writes, runs the after-write hooks. */
+ssize_t image_write(struct image *img, unsigned kind, const void *buf, size_t size, uint64_t off);
+/* fallocate: modes that change content or allocation run the hooks like a
+ * write; collapse and insert (size changes) are for image_change_size. */
+int image_fallocate(struct image *img, unsigned kind, int mode, uint64_t off, uint64_t len);
+int image_fsync(struct image *img, bool datasync);
+int64_t image_lseek(struct image *img, uint64_t off, int whence);
+int image_fstat(struct image *img, struct stat *st);
+/* ftruncate, or fallocate collapse/insert: the caller holds the namespace
+ * lock and has checked that no job runs on the image. */
+int image_change_size(struct image *img, int mode, uint64_t off, uint64_t len);
+/* The path of the file now (/proc/self/fd), into buf; 0 or -errno. */
+int image_path(struct image *img, char *buf, size_t len);
+
+/* ---- jobs ------------------------------------------------------------------- */
+
+/* With the gate closed by the caller. 0 or -ENOMEM. `first`: ahead of
+ * every hook attached so far (dirty bitmaps record a write before any job
+ * copies for it). */
+int image_attach_locked(struct image *img, struct image_hook *hook, bool first);
 void image_detach_locked(struct image *img, struct image_hook *hook);
 /* Closes the gate (draining writes), detaches, reopens. */
 void image_detach(struct image *img, struct image_hook *hook);
+/* A job that keeps the image busy starts (namespace lock held exclusively)
+ * or ends. */
+void image_job_started(struct image *img);
+void image_job_ended(struct image *img);
+/* Replaces the backend by the file open on fd (gate closed by the caller):
+ * every handle's next request goes to that file. */
+int image_replace_backend_locked(struct image *img, int fd);
 
 void image_namespace_lock_shared(void);
 void image_namespace_lock_exclusive(void);
@@ -93,6 +141,6 @@ void image_namespace_unlock(void);
 bool image_is_busy(dev_t dev, ino_t ino);
 
 /* Size of the source file now (fstat), or -errno. */
-int64_t image_size(const struct image *img);
+int64_t image_size(struct image *img);
 
 #endif
