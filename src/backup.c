@@ -14,6 +14,7 @@
 #include "fleecefs/bitmap.h"
 #include "fleecefs/blockcopy.h"
 #include "fleecefs/control.h"
+#include "fleecefs/daemon.h"
 #include "fleecefs/image.h"
 #include "fleecefs/job.h"
 #include "fleecefs/manifest.h"
@@ -31,7 +32,6 @@
 /* A pass that skipped clusters after ignored errors waits this long before
  * the next, so a source that keeps failing is not hammered. */
 #define IGNORED_ERROR_BACKOFF_NS 100000000ull
-#define MAX_COPY_WORKERS 16
 
 struct backup {
 	struct job job;
@@ -80,12 +80,6 @@ struct backup {
 
 static struct backup *to_backup(struct job *job) { return (struct backup *)job; }
 
-static const char *strerror_safe(int e)
-{
-	static __thread char buf[128];
-	return strerror_r(e, buf, sizeof(buf));
-}
-
 static const char *policy_name(enum error_policy p)
 {
 	return p == POLICY_STOP ? "stop" : p == POLICY_IGNORE ? "ignore" : "report";
@@ -96,7 +90,7 @@ static void describe_error(const struct blockcopy_error *e, char *buf, size_t le
 {
 	const char *what = e->injected ? "copy-before-write (injected)" :
 			   e->target ? "writing the target" : "reading the image";
-	snprintf(buf, len, "%s at offset %" PRIu64 ": %s", what, e->offset, strerror_safe(-e->err));
+	snprintf(buf, len, "%s at offset %" PRIu64 ": %s", what, e->offset, error_text(-e->err));
 }
 
 /* ---- the guest write path ----------------------------------------------- */
@@ -379,7 +373,7 @@ static int publish(struct backup *b, const char *name, char *what, size_t len)
 	manifest_name(b->target->path, mold, sizeof(mold));
 	manifest_name(name, mname, sizeof(mname));
 	if (b->manifest && (rc = manifest_publish(b->manifest, mname, replace))) {
-		snprintf(what, len, "manifest %s: cannot publish it: %s", mname, strerror_safe(-rc));
+		snprintf(what, len, "manifest %s: cannot publish it: %s", mname, error_text(-rc));
 		return rc;
 	}
 	if ((rc = target_publish(b->target, name, what, len))) {
@@ -433,7 +427,7 @@ static int complete_result(struct backup *b)
 		return rc;
 	}
 	if ((rc = decide(b, "commit", b->target_path, false))) {
-		job_fail(&b->job, "cannot record the decision in the state directory: %s", strerror_safe(-rc));
+		job_fail(&b->job, "cannot record the decision in the state directory: %s", error_text(-rc));
 		return rc;
 	}
 	if ((rc = publish(b, b->target_path, what, sizeof(what)))) {
@@ -456,7 +450,7 @@ static int keep_partial(struct backup *b, const struct cbitmap *left)
 	int rc;
 
 	if ((rc = target_forget(b->target, left, b->bc.cluster_bits)) || (rc = target_flush(b->target))) {
-		log_warn("backup %s: cannot keep the partial backup (%s): undoing it", b->job.id, strerror_safe(-rc));
+		log_warn("backup %s: cannot keep the partial backup (%s): undoing it", b->job.id, error_text(-rc));
 		return rc;
 	}
 	if (b->manifest) {
@@ -490,7 +484,7 @@ static void undo_result(struct backup *b)
 		int rc = target_close(b->target, false);
 		if (rc)
 			log_error("backup %s: cannot put %s back as it was (%s): the next mount retries from its journal",
-				  b->job.id, b->target->path, strerror_safe(-rc));
+				  b->job.id, b->target->path, error_text(-rc));
 		if (rc && b->record) {
 			/* The record must stay for the next mount. */
 			pending_free(b->record);
@@ -529,9 +523,9 @@ static int finish_copy(struct backup *b)
 		describe_error(&e, what, sizeof(what));
 		job_fail(job, "%s", what);
 	} else if ((rc = target_flush(b->target))) {
-		job_fail(job, "target %s: cannot flush: %s", b->target_path, strerror_safe(-rc));
+		job_fail(job, "target %s: cannot flush: %s", b->target_path, error_text(-rc));
 	} else if (b->manifest && (rc = manifest_write(b->manifest))) {
-		job_fail(job, "manifest %s.xxh3: cannot write: %s", b->target_path, strerror_safe(-rc));
+		job_fail(job, "manifest %s.xxh3: cannot write: %s", b->target_path, error_text(-rc));
 	}
 	log_debug("backup %s: read in %.3f s, queue drained in %.3f s, target and manifest durable in %.3f s",
 		  job->id, (copied_ns - b->run_start_ns) / 1e9, (drained_ns - copied_ns) / 1e9,
@@ -547,7 +541,7 @@ static int finish_copy(struct backup *b)
 static enum job_state backup_run(struct job *job)
 {
 	struct backup *b = to_backup(job);
-	pthread_t helpers[MAX_COPY_WORKERS];
+	pthread_t helpers[FLEECE_MAX_COPY_WORKERS];
 	unsigned nhelpers = 0;
 	enum job_state final = JOB_FAILED;
 
@@ -561,7 +555,7 @@ static enum job_state backup_run(struct job *job)
 		while (job_stop_requested(job) == JOB_GO_ON && !job_complete_requested(job))
 			job_sleep(job, clock_monotonic_ns() + 1000000000ull);
 	} else {
-		for (unsigned i = 1; i < b->copy_workers && nhelpers < MAX_COPY_WORKERS; i++)
+		for (unsigned i = 1; i < b->copy_workers && nhelpers < FLEECE_MAX_COPY_WORKERS; i++)
 			if (pthread_create(&helpers[nhelpers], NULL, copy_worker, b) == 0)
 				nhelpers++;
 		copy_worker(b);
@@ -747,7 +741,7 @@ static int stage_files(struct backup *b, const struct backup_params *p, char *er
 	}
 	if ((rc = pending_save(b->record)))
 		return set_error(err, errlen, -rc, "backup %s: cannot write to the state directory: %s", cmd->image,
-				 strerror_safe(-rc));
+				 error_text(-rc));
 	if (b->in_place)
 		rc = target_raw_open_in_place(data, (dev_t)p->chain->dev, (ino_t)p->chain->ino, journal,
 					      p->cluster_size, &b->target, err, errlen);
@@ -759,7 +753,7 @@ static int stage_files(struct backup *b, const struct backup_params *p, char *er
 	pending_set_u64(b->record, "ino", (uint64_t)b->target->ino);
 	if ((rc = pending_save(b->record)))
 		return set_error(err, errlen, -rc, "backup %s: cannot write to the state directory: %s", cmd->image,
-				 strerror_safe(-rc));
+				 error_text(-rc));
 	if (cmd->checksum) {
 		rc = b->in_place ? manifest_open_update(manifest_name(data, mpath, sizeof(mpath)), mtemp, p->cluster_size,
 							&b->manifest, err, errlen)
@@ -767,7 +761,7 @@ static int stage_files(struct backup *b, const struct backup_params *p, char *er
 		if (rc && !b->in_place)
 			/* Named as the user will see it. */
 			set_error(err, errlen, -rc, "manifest %s: cannot create: %s", manifest_name(b->target_path, mpath,
-				  sizeof(mpath)), strerror_safe(-rc));
+				  sizeof(mpath)), error_text(-rc));
 	}
 	return rc;
 }
@@ -859,7 +853,7 @@ int backup_prepare(struct job *job, const struct backup_params *p, char *err, si
 		int64_t now = image_size(p->image);
 		if (now < 0)
 			return set_error(err, errlen, (int)-now, "backup %s: cannot read the image: %s", cmd->image,
-					 strerror_safe((int)-now));
+					 error_text((int)-now));
 		b->source = &p->image->source;
 		size = (uint64_t)now;
 	}

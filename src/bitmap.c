@@ -66,12 +66,6 @@ static bool join(char *out, size_t len, const char *dir, const char *name)
 	return false;
 }
 
-static const char *errtext(int e)
-{
-	static __thread char buf[128];
-	return strerror_r(e, buf, sizeof(buf));
-}
-
 /* ---- files --------------------------------------------------------------- */
 
 /* dir/name, replaced atomically (the caller syncs the directory). */
@@ -246,7 +240,7 @@ static void mark_intent(struct bitmap_set *set, uint64_t off, uint64_t len)
 		int rc = write_intent_locked(set);
 		if (rc) {
 			char why[160];
-			snprintf(why, sizeof(why), "cannot record write intent in %s: %s", set->dir, errtext(-rc));
+			snprintf(why, sizeof(why), "cannot record write intent in %s: %s", set->dir, error_text(-rc));
 			log_error("bitmaps of %s: %s", set->path, why);
 			mark_inconsistent_locked(set, why);
 		}
@@ -355,7 +349,7 @@ static void save_set(struct bitmap_set *set, bool clean)
 	if (rc) {
 		/* The intent log still covers everything: nothing is lost, the
 		 * next save tries again. */
-		log_warn("bitmaps of %s: cannot save: %s", set->path, errtext(-rc));
+		log_warn("bitmaps of %s: cannot save: %s", set->path, error_text(-rc));
 		atomic_store(&set->changed, true);
 	}
 	pthread_mutex_unlock(&set->lock);
@@ -463,14 +457,14 @@ static int make_set(struct image *img, struct bitmap_set **out, char *err, size_
 
 	snprintf(dir, sizeof(dir), "%s/%" PRIu64 "-%" PRIu64, state_bitmaps_dir, (uint64_t)img->dev, (uint64_t)img->ino);
 	if (mkdir(dir, 0700) < 0 && errno != EEXIST)
-		return set_error(err, errlen, errno, "cannot create %s: %s", dir, errtext(errno));
+		return set_error(err, errlen, errno, "cannot create %s: %s", dir, error_text(errno));
 	struct bitmap_set *set = new_set(img, dir);
 	if (!set)
 		return set_error(err, errlen, ENOMEM, "out of memory");
 	set->path = strdup("");
 	refresh_path(set);
 	if ((rc = open_intent(set)) || (rc = write_intent_locked(set)) || (rc = write_meta(set, false))) {
-		set_error(err, errlen, -rc, "cannot write %s: %s", dir, errtext(-rc));
+		set_error(err, errlen, -rc, "cannot write %s: %s", dir, error_text(-rc));
 		return rc;  /* the set is kept; a later add tries again */
 	}
 	sync_dir(state_bitmaps_dir);
@@ -858,7 +852,7 @@ int bitmap_apply(struct image *img, const struct ctl_bitmap *cmd, char *err, siz
 		if (rc) {
 			pthread_mutex_unlock(&set->lock);
 			free_bitmap(bm);
-			return set_error(err, errlen, -rc, "bitmap add: cannot save in %s: %s", set->dir, errtext(-rc));
+			return set_error(err, errlen, -rc, "bitmap add: cannot save in %s: %s", set->dir, error_text(-rc));
 		}
 		sync_dir(set->dir);
 		bm->next = set->list;
@@ -907,21 +901,19 @@ int bitmap_apply(struct image *img, const struct ctl_bitmap *cmd, char *err, siz
 	rc = save_words(set, bm, &bm->bits, "bitmap");
 	pthread_mutex_unlock(&set->lock);
 	if (rc)
-		log_warn("bitmap %s: cannot save now (%s); the next save retries", bm->name, errtext(-rc));
+		log_warn("bitmap %s: cannot save now (%s); the next save retries", bm->name, error_text(-rc));
 	atomic_store(&set->changed, true);
 	return 0;
 }
 
 /* ---- jobs ---------------------------------------------------------------------- */
 
-int bitmap_job_check(struct image *img, const char *name, bool need_consistent, const char *job_id, char *err,
-		     size_t errlen)
+int bitmap_job_check(struct image *img, const char *name, bool need_consistent, char *err, size_t errlen)
 {
 	struct bitmap_set *set = bitmaps_of(img);
 	struct dirty_bitmap *bm = bitmap_find(set, name);
 	int rc = 0;
 
-	(void)job_id;
 	if (!bm)
 		return set_error(err, errlen, ENOENT, "the image has no bitmap %s", name);
 	pthread_mutex_lock(&set->lock);
@@ -955,7 +947,7 @@ int bitmap_job_begin(struct image *img, const char *name, const char *job_id, st
 	if ((rc = save_words(set, bm, &bm->frozen, "frozen"))) {
 		cbitmap_destroy(&bm->frozen);
 		pthread_mutex_unlock(&set->lock);
-		return set_error(err, errlen, -rc, "bitmap %s: cannot save in %s: %s", name, set->dir, errtext(-rc));
+		return set_error(err, errlen, -rc, "bitmap %s: cannot save in %s: %s", name, set->dir, error_text(-rc));
 	}
 	cbitmap_fill(&bm->bits, false);
 	/* A full backup starts a new chain: the bitmap is trustworthy again. */
@@ -994,7 +986,7 @@ void bitmap_job_end(struct image *img, struct dirty_bitmap *bm, int mode, bool s
 	}
 	pthread_mutex_unlock(&set->lock);
 	if (rc)
-		log_warn("bitmap %s: cannot save (%s); its .frozen file keeps the bits of T", bm->name, errtext(-rc));
+		log_warn("bitmap %s: cannot save (%s); its .frozen file keeps the bits of T", bm->name, error_text(-rc));
 }
 
 void bitmap_chain_format(const struct chain_info *c, struct strbuf *out)
@@ -1025,7 +1017,7 @@ int bitmap_chain_put(struct image *img, struct dirty_bitmap *bm, const char *tex
 		sync_dir(set->dir);
 	pthread_mutex_unlock(&set->lock);
 	if (rc)
-		log_warn("bitmap %s: cannot record its chain: %s", bm->name, errtext(-rc));
+		log_warn("bitmap %s: cannot record its chain: %s", bm->name, error_text(-rc));
 	return rc;
 }
 

@@ -454,14 +454,6 @@ int blockcopy_wait_queued(struct blockcopy *bc, uint64_t off, uint64_t len)
 	return rc;
 }
 
-int blockcopy_queue_error(struct blockcopy *bc)
-{
-	pthread_mutex_lock(&bc->queue_lock);
-	int rc = bc->queue_error;
-	pthread_mutex_unlock(&bc->queue_lock);
-	return rc;
-}
-
 static uint64_t run_bytes(const struct blockcopy *bc, uint64_t first, uint64_t count)
 {
 	uint64_t off = first << bc->cluster_bits;

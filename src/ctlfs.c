@@ -19,6 +19,7 @@
 #include "fleecefs/ctlfs.h"
 #include "fleecefs/events.h"
 #include "fleecefs/inject.h"
+#include "fleecefs/list.h"
 #include "fleecefs/job.h"
 #include "fleecefs/snapshot.h"
 #include "fleecefs/snapstore.h"
@@ -67,7 +68,7 @@ struct ctl_file {
 	size_t parked_size;
 	fuse_req_t interrupted;
 	struct fuse_pollhandle *ph;
-	struct ctl_file *next_reader, *prev_reader;
+	struct list_node reader_link;  /* readers_lock */
 	/* views */
 	struct job *job;             /* referenced */
 	struct snapstore *view;
@@ -78,35 +79,26 @@ struct ctl_file {
 	struct ctl_session session;
 	/* Every open control file, so that those still open when the daemon
 	 * stops (no RELEASE will come) are freed: open_files_lock. */
-	struct ctl_file *next_open, *prev_open;
+	struct list_node open_link;
 };
 
 static pthread_mutex_t open_files_lock = PTHREAD_MUTEX_INITIALIZER;
-static struct ctl_file *open_files;
+static struct list_head open_files;
 
 static void free_file(struct ctl_file *f);
 
 static void track_open(struct ctl_file *f, bool open)
 {
 	pthread_mutex_lock(&open_files_lock);
-	if (open) {
-		f->next_open = open_files;
-		if (open_files)
-			open_files->prev_open = f;
-		open_files = f;
-	} else {
-		if (f->prev_open)
-			f->prev_open->next_open = f->next_open;
-		else if (open_files == f)
-			open_files = f->next_open;
-		if (f->next_open)
-			f->next_open->prev_open = f->prev_open;
-	}
+	if (open)
+		list_push(&open_files, &f->open_link);
+	else
+		list_remove(&open_files, &f->open_link);
 	pthread_mutex_unlock(&open_files_lock);
 }
 
 static pthread_mutex_t readers_lock = PTHREAD_MUTEX_INITIALIZER;
-static struct ctl_file *readers;
+static struct list_head readers;
 
 /* ---- attributes --------------------------------------------------------- */
 
@@ -179,9 +171,16 @@ struct bmap_walk {
 	uint64_t serial;
 	void (*child)(void *arg, const char *name, bool is_dir, uint64_t serial, const char *full);
 	void *arg;
-	char seen[64][FLEECE_NAME_MAX + 1];
-	unsigned nseen;
+	/* Names listed so far (several images share a directory): grows. */
+	char (*seen)[FLEECE_NAME_MAX + 1];
+	unsigned nseen, seen_cap;
 };
+
+static void bmap_walk_done(struct bmap_walk *w)
+{
+	free(w->seen);
+	w->seen = NULL;
+}
 
 static void bmap_visit(void *arg, const char *image_path, struct dirty_bitmap *bm)
 {
@@ -213,8 +212,15 @@ static void bmap_visit(void *arg, const char *image_path, struct dirty_bitmap *b
 	for (unsigned i = 0; i < w->nseen; i++)
 		if (strcmp(w->seen[i], name) == 0)
 			return;
-	if (w->nseen < 64)
-		snprintf(w->seen[w->nseen++], sizeof(w->seen[0]), "%s", name);
+	if (w->nseen == w->seen_cap) {
+		unsigned cap = w->seen_cap ? w->seen_cap * 2 : 64;
+		char (*grown)[FLEECE_NAME_MAX + 1] = realloc(w->seen, cap * sizeof(*grown));
+		if (!grown)
+			return;   /* listed without this name rather than twice */
+		w->seen = grown;
+		w->seen_cap = cap;
+	}
+	snprintf(w->seen[w->nseen++], sizeof(w->seen[0]), "%s", name);
 	char sub[PATH_MAX + FLEECE_NAME_MAX + 2];
 	snprintf(sub, sizeof(sub), "%.*s", (int)(rest - full + n), full);
 	w->child(w->arg, name, slash != NULL, slash ? 0 : bm->serial, sub);
@@ -431,12 +437,7 @@ static char *version_text(void)
 static void remove_reader(struct ctl_file *f)
 {
 	pthread_mutex_lock(&readers_lock);
-	if (f->prev_reader)
-		f->prev_reader->next_reader = f->next_reader;
-	else if (readers == f)
-		readers = f->next_reader;
-	if (f->next_reader)
-		f->next_reader->prev_reader = f->prev_reader;
+	list_remove(&readers, &f->reader_link);
 	pthread_mutex_unlock(&readers_lock);
 }
 
@@ -510,10 +511,7 @@ void ctlfs_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 	} else if (k == K_EVENTS) {
 		f->seq = events_next_seq();
 		pthread_mutex_lock(&readers_lock);
-		f->next_reader = readers;
-		if (readers)
-			readers->prev_reader = f;
-		readers = f;
+		list_push(&readers, &f->reader_link);
 		pthread_mutex_unlock(&readers_lock);
 	}
 	if (k != K_CTL && k != K_EVENTS && k != K_VIEW && !f->text) {
@@ -608,7 +606,8 @@ static void wake_readers(void)
 	char buf[4 * EVENT_LINE_MAX];
 
 	pthread_mutex_lock(&readers_lock);
-	for (struct ctl_file *f = readers; f; f = f->next_reader) {
+	for (struct list_node *node = readers.first; node; node = node->next) {
+		struct ctl_file *f = list_entry(node, struct ctl_file, reader_link);
 		pthread_mutex_lock(&f->lock);
 		if (f->parked) {
 			size_t n = fill_events(f, buf, f->parked_size);
@@ -630,7 +629,8 @@ static void wake_readers(void)
 void ctlfs_shutdown(void)
 {
 	pthread_mutex_lock(&readers_lock);
-	for (struct ctl_file *f = readers; f; f = f->next_reader) {
+	for (struct list_node *node = readers.first; node; node = node->next) {
+		struct ctl_file *f = list_entry(node, struct ctl_file, reader_link);
 		pthread_mutex_lock(&f->lock);
 		if (f->parked)
 			fuse_reply_err(f->parked, EINTR);
@@ -795,8 +795,8 @@ void ctlfs_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 
 void ctlfs_teardown(void)
 {
-	while (open_files)
-		free_file(open_files);
+	while (open_files.first)
+		free_file(list_entry(open_files.first, struct ctl_file, open_link));
 }
 
 void ctlfs_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence, struct fuse_file_info *fi)
@@ -924,6 +924,7 @@ void ctlfs_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 		if (k == K_BITMAPS || dir_path(index_of(ino), path, sizeof(path))) {
 			struct bmap_walk w = { .path = path, .child = add_bmap_entry, .arg = l };
 			bitmaps_for_each(bmap_visit, &w);
+			bmap_walk_done(&w);
 		}
 	}
 	else if (k == K_SNAP_DIR) {

@@ -24,6 +24,7 @@
 #include "fleecefs/fs.h"
 #include "fleecefs/image.h"
 #include "fleecefs/inject.h"
+#include "fleecefs/list.h"
 #include "fleecefs/util.h"
 
 #define ATTR_TIMEOUT 1.0
@@ -41,9 +42,9 @@ struct fhandle {
 	struct image *image; /* regular files */
 	unsigned kind;       /* image_io_kind of the open flags */
 	int fd;              /* other files; -1 for images */
-	/* All live handles, so that those a guest still holds when the daemon
+	/* In live_handles, so that those a guest still holds when the daemon
 	 * stops (no RELEASE will come) are closed at teardown. handles_lock. */
-	struct fhandle *prev, *next;
+	struct list_node link;
 };
 
 struct dir_entry {
@@ -63,7 +64,7 @@ static pthread_mutex_t table_lock = PTHREAD_MUTEX_INITIALIZER;
 static void *table_root;
 static struct fnode root_node;
 static pthread_mutex_t handles_lock = PTHREAD_MUTEX_INITIALIZER;
-static struct fhandle *live_handles;
+static struct list_head live_handles;
 
 static void free_handle(struct fhandle *h);
 
@@ -77,19 +78,10 @@ static struct fhandle *handle_of(struct fuse_file_info *fi)
 	return (struct fhandle *)(uintptr_t)fi->fh;
 }
 
-static void proc_path(char *buf, size_t len, int fd)
-{
-	snprintf(buf, len, "/proc/self/fd/%d", fd);
-}
-
 static int compare_nodes(const void *a, const void *b)
 {
 	const struct fnode *x = a, *y = b;
-	if (x->dev != y->dev)
-		return x->dev < y->dev ? -1 : 1;
-	if (x->ino != y->ino)
-		return x->ino < y->ino ? -1 : 1;
-	return 0;
+	return compare_file_ids(x->dev, x->ino, y->dev, y->ino);
 }
 
 static bool is_state_dir(const struct stat *st)
@@ -125,8 +117,8 @@ static void free_node(void *p)
 
 void fs_teardown(void)
 {
-	while (live_handles)
-		free_handle(live_handles);
+	while (live_handles.first)
+		free_handle(list_entry(live_handles.first, struct fhandle, link));
 	tdestroy(table_root, free_node);
 	table_root = NULL;
 	if (root_node.fd >= 0)
@@ -280,7 +272,7 @@ static int truncate_node(struct fnode *n, struct fuse_file_info *fi, off_t size)
 		if (ftruncate(handle_of(fi)->fd, size) < 0)
 			rc = -errno;
 	} else {
-		proc_path(path, sizeof(path), n->fd);
+		proc_fd_path(path, sizeof(path), n->fd);
 		if (truncate(path, size) < 0)
 			rc = -errno;
 	}
@@ -297,7 +289,7 @@ static void fs_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to
 	if (ctlfs_owns(ino))
 		return ctlfs_setattr(req, ino, attr, to_set);
 	n = node_of(ino);
-	proc_path(path, sizeof(path), n->fd);
+	proc_fd_path(path, sizeof(path), n->fd);
 	if (to_set & FUSE_SET_ATTR_MODE) {
 		rc = fi && !handle_of(fi)->image ? fchmod(handle_of(fi)->fd, attr->st_mode)
 						 : fchmodat(AT_FDCWD, path, attr->st_mode, 0);
@@ -513,22 +505,14 @@ static void reply_open_file(fuse_req_t req, struct fuse_file_info *fi)
 static void link_handle(struct fhandle *h)
 {
 	pthread_mutex_lock(&handles_lock);
-	h->next = live_handles;
-	if (live_handles)
-		live_handles->prev = h;
-	live_handles = h;
+	list_push(&live_handles, &h->link);
 	pthread_mutex_unlock(&handles_lock);
 }
 
 static void free_handle(struct fhandle *h)
 {
 	pthread_mutex_lock(&handles_lock);
-	if (h->prev)
-		h->prev->next = h->next;
-	else if (live_handles == h)
-		live_handles = h->next;
-	if (h->next)
-		h->next->prev = h->prev;
+	list_remove(&live_handles, &h->link);
 	pthread_mutex_unlock(&handles_lock);
 	if (h->fd >= 0)
 		close(h->fd);
@@ -585,7 +569,7 @@ static void fs_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 		return ctlfs_open(req, ino, fi);
 	n = node_of(ino);
 	int flags = source_open_flags(fi->flags);
-	proc_path(path, sizeof(path), n->fd);
+	proc_fd_path(path, sizeof(path), n->fd);
 	/* The check and the truncating open under one hold of the namespace
 	 * lock: no job can start in between and see its image emptied
 	 * without copy-before-write. */

@@ -54,7 +54,7 @@ static int kind_flags(unsigned kind)
 static int reopen(int fd, int flags)
 {
 	char path[64];
-	snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
+	proc_fd_path(path, sizeof(path), fd);
 	return open(path, flags | O_CLOEXEC);
 }
 
@@ -219,11 +219,7 @@ static const struct copy_source_ops image_source_ops = {
 static int compare_images(const void *a, const void *b)
 {
 	const struct image *x = a, *y = b;
-	if (x->dev != y->dev)
-		return x->dev < y->dev ? -1 : 1;
-	if (x->ino != y->ino)
-		return x->ino < y->ino ? -1 : 1;
-	return 0;
+	return compare_file_ids(x->dev, x->ino, y->dev, y->ino);
 }
 
 static struct image *lookup_locked(dev_t dev, ino_t ino)
@@ -491,7 +487,7 @@ int image_path(struct image *img, char *buf, size_t len)
 	char proc[64];
 	struct image_backend *b = backend_get(img);
 
-	snprintf(proc, sizeof(proc), "/proc/self/fd/%d", b->path_fd);
+	proc_fd_path(proc, sizeof(proc), b->path_fd);
 	ssize_t n = readlink(proc, buf, len - 1);
 	int e = errno;
 	backend_put(b);

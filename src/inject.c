@@ -68,7 +68,7 @@ int inject_fire(enum inject_point point, uint64_t off, uint64_t len)
 	if (delay_ms)
 		sleep_until_ns(clock_monotonic_ns() + delay_ms * 1000000ull);
 	if (err)
-		log_debug("inject: %s at offset %" PRIu64 " fails with %s", point_names[point], off, strerror(err));
+		log_debug("inject: %s at offset %" PRIu64 " fails with %s", point_names[point], off, error_text(err));
 	return -err;
 }
 

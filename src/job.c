@@ -222,7 +222,7 @@ int job_spawn(struct job *job, char *err, size_t errlen)
 {
 	int rc = pthread_create(&job->thread, NULL, job_thread, job);
 	if (rc)
-		return set_error(err, errlen, rc, "job %s: cannot start a thread: %s", job->id, strerror(rc));
+		return set_error(err, errlen, rc, "job %s: cannot start a thread: %s", job->id, error_text(rc));
 	job->thread_spawned = true;
 	return 0;
 }
@@ -746,11 +746,6 @@ bool job_group_wait(struct job *job)
 	}
 	pthread_mutex_unlock(&g->lock);
 	return ok;
-}
-
-const char *job_group_name(const struct job *job)
-{
-	return job->group ? job->group->name : NULL;
 }
 
 const char *job_group_name_of(const struct job_group *group)

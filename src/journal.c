@@ -71,7 +71,7 @@ int journal_create(const char *path, int file_fd, uint64_t file_size, uint32_t c
 		if (j)
 			free(j->path);
 		free(j);
-		return set_error(err, errlen, e, "journal %s: %s", path, strerror(e));
+		return set_error(err, errlen, e, "journal %s: %s", path, error_text(e));
 	}
 	j->file_fd = file_fd;
 	j->file_size = file_size;
@@ -106,7 +106,7 @@ fail:
 	pthread_mutex_destroy(&j->lock);
 	free(j->path);
 	free(j);
-	return set_error(err, errlen, e, "journal %s: cannot create: %s", path, strerror(e));
+	return set_error(err, errlen, e, "journal %s: cannot create: %s", path, error_text(e));
 }
 
 bool journal_covers(const struct journal *j, uint64_t off, uint64_t len)
@@ -378,9 +378,9 @@ int journal_recover(const char *path, int file_fd, char *err, size_t errlen)
 	int jfd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC), rc;
 
 	if (jfd < 0)
-		return errno == ENOENT ? -ENOENT : set_error(err, errlen, errno, "journal %s: %s", path, strerror(errno));
+		return errno == ENOENT ? -ENOENT : set_error(err, errlen, errno, "journal %s: %s", path, error_text(errno));
 	if (fstat(file_fd, &st) < 0) {
-		rc = set_error(err, errlen, errno, "journal %s: %s", path, strerror(errno));
+		rc = set_error(err, errlen, errno, "journal %s: %s", path, error_text(errno));
 		goto out;
 	}
 	if (pread_full(jfd, &h, sizeof(h), 0) != sizeof(h) || memcmp(h.magic, JOURNAL_MAGIC, 8) ||
@@ -397,7 +397,7 @@ int journal_recover(const char *path, int file_fd, char *err, size_t errlen)
 	}
 	rc = apply(jfd, file_fd, sizeof(h), &h, NULL, &applied);
 	if (rc)
-		set_error(err, errlen, -rc, "journal %s: cannot roll back: %s", path, strerror(-rc));
+		set_error(err, errlen, -rc, "journal %s: cannot roll back: %s", path, error_text(-rc));
 	else
 		log_info("journal %s: rolled back %llu record(s)", path, (unsigned long long)applied);
 out:

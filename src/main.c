@@ -147,7 +147,7 @@ static char *absolute_dir(const char *what, const char *path, int *rc)
 	char *real;
 
 	if (stat(path, &st) < 0) {
-		*rc = die("%s %s: %s", what, path, strerror(errno));
+		*rc = die("%s %s: %s", what, path, error_text(errno));
 		return NULL;
 	}
 	if (!S_ISDIR(st.st_mode)) {
@@ -156,7 +156,7 @@ static char *absolute_dir(const char *what, const char *path, int *rc)
 	}
 	real = realpath(path, NULL);
 	if (!real)
-		*rc = die("%s %s: %s", what, path, strerror(errno));
+		*rc = die("%s %s: %s", what, path, error_text(errno));
 	return real;
 }
 
@@ -179,9 +179,9 @@ static int tighten_state_dir(const char *path)
 	int fd = open(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
 
 	if (fd < 0)
-		return die("state_dir %s: %s", path, strerror(errno));
+		return die("state_dir %s: %s", path, error_text(errno));
 	if (fstat(fd, &st) < 0) {
-		rc = die("state_dir %s: %s", path, strerror(errno));
+		rc = die("state_dir %s: %s", path, error_text(errno));
 	} else if (st.st_mode & 077) {
 		mode_t mode = st.st_mode & 07777;
 		if (st.st_uid != geteuid())
@@ -189,7 +189,7 @@ static int tighten_state_dir(const char *path)
 				 "make it mode 0700", path, (unsigned)mode, (unsigned)st.st_uid);
 		else if (fchmod(fd, 0700) < 0)
 			rc = die("state_dir %s: cannot change mode %04o to 0700: %s", path, (unsigned)mode,
-				 strerror(errno));
+				 error_text(errno));
 		else
 			log_info("state_dir %s: mode %04o let others in; changed to 0700", path, (unsigned)mode);
 	}
@@ -212,7 +212,7 @@ static int prepare_state_dir(struct fleece_daemon *d, const char *requested)
 	if (!path)
 		return die("out of memory");
 	if (mkdir(path, 0700) < 0 && errno != EEXIST) {
-		rc = die("state_dir %s: cannot create: %s", path, strerror(errno));
+		rc = die("state_dir %s: cannot create: %s", path, error_text(errno));
 		free(path);
 		return rc;
 	}
@@ -230,11 +230,11 @@ static int prepare_state_dir(struct fleece_daemon *d, const char *requested)
 	snprintf(probe, sizeof(probe), "%s/.write-test-%d", d->state_dir, (int)getpid());
 	int fd = open(probe, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
 	if (fd < 0)
-		return die("state_dir %s: not writable: %s", d->state_dir, strerror(errno));
+		return die("state_dir %s: not writable: %s", d->state_dir, error_text(errno));
 	close(fd);
 	unlink(probe);
 	if (stat(d->state_dir, &st) < 0)
-		return die("state_dir %s: %s", d->state_dir, strerror(errno));
+		return die("state_dir %s: %s", d->state_dir, error_text(errno));
 	d->state_dev = st.st_dev;
 	d->state_ino = st.st_ino;
 	return 0;
@@ -382,7 +382,8 @@ int main(int argc, char *argv[])
 		}
 		d.threads = (unsigned)value;
 	}
-	d.copy_workers = d.threads / 16 < 1 ? 1 : d.threads / 16 > 4 ? 4 : d.threads / 16;
+	d.copy_workers = d.threads / 16 < 1 ? 1 : d.threads / 16 > FLEECE_MAX_COPY_WORKERS ? FLEECE_MAX_COPY_WORKERS
+											   : d.threads / 16;
 
 	if (!(d.source_dir = absolute_dir("SOURCE_DIR", opts.source, &rc)) ||
 	    !(d.mountpoint = absolute_dir("MOUNTPOINT", opts.mountpoint, &rc)))
@@ -397,7 +398,7 @@ int main(int argc, char *argv[])
 	}
 	d.source_fd = open(d.source_dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
 	if (d.source_fd < 0) {
-		rc = die("SOURCE_DIR %s: %s", d.source_dir, strerror(errno));
+		rc = die("SOURCE_DIR %s: %s", d.source_dir, error_text(errno));
 		goto out;
 	}
 	char fsname[PATH_MAX + 16];
@@ -418,7 +419,7 @@ int main(int argc, char *argv[])
 		goto out;
 	remove_stale_stores(d.state_dir);
 	if (pending_setup(d.state_dir) < 0) {
-		rc = die("state_dir %s: cannot create %s/pending: %s", d.state_dir, d.state_dir, strerror(errno));
+		rc = die("state_dir %s: cannot create %s/pending: %s", d.state_dir, d.state_dir, error_text(errno));
 		goto out;
 	}
 	/* What a crash left half done: finished or undone before anything runs. */
@@ -432,12 +433,12 @@ int main(int argc, char *argv[])
 	umask(0);
 	log_setup(cli.foreground || opts.debug, opts.debug);
 	if (fs_setup(&d) < 0) {
-		rc = die("SOURCE_DIR %s: %s", d.source_dir, strerror(errno));
+		rc = die("SOURCE_DIR %s: %s", d.source_dir, error_text(errno));
 		goto out;
 	}
 	ctlfs_init(&d);
 	if (bitmaps_start(d.state_dir, d.source_fd, d.source_dir, d.cluster_size) < 0) {
-		rc = die("state_dir %s: cannot load the dirty bitmaps: %s", d.state_dir, strerror(errno));
+		rc = die("state_dir %s: cannot load the dirty bitmaps: %s", d.state_dir, error_text(errno));
 		goto out;
 	}
 	if (fuse_set_signal_handlers(se) != 0) {
@@ -484,14 +485,14 @@ int main(int argc, char *argv[])
 	ctlfs_shutdown();
 	int sync_fd = open(d.source_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 	if (sync_fd < 0 || syncfs(sync_fd) < 0)
-		log_warn("syncfs %s: %s", d.source_dir, strerror(errno));
+		log_warn("syncfs %s: %s", d.source_dir, error_text(errno));
 	if (sync_fd >= 0)
 		close(sync_fd);
 	fuse_session_unmount(se);
 	fuse_remove_signal_handlers(se);
 	rc = loop_rc < 0 && loop_rc != -EINTR ? 1 : 0;
 	if (rc)
-		log_error("session ended with %s", strerror(-loop_rc));
+		log_error("session ended with %s", error_text(-loop_rc));
 	else
 		log_info("unmounted %s", d.mountpoint);
 out:

@@ -33,7 +33,7 @@ static int create_temp(struct manifest *m, const char *shown, char *err, size_t 
 {
 	m->fd = open(m->temp_path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
 	if (m->fd < 0)
-		return set_error(err, errlen, errno, "manifest %s: cannot create: %s", shown, strerror(errno));
+		return set_error(err, errlen, errno, "manifest %s: cannot create: %s", shown, error_text(errno));
 	return 0;
 }
 
@@ -65,7 +65,7 @@ static int read_manifest(const char *path, uint32_t cluster_size, uint64_t *size
 	if (!f)
 		return set_error(err, errlen, errno == ENOENT ? EINVAL : errno,
 				 "manifest %s: %s (an incremental with checksum=xxh3 updates the full backup's manifest; "
-				 "use checksum=none, or take a new full backup)", path, strerror(errno));
+				 "use checksum=none, or take a new full backup)", path, error_text(errno));
 	bool ok = fgets(line, sizeof(line), f) && !strcmp(line, "fleecefs-manifest 1\n");
 	while (ok && fgets(line, sizeof(line), f)) {
 		if (!strchr(line, '=')) {

@@ -210,7 +210,7 @@ static void write_chain(const struct pending *p)
 		if (strncmp(p->keys[i], "chain.", 6) == 0)
 			strbuf_printf(&sb, "%s=%s\n", p->keys[i] + 6, p->values[i]);
 	if (sb.len && write_file_atomic(file, sb.data, sb.len, true) < 0)
-		log_error("recovery: cannot write the chain record %s: %s", file, strerror(errno));
+		log_error("recovery: cannot write the chain record %s: %s", file, error_text(errno));
 	strbuf_free(&sb);
 }
 
@@ -238,12 +238,12 @@ static void undo(const struct pending *p, const char *where)
 	if (fd >= 0)
 		close(fd);
 	if (rc && rc != -ENOENT) {
-		log_error("recovery: %s: %s; the journal is kept", where, fd < 0 ? strerror(-rc) : err);
+		log_error("recovery: %s: %s; the journal is kept", where, fd < 0 ? error_text(-rc) : err);
 		return;
 	}
 	remove_file(journal);
 	if (file && strcmp(where, file) != 0 && rename_noreplace(where, file) < 0)
-		log_error("recovery: cannot rename %s back to %s: %s", where, file, strerror(errno));
+		log_error("recovery: cannot rename %s back to %s: %s", where, file, error_text(errno));
 	log_info("recovery: %s rolled back to its earlier backup (an incremental was interrupted)", file);
 }
 
@@ -261,7 +261,7 @@ static void redo(const struct pending *p, const char *where, const char *decisio
 		return;
 	}
 	if (strcmp(where, name) != 0 && rename_noreplace(where, name) < 0) {
-		log_error("recovery: cannot rename %s to %s: %s", where, name, strerror(errno));
+		log_error("recovery: cannot rename %s to %s: %s", where, name, error_text(errno));
 		return;
 	}
 	snprintf(manifest, sizeof(manifest), "%s.xxh3", name);

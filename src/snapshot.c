@@ -124,12 +124,6 @@ int snapshot_lookup(struct job *job, unsigned dir, const char *name, bool *is_di
 	return -ENOENT;
 }
 
-unsigned snapshot_parent_dir(struct job *job, unsigned dir)
-{
-	struct snapshot *s = to_snapshot(job);
-	return dir < s->ndirs ? s->dirs[dir].parent : 0;
-}
-
 bool snapshot_has_dir(struct job *job, unsigned dir)
 {
 	return dir < to_snapshot(job)->ndirs;
@@ -312,7 +306,7 @@ int snapshot_prepare(const struct snapshot_params *p, struct job **out, char *er
 	mkdir(path, 0700);
 	snprintf(path, sizeof(path), "%s/snapshots/%s", p->state_dir, cmd->name);
 	if (mkdir(path, 0700) < 0 && errno != EEXIST) {
-		rc = set_error(err, errlen, errno, "snapshot %s: cannot create %s: %s", cmd->name, path, strerror(errno));
+		rc = set_error(err, errlen, errno, "snapshot %s: cannot create %s: %s", cmd->name, path, error_text(errno));
 		goto fail;
 	}
 	s->dir_path = strdup(path);

@@ -68,13 +68,13 @@ static int snapstore_before_write(struct image_hook *hook, uint64_t off, uint64_
 	uint64_t used = atomic_fetch_add(s->store_used, e.copied) + e.copied;
 	if (rc && s->fail_guest) {
 		log_warn("store %s: copy-before-write at offset %" PRIu64 " failed (%s): failing the guest write "
-			 "(on-cbw-error=break-guest-write)", s->store_path, e.offset, strerror(-rc));
+			 "(on-cbw-error=break-guest-write)", s->store_path, e.offset, error_text(-rc));
 		return -EIO;
 	}
 	if (rc) {
 		/* The guest write goes on; the frozen image is lost. */
 		snprintf(reason, sizeof(reason), "copy-before-write at offset %" PRIu64 " failed %s: %s", e.offset,
-			 e.target ? "writing the store" : "reading the image", strerror(-rc));
+			 e.target ? "writing the store" : "reading the image", error_text(-rc));
 		snapstore_break(s, reason);
 	} else if (s->max_store && used > s->max_store) {
 		snprintf(reason, sizeof(reason), "the store reached max-store=%" PRIu64, s->max_store);
@@ -88,7 +88,7 @@ static bool store_write_failed(void *owner, int err, uint64_t offset)
 	struct snapstore *s = owner;
 	char reason[160];
 
-	snprintf(reason, sizeof(reason), "writing the store at offset %" PRIu64 ": %s", offset, strerror(-err));
+	snprintf(reason, sizeof(reason), "writing the store at offset %" PRIu64 ": %s", offset, error_text(-err));
 	snapstore_break(s, reason);
 	return false;
 }
@@ -275,7 +275,7 @@ int snapstore_open(struct snapstore *s, struct image *image, const char *store_p
 	atomic_init(&s->broken, false);
 	atomic_init(&s->readers, 0);
 	if ((rc = image_fstat(image, &s->st_at_t)))
-		return set_error(err, errlen, -rc, "cannot read the image: %s", strerror(-rc));
+		return set_error(err, errlen, -rc, "cannot read the image: %s", error_text(-rc));
 	s->size = (uint64_t)s->st_at_t.st_size;
 	if (!(s->store_path = strdup(store_path)))
 		return set_error(err, errlen, ENOMEM, "out of memory");
@@ -283,7 +283,7 @@ int snapstore_open(struct snapstore *s, struct image *image, const char *store_p
 		goto fail;
 	s->store_read_fd = open(store_path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
 	if (s->store_read_fd < 0) {
-		rc = set_error(err, errlen, errno, "store %s: %s", store_path, strerror(errno));
+		rc = set_error(err, errlen, errno, "store %s: %s", store_path, error_text(errno));
 		goto fail;
 	}
 	if ((rc = blockcopy_init(&s->bc, &image->source, s->store, NULL, s->size, cluster_size, &store_ops, s))) {

@@ -116,7 +116,7 @@ static int raw_set_size(struct target *t, uint64_t size, char *err, size_t errle
 	}
 	if (ftruncate(r->fd, (off_t)size) < 0)
 		return set_error(err, errlen, errno, "target %s: cannot size to %llu bytes: %s", t->path,
-				 (unsigned long long)size, strerror(errno));
+				 (unsigned long long)size, error_text(errno));
 	t->size = size;
 	return 0;
 }
@@ -163,7 +163,7 @@ static int raw_publish(struct target *t, const char *name, char *err, size_t err
 	int rc = rename_noreplace(t->path, name);
 	if (rc)
 		return set_error(err, errlen, -rc, "target %s: cannot rename it to %s: %s", t->path, name,
-				 strerror(-rc));
+				 error_text(-rc));
 	char *copy = strdup(name);
 	if (copy) {
 		free(t->path);
@@ -264,7 +264,7 @@ static int create_file(struct raw_target *r, char *err, size_t errlen, const cha
 			unlink(r->base.path);
 		}
 		r->fd = -1;
-		return set_error(err, errlen, e, "target %s: cannot create: %s", shown, strerror(e));
+		return set_error(err, errlen, e, "target %s: cannot create: %s", shown, error_text(e));
 	}
 	r->base.dev = st.st_dev;
 	r->base.ino = st.st_ino;
@@ -315,7 +315,7 @@ int target_raw_open_in_place(const char *path, dev_t dev, ino_t ino, const char 
 	r->fd = open(path, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
 	if (r->fd < 0 || fstat(r->fd, &st) < 0) {
 		int e = errno;
-		rc = set_error(err, errlen, e, "target %s: cannot update it: %s%s", path, strerror(e),
+		rc = set_error(err, errlen, e, "target %s: cannot update it: %s%s", path, error_text(e),
 			       e == ELOOP ? " (a symlink; the chain's backup is a regular file)" : "");
 		goto fail;
 	}

@@ -52,12 +52,6 @@ struct txn_state {
 	char err[ERR_MAX];
 };
 
-static const char *errno_text(int e)
-{
-	static __thread char buf[128];
-	return strerror_r(e, buf, sizeof(buf));
-}
-
 /* Opens IMAGE below the source directory, one component at a time, never
  * following a symlink and never entering the state directory. */
 static int open_image(const struct fleece_daemon *d, unsigned line, const char *path, int *out,
@@ -80,12 +74,12 @@ static int open_image(const struct fleece_daemon *d, unsigned line, const char *
 		if (fd < 0) {
 			int e = errno;
 			return set_error(err, errlen, e, "line %u: image %s: %s", line, path,
-					 e == ENOENT ? "no such image" : errno_text(e));
+					 e == ENOENT ? "no such image" : error_text(e));
 		}
 		if (fstat(fd, &st) < 0) {
 			int e = errno;
 			close(fd);
-			return set_error(err, errlen, e, "line %u: image %s: %s", line, path, errno_text(e));
+			return set_error(err, errlen, e, "line %u: image %s: %s", line, path, error_text(e));
 		}
 		if (st.st_dev == d->state_dev && st.st_ino == d->state_ino) {
 			close(fd);
@@ -126,7 +120,7 @@ static int resolve_target(const struct fleece_daemon *d, unsigned line, const ch
 	if (!realpath(dir, real)) {
 		int e = errno;
 		return set_error(err, errlen, e, "line %u: target %s: directory %s: %s", line, target, dir,
-				 errno_text(e));
+				 error_text(e));
 	}
 	if (stat(real, &st) < 0 || !S_ISDIR(st.st_mode))
 		return set_error(err, errlen, ENOTDIR, "line %u: target %s: %s is not a directory", line, target, dir);
@@ -245,7 +239,7 @@ static int resolve_image(struct txn_state *s, unsigned line, const char *path, s
 	rc = image_get(fd, out);
 	close(fd);
 	if (rc)
-		return set_error(s->err, sizeof(s->err), -rc, "line %u: image %s: %s", line, path, errno_text(-rc));
+		return set_error(s->err, sizeof(s->err), -rc, "line %u: image %s: %s", line, path, error_text(-rc));
 	if (!image_readable(*out))
 		return set_error(s->err, sizeof(s->err), EACCES, "line %u: image %s: the daemon cannot read it", line,
 				 path);
@@ -291,7 +285,7 @@ static int check_backup_bitmap(struct txn_state *s, unsigned i)
 	if ((rc = bitmap_used_twice(s, i, b->bitmap)))
 		return rc;
 	bool fresh = added_earlier(s, i, b->bitmap);
-	if (!fresh && (rc = bitmap_job_check(s->res[i].image, b->bitmap, b->sync == SYNC_INCREMENTAL, "", msg,
+	if (!fresh && (rc = bitmap_job_check(s->res[i].image, b->bitmap, b->sync == SYNC_INCREMENTAL, msg,
 					     sizeof(msg))))
 		return set_error(s->err, sizeof(s->err), -rc, "line %u: backup %s: %s", c->line, b->image, msg);
 	if (b->sync != SYNC_INCREMENTAL)

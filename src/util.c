@@ -201,6 +201,17 @@ char *strbuf_steal(struct strbuf *sb)
 	return text;
 }
 
+void proc_fd_path(char *buf, size_t len, int fd)
+{
+	snprintf(buf, len, "/proc/self/fd/%d", fd);
+}
+
+const char *error_text(int errnum)
+{
+	static __thread char buf[128];
+	return strerror_r(errnum, buf, sizeof(buf));
+}
+
 int set_error(char *err, size_t errlen, int errnum, const char *fmt, ...)
 {
 	va_list ap;

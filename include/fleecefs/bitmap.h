@@ -96,8 +96,7 @@ int bitmap_apply(struct image *img, const struct ctl_bitmap *cmd, char *err, siz
  * copy (`left`, a cluster bitmap of the backup), pass NULL otherwise. Call it
  * only after the chain record describes the backup the new bits are relative
  * to: a crash in between then leaves bits that over-approximate. */
-int bitmap_job_check(struct image *img, const char *name, bool need_consistent, const char *job_id, char *err,
-		     size_t errlen);
+int bitmap_job_check(struct image *img, const char *name, bool need_consistent, char *err, size_t errlen);
 int bitmap_job_begin(struct image *img, const char *name, const char *job_id, struct dirty_bitmap **out, char *err,
 		     size_t errlen);
 void bitmap_job_end(struct image *img, struct dirty_bitmap *bm, int mode, bool success, const struct cbitmap *left,

@@ -159,8 +159,6 @@ int blockcopy_drain(struct blockcopy *bc, uint64_t *offset, bool (*give_up)(void
  * another try (its old data is not in the target); 0 when written, or when
  * the engine is ending (stopping, or its queue failed: the job fails). */
 int blockcopy_wait_queued(struct blockcopy *bc, uint64_t off, uint64_t len);
-/* The first queued write's error so far, 0 if none (cheap; for job loops). */
-int blockcopy_queue_error(struct blockcopy *bc);
 /* Waits until no cluster of [first, first + count) is still queued: their
  * data is then in the target (for readers of the target, e.g. a view). */
 void blockcopy_wait_written(struct blockcopy *bc, uint64_t first, uint64_t count);

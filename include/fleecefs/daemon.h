@@ -10,6 +10,8 @@
 
 #define FLEECE_DEFAULT_CLUSTER_SIZE (64u << 10)
 #define FLEECE_CONTROL_DIR ".fleece"
+/* Background copy threads per job: threads/16, between 1 and this. */
+#define FLEECE_MAX_COPY_WORKERS 4
 
 struct fleece_daemon {
 	char *source_dir;        /* absolute */

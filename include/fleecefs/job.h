@@ -146,7 +146,6 @@ struct job_group *job_group_new(const char *name);
 void job_group_add(struct job_group *group, struct job *job);
 void job_group_put(struct job_group *group);
 bool job_group_wait(struct job *job);
-const char *job_group_name(const struct job *job);
 const char *job_group_name_of(const struct job_group *group);
 
 /* For the driver's thread. */

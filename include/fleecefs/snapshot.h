@@ -47,7 +47,6 @@ typedef void (*snapshot_entry_fn)(void *arg, const char *name, bool is_dir, unsi
 void snapshot_list(struct job *job, unsigned dir, snapshot_entry_fn fn, void *arg);
 /* 0 and *is_dir, *index; or -ENOENT. */
 int snapshot_lookup(struct job *job, unsigned dir, const char *name, bool *is_dir, unsigned *index);
-unsigned snapshot_parent_dir(struct job *job, unsigned dir);
 bool snapshot_has_dir(struct job *job, unsigned dir);
 struct snapstore *snapshot_member(struct job *job, unsigned index);  /* NULL if none */
 /* The member named by an image path (for `backup .fleece/snapshots/...`). */

@@ -58,6 +58,19 @@ void strbuf_free(struct strbuf *sb);
 /* Takes the text out of the buffer (never NULL unless failed); buffer is reset. */
 char *strbuf_steal(struct strbuf *sb);
 
+/* Orders files by (st_dev, st_ino): -1, 0 or 1 (for tsearch trees). */
+static inline int compare_file_ids(dev_t dev_a, ino_t ino_a, dev_t dev_b, ino_t ino_b)
+{
+	if (dev_a != dev_b)
+		return dev_a < dev_b ? -1 : 1;
+	return ino_a < ino_b ? -1 : ino_a > ino_b;
+}
+/* "/proc/self/fd/FD" into buf: the path that reopens a descriptor. */
+void proc_fd_path(char *buf, size_t len, int fd);
+
+/* strerror for any thread (a per-thread buffer, valid until its next call). */
+const char *error_text(int errnum);
+
 /* snprintf into a fixed error buffer; always returns -err so call sites read
  * `return set_error(err, errlen, EINVAL, "...")`. */
 int set_error(char *err, size_t errlen, int errnum, const char *fmt, ...)

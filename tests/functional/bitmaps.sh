@@ -15,6 +15,7 @@
 #   6. persistence across remounts and renames through the mount;
 #   7. an image changed while unmounted, or a deleted identity record:
 #      state=inconsistent, incremental refused, a new full chain repairs it;
+#   7b. listings of more than 64 images and bitmaps, each name once;
 #   8. deleting an image through the mount removes its bitmaps at unmount;
 #   9. SIGKILL of the daemon under writes (3 moments, one during an
 #      incremental): after restart an incremental is still exact.
@@ -327,6 +328,19 @@ soft refuse EINVAL "last backup $OUT/o2.raw" "backup o.img $OUT/o.raw sync=incre
 run_ok oinc "backup o.img $OUT/o2.raw sync=incremental bitmap=b1 id=oinc"
 soft want_eq "oinc bytes_total" "$(status oinc bytes_total)" $((3 * CS))
 soft same "o2.raw after oinc" "$SRC/o.img" "$OUT/o2.raw"
+
+# =============================================================================
+log "7b. listings with more than 64 entries"
+mkdir -p "$SRC/many"
+cmds=
+for i in $(seq 70); do
+	head -c 65536 /dev/urandom > "$SRC/many/i$i.img"
+	cmds+="bitmap add many/i$i.img b"$'\n'
+done
+for i in $(seq 70); do cmds+="bitmap add many/i1.img m$i"$'\n'; done
+out=$(ctl "$cmds") || fail "140 bitmap adds refused: $out"
+soft want_eq "images listed under many/" "$(ls "$MNT/.fleece/bitmaps/many" | sort -u | wc -l) $(ls "$MNT/.fleece/bitmaps/many" | wc -l)" "70 70"
+soft want_eq "bitmaps of many/i1.img" "$(ls "$MNT/.fleece/bitmaps/many/i1.img" | wc -l)" 71
 
 # =============================================================================
 log "8. deleting an image through the mount removes its bitmaps at unmount"
