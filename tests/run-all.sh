@@ -4,7 +4,9 @@
 # with -Werror, then a build with -fsanitize=address,undefined, then the
 # daemon built with -fsanitize=thread under the tests that stress its threads.
 # Needs root (FUSE mounts, test mounts of tmpfs, apt-get).
-#   SKIP_ASAN=1 tests/run-all.sh    only the normal pass
+#   SKIP_ASAN=1 tests/run-all.sh    only the normal pass (and distcheck)
+#   SKIP_DISTCHECK=1                 no make distcheck (the release tarball
+#                                    built and its own make check run)
 # The last line is always "N passed, N failed, N skipped", summed over the
 # test-suite.log of every pass that ran (a pass that could not build or run
 # its tests, and a ThreadSanitizer report, count as one failure each). The
@@ -16,6 +18,15 @@ cd "$top"
 contrib/install-deps.sh --tests
 [ -x configure ] || autoreconf -fi >/dev/null
 jobs=$(nproc)
+# The shared kit (the VM the vm-guest test boots): configure and the tests
+# reach it only through SHARED_DIR. Beside the sources by default; a clone
+# elsewhere in this workplace finds it at its fixed place.
+if [ -z "${SHARED_DIR:-}" ]; then
+	for d in "$top/../shared" /work/shared; do
+		[ -x "$d/vm/run-guest.sh" ] && { SHARED_DIR=$(cd "$d" && pwd); break; }
+	done
+fi
+export SHARED_DIR=${SHARED_DIR:-$top/../shared}
 # The VM test's kernel and initramfs, shared by both passes.
 export FLEECE_VM_CACHE=${FLEECE_VM_CACHE:-$top/build-check/vm-cache}
 
@@ -102,6 +113,18 @@ if [ "${SKIP_ASAN:-0}" != 1 ]; then
 		failed=$((failed + 1))
 		notes+=("build-tsan: ThreadSanitizer reports")
 		exit 1
+	fi
+fi
+# The release tarball carries everything its own make check needs.
+if [ "${SKIP_DISTCHECK:-0}" != 1 ]; then
+	echo "=== build-check: make distcheck"
+	unset TSAN_OPTIONS
+	if (cd "$top/build-check" && make -s -j"$jobs" distcheck >"$top/build-check/distcheck.log" 2>&1); then
+		passed=$((passed + 1))
+	else
+		tail -n 60 "$top/build-check/distcheck.log"
+		failed=$((failed + 1))
+		notes+=("make distcheck failed (build-check/distcheck.log)")
 	fi
 fi
 if [ "$failed" = 0 ] && [ "$skipped" = 0 ]; then

@@ -131,22 +131,7 @@ log "ctl read-back ok"
 
 # ---- bad commands: errno, and nothing left behind -----------------------------------------
 # An events reader watches the whole section: refused commands emit nothing.
-"$PY" - "$MNT/.fleece/events" "$T/refusal-events" <<'EOF' &
-import os, select, sys
-fd = os.open(sys.argv[1], os.O_RDONLY)
-out = open(sys.argv[2], "w")
-open(sys.argv[2] + ".ready", "w").close()
-p = select.poll()
-p.register(fd, select.POLLIN)
-while not os.path.exists(sys.argv[2] + ".stop"):
-    if p.poll(100):
-        out.write(os.read(fd, 65536).decode())
-        out.flush()
-EOF
-recorder=$!
-BG_PIDS+=("$recorder")
-for _ in $(seq 100); do [ -e "$T/refusal-events.ready" ] && break; sleep 0.05; done
-[ -e "$T/refusal-events.ready" ] || fail "events recorder did not start"
+events_start "$T/refusal-events"
 
 t=$OUT/t.raw
 echo "precious" > "$OUT/exists.raw"
@@ -266,8 +251,7 @@ EOF
 [ ! -e "$OUT/nul.raw" ] || fail "a refused command with a NUL byte left its target"
 # The daemon is still fine, and no refused command emitted an event.
 grep -q '^version=' "$MNT/.fleece/version" || fail "the daemon stopped answering"
-touch "$T/refusal-events.stop"
-wait_gone "$recorder" 5 || fail "events recorder did not stop"
+events_stop "$T/refusal-events"
 [ ! -s "$T/refusal-events" ] || fail "refused commands emitted events: $(cat "$T/refusal-events")"
 log "bad commands refused cleanly"
 

@@ -64,22 +64,7 @@ gw_ok() {
 }
 
 # One reader of .fleece/events for the whole test: every line into $T/events.
-"$PY" - "$MNT/.fleece/events" "$T/events" <<'EOF' &
-import os, select, sys
-fd = os.open(sys.argv[1], os.O_RDONLY)
-out = open(sys.argv[2], "w")
-open(sys.argv[2] + ".ready", "w").close()
-p = select.poll()
-p.register(fd, select.POLLIN)
-while not os.path.exists(sys.argv[2] + ".stop"):
-    if p.poll(100):
-        out.write(os.read(fd, 65536).decode())
-        out.flush()
-EOF
-recorder=$!
-BG_PIDS+=("$recorder")
-for _ in $(seq 100); do [ -e "$T/events.ready" ] && break; sleep 0.05; done
-[ -e "$T/events.ready" ] || fail "events recorder did not start"
+events_start "$T/events"
 
 # events_of ID: the job's events, without time, id and type.
 events_of() { grep -E "^time=[0-9]+\.[0-9]{9} id=$1 type=backup event=" "$T/events" | cut -d' ' -f4- || true; }
@@ -469,8 +454,7 @@ queued_guest() {
 }
 case " ${ROWS:-bgq-guest} " in *" bgq-guest "*) soft queued_guest;; esac
 
-touch "$T/events.stop"
-wait "$recorder" || fail "events recorder failed"
+events_stop "$T/events"
 grep -vE '^time=[0-9]+\.[0-9]{9} id=[A-Za-z0-9._-]+ type=backup event=[a-z]+( error=.*)?$' "$T/events" &&
 	fail "event lines not in the documented format (above)"
 unmount_fleece

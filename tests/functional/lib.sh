@@ -169,6 +169,40 @@ for a in sys.argv[2:]:
 os.close(fd)
 PY
 }
+# events_start FILE: a background reader of .fleece/events, open from now,
+# appending every line to FILE until events_stop FILE, which lets it drain
+# what is waiting before it stops. Several may run at once.
+events_start() {
+	rm -f "$1.ready" "$1.stop"
+	"$PY" - "$MNT/.fleece/events" "$1" <<'EOF' &
+import os, select, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+out = open(sys.argv[2], "w")
+open(sys.argv[2] + ".ready", "w").close()
+p = select.poll()
+p.register(fd, select.POLLIN)
+while True:
+    stop = os.path.exists(sys.argv[2] + ".stop")   # checked before the last poll
+    if p.poll(50):
+        out.write(os.read(fd, 65536).decode())
+        out.flush()
+    elif stop:
+        break
+EOF
+	BG_PIDS+=("$!")
+	eval "EVPID_$(basename "$1" | tr -c 'A-Za-z0-9_\n' _)=$!"
+	for _ in $(seq 100); do [ -e "$1.ready" ] && return 0; sleep 0.05; done
+	fail "events reader for $1 did not start"
+}
+events_stop() {
+	local var pid
+	var="EVPID_$(basename "$1" | tr -c 'A-Za-z0-9_\n' _)"
+	pid=${!var}
+	touch "$1.stop"
+	for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
+	wait "$pid" || fail "events reader for $1 failed"
+}
+
 # random_image PATH SIZE: random content, not sparse.
 random_image() { head -c "$2" /dev/urandom > "$1"; }
 

@@ -20,32 +20,6 @@ until_true() {
 	return 1
 }
 
-# The events file, read from now on into $T/events.log.
-EV_PID=
-events_start() {
-	: > "$T/events.log"
-	"$PY" -u - "$MNT/.fleece/events" >>"$T/events.log" <<'PY' &
-import os, sys
-fd = os.open(sys.argv[1], os.O_RDONLY)
-print("#open", flush=True)
-while True:
-    b = os.read(fd, 65536)
-    if not b:
-        break
-    sys.stdout.write(b.decode())
-    sys.stdout.flush()
-PY
-	EV_PID=$!
-	BG_PIDS+=("$EV_PID")
-	until_true 10 grep -q '^#open' "$T/events.log" || fail "events reader did not start"
-}
-events_stop() {
-	[ -n "$EV_PID" ] || return 0
-	kill "$EV_PID" 2>/dev/null || true
-	wait "$EV_PID" 2>/dev/null || true
-	EV_PID=
-}
-
 # segments FILE: the data extents as "start-end" words (SEEK_DATA/SEEK_HOLE).
 segments() {
 	"$PY" - "$1" <<'PY'
@@ -438,7 +412,7 @@ case $listed in *" s1 "*) fail "the job s1 is still listed:$listed";; esac
 expect ENOENT 'os.stat(A[0])' "$MNT/$SNAPS/s1/vm.img"
 
 log "a store that reaches max-store ends the snapshot, never the guest"
-events_start
+events_start "$T/events.log"
 out=$(ctl "snapshot s4 vm.img max-store=1M") || fail "snapshot s4: $out"
 cp "$SRC/vm.img" "$T/shadow4"
 "$PY" - "$MNT/vm.img" "$T/shadow4" <<'PY' || fail "a guest write failed while the store overflowed"
@@ -456,7 +430,7 @@ PY
 case $(status s4 error) in *max-store*) ;; *) fail "s4 error does not mention max-store: $(status s4 error)";; esac
 until_true 10 grep -q ' id=s4 type=snapshot event=failed error=.*max-store' "$T/events.log" ||
 	fail "no failed event for s4: $(cat "$T/events.log")"
-events_stop
+events_stop "$T/events.log"
 cmp "$SRC/vm.img" "$T/shadow4" || fail "the image differs from what the guest wrote"
 expect EACCES 'open(A[0], "rb").read(4096)' "$MNT/$SNAPS/s4/vm.img"
 [ -z "$(find "$(store_dir s4)" -type f 2>/dev/null)" ] || fail "the failed snapshot kept its store: $(ls -la "$(store_dir s4)")"
@@ -551,7 +525,7 @@ mount -t tmpfs -o size=2M tmpfs "$T/small"
 EXTRA_MOUNTS+=("$T/small")
 STATE=$T/small/state
 mount_fleece -o state_dir="$STATE"
-events_start
+events_start "$T/events.log"
 out=$(ctl "snapshot s6 vm.img") || fail "snapshot s6: $out"
 cp "$SRC/vm.img" "$T/shadow6"
 "$PY" - "$MNT/vm.img" "$T/shadow6" <<'PY' || fail "a guest write failed while the store filled its file system"
@@ -569,7 +543,7 @@ PY
 case $(status s6 error) in *"No space left"*) ;; *) fail "s6 error: $(status s6 error)";; esac
 until_true 10 grep -q ' id=s6 type=snapshot event=failed error=.*No space left' "$T/events.log" ||
 	fail "no failed event for s6: $(cat "$T/events.log")"
-events_stop
+events_stop "$T/events.log"
 cmp "$SRC/vm.img" "$T/shadow6" || fail "the image differs from what the guest wrote"
 expect EACCES 'open(A[0], "rb").read(4096)' "$MNT/$SNAPS/s6/vm.img"
 [ -z "$(find "$STATE/snapshots" -type f 2>/dev/null)" ] || fail "the failed snapshot kept its store"

@@ -18,22 +18,7 @@ cp "$SRC/vm.img" "$T/base"
 mount_fleece
 
 # Every event line into $T/events.
-"$PY" - "$MNT/.fleece/events" "$T/events" <<'EOF' &
-import os, select, sys
-fd = os.open(sys.argv[1], os.O_RDONLY)
-out = open(sys.argv[2], "w")
-open(sys.argv[2] + ".ready", "w").close()
-p = select.poll()
-p.register(fd, select.POLLIN)
-while not os.path.exists(sys.argv[2] + ".stop"):
-    if p.poll(100):
-        out.write(os.read(fd, 65536).decode())
-        out.flush()
-EOF
-recorder=$!
-BG_PIDS+=("$recorder")
-for _ in $(seq 100); do [ -e "$T/events.ready" ] && break; sleep 0.05; done
-[ -e "$T/events.ready" ] || fail "events recorder did not start"
+events_start "$T/events"
 events_of() { grep -E "^time=[0-9]+\.[0-9]{9} id=$1 type=backup event=" "$T/events" | cut -d' ' -f4- || true; }
 
 # The writers, and the backup (id=pit) they start after half a second.
@@ -133,8 +118,7 @@ awk '{ split($1, a, "="); t = a[2] + 0; if (t < prev) bad = 1; prev = t } END { 
 	<(grep ' id=pit ' "$T/events") || fail "event times out of order: $(cat "$T/events")"
 out=$(ctl "dismiss pit") || fail "dismiss after completion refused: $out"
 
-touch "$T/events.stop"
-wait "$recorder" || fail "events recorder failed"
+events_stop "$T/events"
 unmount_fleece
 [ "$DAEMON_RC" = 0 ] || fail "daemon exit $DAEMON_RC"
 log "ok"

@@ -161,24 +161,7 @@ mount -t tmpfs -o ro tmpfs "$T/ro"
 EXTRA_MOUNTS+=("$T/ro")
 echo precious > "$OUT/exists.raw"
 events_file=$T/refused.events
-"$PY" - "$MNT/.fleece/events" "$events_file" <<'EOF' &
-import os, select, sys
-fd = os.open(sys.argv[1], os.O_RDONLY)
-out = open(sys.argv[2], "w")
-open(sys.argv[2] + ".ready", "w").close()
-p = select.poll()
-p.register(fd, select.POLLIN)
-while True:
-    stop = os.path.exists(sys.argv[2] + ".stop")
-    if p.poll(50):
-        out.write(os.read(fd, 65536).decode()); out.flush()
-    elif stop:
-        break
-EOF
-recorder=$!
-BG_PIDS+=("$recorder")
-for _ in $(seq 100); do [ -e "$events_file.ready" ] && break; sleep 0.05; done
-[ -e "$events_file.ready" ] || fail "events reader did not start"
+events_start "$events_file"
 
 # refuse_txn ERRNO LINE2: "backup a.img t1 id=t1" + LINE2 is refused with
 # ERRNO, the answer names line 2, and nothing of line 1 exists.
@@ -217,8 +200,7 @@ backup nosuch.img $OUT/t2.raw" >/dev/null
 [ "$(status lx state)" = running ] && [ "$(status lx speed)" = 262144 ] ||
 	fail "verbs of refused writes took effect on lx: $(cat "$MNT/.fleece/jobs/lx/status")"
 sleep 0.3
-touch "$events_file.stop"
-wait "$recorder" || fail "events reader failed"
+events_stop "$events_file"
 [ ! -s "$events_file" ] || fail "refused transactions emitted events: $(cat "$events_file")"
 ctl "cancel lx" >/dev/null || fail "cancel lx refused"
 [ "$(wait_job lx 20)" = cancelled ] || fail "lx not cancelled"

@@ -8,13 +8,14 @@
 # the last round wrote it.
 . "$TESTS_DIR/lib.sh"
 
-# The VM kit lives beside the project (../shared/vm); a clone elsewhere finds
-# it at the workplace's fixed location.
-for d in "${SHARED_DIR:-}" "$TESTS_DIR/../../../shared" /work/shared; do
-	[ -n "$d" ] && [ -x "$d/vm/run-guest.sh" ] && { SHARED_DIR=$d; break; }
-done
+# The VM kit: $SHARED_DIR/vm (configure SHARED_DIR=..., default ../shared
+# beside the sources; tests/run-all.sh finds it for a clone elsewhere).
 RUN_GUEST=${SHARED_DIR:-/nonexistent}/vm/run-guest.sh
-[ -x "$RUN_GUEST" ] || { echo "SKIP: the VM kit (shared/vm/run-guest.sh) was not found"; exit 77; }
+[ -x "$RUN_GUEST" ] || {
+	echo "SKIP: the VM kit was not found at ${SHARED_DIR:-(SHARED_DIR unset)}/vm/run-guest.sh" \
+		"(configure SHARED_DIR=DIR to point at it)"
+	exit 77
+}
 command -v qemu-system-x86_64 >/dev/null || { echo "SKIP: qemu-system-x86_64 not installed"; exit 77; }
 # The VM kit's cache: inside this test's directory unless the caller shares one.
 export FLEECE_VM_CACHE=${FLEECE_VM_CACHE:-$T/vm-cache}
