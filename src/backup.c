@@ -67,6 +67,9 @@ struct backup {
 	bool counted_active;
 	bool attached;
 	unsigned copy_workers;
+	/* The copy's cluster: the daemon's, or more when the target needs its
+	 * writes in larger whole units (target.h write_unit). */
+	uint32_t copy_unit;
 	/* Set once the job will not complete: copy-before-write stops, since
 	 * the target is going to be removed anyway. */
 	atomic_bool broken;
@@ -742,22 +745,24 @@ static int stage_files(struct backup *b, const struct backup_params *p, char *er
 	if ((rc = pending_save(b->record)))
 		return set_error(err, errlen, -rc, "backup %s: cannot write to the state directory: %s", cmd->image,
 				 error_text(-rc));
+	const struct target_format_ops *format = target_format(p->target->format);
 	if (b->in_place)
-		rc = target_raw_open_in_place(data, (dev_t)p->chain->dev, (ino_t)p->chain->ino, journal,
-					      p->cluster_size, &b->target, err, errlen);
+		rc = format->open_existing(data, (dev_t)p->chain->dev, (ino_t)p->chain->ino, journal, p->cluster_size,
+					   &b->target, err, errlen);
 	else
-		rc = target_raw_create(b->target_path, temp, &b->target, err, errlen);
+		rc = format->create(p->target, temp, &b->target, err, errlen);
 	if (rc)
 		return rc;
+	b->copy_unit = max_u64(p->cluster_size, b->target->write_unit);
 	pending_set_u64(b->record, "dev", (uint64_t)b->target->dev);
 	pending_set_u64(b->record, "ino", (uint64_t)b->target->ino);
 	if ((rc = pending_save(b->record)))
 		return set_error(err, errlen, -rc, "backup %s: cannot write to the state directory: %s", cmd->image,
 				 error_text(-rc));
 	if (cmd->checksum) {
-		rc = b->in_place ? manifest_open_update(manifest_name(data, mpath, sizeof(mpath)), mtemp, p->cluster_size,
+		rc = b->in_place ? manifest_open_update(manifest_name(data, mpath, sizeof(mpath)), mtemp, b->copy_unit,
 							&b->manifest, err, errlen)
-				 : manifest_create(mtemp, p->cluster_size, &b->manifest, err, errlen);
+				 : manifest_create(mtemp, b->copy_unit, &b->manifest, err, errlen);
 		if (rc && !b->in_place)
 			/* Named as the user will see it. */
 			set_error(err, errlen, -rc, "manifest %s: cannot create: %s", manifest_name(b->target_path, mpath,
@@ -788,7 +793,7 @@ int backup_stage(const struct backup_params *p, struct job **out, char *err, siz
 	b->on_cbw_error = cmd->on_cbw_error;
 	b->cbw_timeout_ms = cmd->cbw_timeout_ms;
 	b->copy_workers = p->copy_workers ? p->copy_workers : 1;
-	b->in_place = cmd->sync == SYNC_INCREMENTAL;
+	b->in_place = p->target->in_place;
 	b->from_partial = b->in_place && p->chain->partial;
 	atomic_init(&b->broken, false);
 	atomic_init(&b->cursor, 0);
@@ -798,8 +803,8 @@ int backup_stage(const struct backup_params *p, struct job **out, char *err, siz
 	image_ref(p->image);
 	b->image = p->image;
 	b->image_path = strdup(cmd->image);
-	b->target_path = strdup(p->target_path);
-	if (!b->image_path || !b->target_path || asprintf(&b->partial_path, "%s.partial", p->target_path) < 0) {
+	b->target_path = strdup(p->target->resolved);
+	if (!b->image_path || !b->target_path || asprintf(&b->partial_path, "%s.partial", p->target->resolved) < 0) {
 		b->partial_path = NULL;
 		rc = set_error(err, errlen, ENOMEM, "backup %s: out of memory", cmd->image);
 		goto fail;
@@ -839,7 +844,7 @@ int backup_prepare(struct job *job, const struct backup_params *p, char *err, si
 		snprintf(store, sizeof(store), "%s/fleecing", p->state_dir);
 		mkdir(store, 0700);
 		snprintf(store, sizeof(store), "%s/fleecing/%s.%" PRIu64 ".store", p->state_dir, b->job.id, b->job.serial);
-		if ((rc = snapstore_open(&b->fleece, p->image, store, p->cluster_size, cmd->max_store, &b->fleece_used,
+		if ((rc = snapstore_open(&b->fleece, p->image, store, b->copy_unit, cmd->max_store, &b->fleece_used,
 					 fleece_broke, b, msg, sizeof(msg))))
 			return set_error(err, errlen, -rc, "backup %s: fleecing store: %s", cmd->image, msg);
 		b->fleecing = true;
@@ -867,10 +872,9 @@ int backup_prepare(struct job *job, const struct backup_params *p, char *err, si
 		if ((rc = bitmap_job_begin(p->image, cmd->bitmap, b->job.id, &b->bitmap, msg, sizeof(msg))))
 			return set_error(err, errlen, -rc, "backup %s: %s", cmd->image, msg);
 	}
-	if ((rc = blockcopy_init(&b->bc, b->source, b->target, b->manifest, size, p->cluster_size, &backup_copy_ops,
-				 b)))
+	if ((rc = blockcopy_init(&b->bc, b->source, b->target, b->manifest, size, b->copy_unit, &backup_copy_ops, b)))
 		return set_error(err, errlen, -rc, "backup %s: out of memory for %" PRIu64 " clusters", cmd->image,
-				 div_round_up(size, p->cluster_size));
+				 div_round_up(size, b->copy_unit));
 	b->bc_ready = true;
 	b->bc.cbw_write_through = b->on_cbw_error == CBW_BREAK_GUEST_WRITE;
 	if (cmd->sync == SYNC_INCREMENTAL)

@@ -591,12 +591,18 @@ uint64_t blockcopy_skip_holes(struct blockcopy *bc)
 
 uint64_t blockcopy_restrict(struct blockcopy *bc, const struct cbitmap *granules, unsigned gran_bits)
 {
-	unsigned shift = gran_bits - bc->cluster_bits;
 	uint64_t total = 0;
 
 	cbitmap_fill(&bc->pending, false);
-	for (uint64_t g = cbitmap_next_set(granules, 0); g < granules->nbits; g = cbitmap_next_set(granules, g + 1))
-		cbitmap_set_range(&bc->pending, g << shift, 1ull << shift);
+	for (uint64_t g = cbitmap_next_set(granules, 0); g < granules->nbits; g = cbitmap_next_set(granules, g + 1)) {
+		/* A granule covers clusters, or lies in one (a copy cluster larger
+		 * than the bitmap's granularity). */
+		if (gran_bits >= bc->cluster_bits)
+			cbitmap_set_range(&bc->pending, g << (gran_bits - bc->cluster_bits),
+					  1ull << (gran_bits - bc->cluster_bits));
+		else
+			cbitmap_set(&bc->pending, g >> (bc->cluster_bits - gran_bits));
+	}
 	for (uint64_t c = cbitmap_next_set(&bc->pending, 0); c < bc->nclusters; c = cbitmap_next_set(&bc->pending, c + 1))
 		total += min_u64(bc->cluster_size, bc->size - (c << bc->cluster_bits));
 	return total;

@@ -29,6 +29,9 @@ enum raw_kind { RAW_NEW, RAW_SCRATCH, RAW_IN_PLACE };
 struct raw_target {
 	struct target base;
 	enum raw_kind kind;
+	/* A new sparse file: nothing written reads as zeroes already, so zero
+	 * clusters need no write (target.h, the zero rule). */
+	bool fresh;
 	int fd;
 	bool published;          /* RAW_NEW: the file has its final name */
 	struct journal *journal; /* RAW_IN_PLACE */
@@ -91,7 +94,7 @@ static int raw_write_zeroes(struct target *t, uint64_t off, uint64_t len)
 {
 	struct raw_target *r = raw(t);
 
-	if (t->fresh)
+	if (r->fresh)
 		return 0;
 	int rc = protect(r, off, len);
 	return rc ? rc : zero_range(r->fd, off, len);
@@ -268,7 +271,7 @@ static int create_file(struct raw_target *r, char *err, size_t errlen, const cha
 	}
 	r->base.dev = st.st_dev;
 	r->base.ino = st.st_ino;
-	r->base.fresh = 1;
+	r->fresh = true;
 	return 0;
 }
 
@@ -350,3 +353,15 @@ fail:
 	raw_free(&r->base);
 	return rc;
 }
+
+static int raw_format_create(const struct target_spec *spec, const char *temp, struct target **out, char *err,
+			     size_t errlen)
+{
+	return target_raw_create(spec->resolved, temp, out, err, errlen);
+}
+
+const struct target_format_ops target_raw_format = {
+	.name = "raw",
+	.create = raw_format_create,
+	.open_existing = target_raw_open_in_place,
+};

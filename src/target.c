@@ -12,7 +12,10 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <sys/stat.h>
+
 #include "fleecefs/target.h"
+#include "fleecefs/util.h"
 
 void target_free(struct target *t)
 {
@@ -135,4 +138,57 @@ bool target_name_taken(const char *path)
 	bool taken = find_name_locked(path) >= 0;
 	pthread_mutex_unlock(&names_lock);
 	return taken;
+}
+
+/* ---- formats and checks ------------------------------------------------------ */
+
+extern const struct target_format_ops target_raw_format;
+
+const struct target_format_ops *target_format(enum target_format format)
+{
+	return format == FORMAT_RAW ? &target_raw_format : NULL;
+}
+
+const char *target_error_text(struct target *t, int err)
+{
+	return t && t->error[0] ? t->error : error_text(err);
+}
+
+int target_check(struct target_spec *spec, const struct target_limits *limits, char *err, size_t errlen)
+{
+	const char *target = spec->location;
+	const char *slash = strrchr(target, '/');
+	const struct target_format_ops *format = target_format(spec->format);
+	char dir[PATH_MAX], real[PATH_MAX], sum[PATH_MAX + 8];
+	struct stat st;
+
+	if (!format)
+		return set_error(err, errlen, EOPNOTSUPP, "target %s: format=qcow2 is not supported by this version",
+				 target);
+	if (!slash || !strcmp(slash + 1, "") || !strcmp(slash + 1, ".") || !strcmp(slash + 1, ".."))
+		return set_error(err, errlen, EINVAL, "target %s: must name a file", target);
+	snprintf(dir, sizeof(dir), "%.*s", slash == target ? 1 : (int)(slash - target), target);
+	if (!realpath(dir, real)) {
+		int e = errno;
+		return set_error(err, errlen, e, "target %s: directory %s: %s", target, dir, error_text(e));
+	}
+	if (stat(real, &st) < 0 || !S_ISDIR(st.st_mode))
+		return set_error(err, errlen, ENOTDIR, "target %s: %s is not a directory", target, dir);
+	size_t mlen = strlen(limits->mountpoint);
+	bool inside = strncmp(real, limits->mountpoint, mlen) == 0 && (real[mlen] == '/' || real[mlen] == '\0');
+	if (inside || (limits->mount_dev && st.st_dev == limits->mount_dev))
+		return set_error(err, errlen, EINVAL, "target %s: lies inside the mount %s", target, limits->mountpoint);
+	if (snprintf(spec->resolved, sizeof(spec->resolved), "%s/%s", strcmp(real, "/") ? real : "", slash + 1) >=
+	    (int)sizeof(spec->resolved))
+		return set_error(err, errlen, ENAMETOOLONG, "target %s: name too long", target);
+	if (!spec->in_place) {
+		if (lstat(spec->resolved, &st) == 0)
+			return set_error(err, errlen, EEXIST, "target %s: already exists", target);
+		snprintf(sum, sizeof(sum), "%s.xxh3", spec->resolved);
+		if (spec->checksum && lstat(sum, &st) == 0)
+			return set_error(err, errlen, EEXIST, "target %s: its manifest %s already exists", target, sum);
+		if (target_name_taken(spec->resolved))
+			return set_error(err, errlen, EEXIST, "target %s: is being written by another job", target);
+	}
+	return format->check ? format->check(spec, err, errlen) : 0;
 }

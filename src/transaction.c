@@ -29,10 +29,16 @@ static pthread_mutex_t control_mutex = PTHREAD_MUTEX_INITIALIZER;
 #define ERR_MAX 512
 
 /* What step 2 found out about one command. */
-struct resolved {
-	char target[PATH_MAX];    /* backup: TARGET, its directory resolved */
+/* What a backup line needs beyond the others (allocated for those only:
+ * a transaction may have many lines). */
+struct backup_line {
+	struct target_spec target; /* TARGET, checked and resolved */
 	struct chain_info chain;  /* sync=incremental: the bitmap's chain record */
-	struct backup_params params; /* backup: kept from stage to prepare */
+	struct backup_params params; /* kept from stage to prepare */
+};
+
+struct resolved {
+	struct backup_line *backup;
 	struct image *image;      /* backup: referenced */
 	struct image *images[CTL_MAX_IMAGES]; /* snapshot: referenced */
 	struct job *job;          /* job verbs, backup of a view: referenced */
@@ -43,6 +49,7 @@ struct resolved {
 
 struct txn_state {
 	const struct fleece_daemon *d;
+	struct target_limits limits;  /* the daemon's mount */
 	struct ctl_txn parsed;
 	struct resolved *res;
 	struct image **gates;          /* every image whose writes are drained */
@@ -99,57 +106,6 @@ static int open_image(const struct fleece_daemon *d, unsigned line, const char *
 				 S_ISLNK(st.st_mode) ? " (symlinks are not followed)" : "");
 	}
 	*out = fd;
-	return 0;
-}
-
-/* TARGET with its directory resolved (symlinks and ".." of the directory
- * followed, never the last component) into out, judged by where it really
- * is: not inside the mount (the daemon would write through itself), in an
- * existing directory. */
-static int resolve_target(const struct fleece_daemon *d, unsigned line, const char *target, char *out, size_t len,
-			  char *err, size_t errlen)
-{
-	const char *slash = strrchr(target, '/');
-	const char *name = slash + 1;
-	char dir[PATH_MAX], real[PATH_MAX];
-	struct stat st;
-
-	snprintf(dir, sizeof(dir), "%.*s", slash == target ? 1 : (int)(slash - target), target);
-	if (!strcmp(name, ".") || !strcmp(name, ".."))
-		return set_error(err, errlen, EINVAL, "line %u: target %s: must name a file", line, target);
-	if (!realpath(dir, real)) {
-		int e = errno;
-		return set_error(err, errlen, e, "line %u: target %s: directory %s: %s", line, target, dir,
-				 error_text(e));
-	}
-	if (stat(real, &st) < 0 || !S_ISDIR(st.st_mode))
-		return set_error(err, errlen, ENOTDIR, "line %u: target %s: %s is not a directory", line, target, dir);
-	size_t mlen = strlen(d->mountpoint);
-	bool inside = strncmp(real, d->mountpoint, mlen) == 0 && (real[mlen] == '/' || real[mlen] == '\0');
-	if (inside || (d->mount_dev && st.st_dev == d->mount_dev))
-		return set_error(err, errlen, EINVAL, "line %u: target %s: lies inside the mount %s", line, target,
-				 d->mountpoint);
-	if (snprintf(out, len, "%s/%s", strcmp(real, "/") ? real : "", name) >= (int)len)
-		return set_error(err, errlen, ENAMETOOLONG, "line %u: target %s: name too long", line, target);
-	return 0;
-}
-
-/* A new TARGET (and its manifest) must not exist, nor be a name another
- * job is writing. */
-static int check_new_target(unsigned line, const char *target, bool checksum, char *err, size_t errlen)
-{
-	char sum[PATH_MAX + 8];
-	struct stat st;
-
-	if (lstat(target, &st) == 0)
-		return set_error(err, errlen, EEXIST, "line %u: target %s: already exists", line, target);
-	snprintf(sum, sizeof(sum), "%s.xxh3", target);
-	if (checksum && lstat(sum, &st) == 0)
-		return set_error(err, errlen, EEXIST, "line %u: target %s: its manifest %s already exists", line, target,
-				 sum);
-	if (target_name_taken(target))
-		return set_error(err, errlen, EEXIST, "line %u: target %s: is being written by another job", line,
-				 target);
 	return 0;
 }
 
@@ -278,7 +234,7 @@ static int check_backup_bitmap(struct txn_state *s, unsigned i)
 {
 	const struct ctl_command *c = &s->parsed.cmds[i];
 	const struct ctl_backup *b = &c->u.backup;
-	struct chain_info *chain = &s->res[i].chain;
+	struct chain_info *chain = &s->res[i].backup->chain;
 	char msg[ERR_MAX - 32];
 	int rc;
 
@@ -294,7 +250,7 @@ static int check_backup_bitmap(struct txn_state *s, unsigned i)
 		return set_error(s->err, sizeof(s->err), EINVAL,
 				 "line %u: backup: bitmap %s has no full backup yet (start its chain with sync=full "
 				 "bitmap=%s)", c->line, b->bitmap, b->bitmap);
-	const char *target = s->res[i].target;
+	const char *target = s->res[i].backup->target.resolved;
 	if (strcmp(target, chain->final) != 0)
 		return set_error(s->err, sizeof(s->err), EINVAL,
 				 "line %u: backup: an incremental with bitmap %s continues its last backup %s%s%s, not %s",
@@ -312,9 +268,13 @@ static int check_backup_bitmap(struct txn_state *s, unsigned i)
 	if (target_name_taken(chain->final))
 		return set_error(s->err, sizeof(s->err), EEXIST, "line %u: target %s: is being written by another job",
 				 c->line, chain->final);
-	if (chain->partial)
+	if (chain->partial) {
 		/* Completed, it gets TARGET's name: nothing may be there. */
-		return check_new_target(c->line, target, b->checksum, s->err, sizeof(s->err));
+		struct target_spec final = { .format = b->format, .location = chain->final, .checksum = b->checksum };
+		char msg[ERR_MAX - 32];
+		if ((rc = target_check(&final, &s->limits, msg, sizeof(msg))))
+			return set_error(s->err, sizeof(s->err), -rc, "line %u: %s", c->line, msg);
+	}
 	return 0;
 }
 
@@ -351,21 +311,22 @@ static int check_backup(struct txn_state *s, unsigned i)
 	unsigned line = c->line;
 	int rc;
 
-	if (b->format != FORMAT_RAW)
-		return not_yet(line, "backup format=qcow2", s->err, sizeof(s->err));
 	if ((rc = check_new_id(s, i)))
 		return rc;
-	if ((rc = resolve_target(s->d, line, b->target, s->res[i].target, sizeof(s->res[i].target), s->err,
-				 sizeof(s->err))))
-		return rc;
-	for (unsigned j = 0; j < i; j++)
-		if (s->parsed.cmds[j].verb == CTL_BACKUP && strcmp(s->res[j].target, s->res[i].target) == 0)
-			return set_error(s->err, sizeof(s->err), EEXIST,
-					 "line %u: backup: target %s is used twice in this transaction", line, s->res[i].target);
+	if (!(s->res[i].backup = calloc(1, sizeof(*s->res[i].backup))))
+		return set_error(s->err, sizeof(s->err), ENOMEM, "line %u: out of memory", line);
 	/* A raw incremental updates the chain's last backup in place. */
-	bool in_place = b->sync == SYNC_INCREMENTAL;
-	if (!in_place && (rc = check_new_target(line, s->res[i].target, b->checksum, s->err, sizeof(s->err))))
-		return rc;
+	struct target_spec *spec = &s->res[i].backup->target;
+	*spec = (struct target_spec){ .format = b->format, .location = b->target, .checksum = b->checksum,
+				      .in_place = b->sync == SYNC_INCREMENTAL, .backing = b->backing,
+				      .compress = (int)b->compress };
+	char msg[ERR_MAX - 32];
+	if ((rc = target_check(spec, &s->limits, msg, sizeof(msg))))
+		return set_error(s->err, sizeof(s->err), -rc, "line %u: %s", line, msg);
+	for (unsigned j = 0; j < i; j++)
+		if (s->parsed.cmds[j].verb == CTL_BACKUP && strcmp(s->res[j].backup->target.resolved, spec->resolved) == 0)
+			return set_error(s->err, sizeof(s->err), EEXIST,
+					 "line %u: backup: target %s is used twice in this transaction", line, spec->resolved);
 	if (strncmp(b->image, VIEW_PREFIX, strlen(VIEW_PREFIX)) == 0) {
 		if (b->bitmap)
 			return set_error(s->err, sizeof(s->err), EINVAL,
@@ -572,9 +533,9 @@ static int prepare_all(struct txn_state *s)
 		struct job_group *group = group_for(s, c->u.backup.group);
 		if (c->u.backup.group && !group)
 			return set_error(s->err, sizeof(s->err), ENOMEM, "line %u: out of memory", c->line);
-		s->res[i].params.group = group;
+		s->res[i].backup->params.group = group;
 		char msg[ERR_MAX - 32];
-		int rc = backup_prepare(s->res[i].prepared, &s->res[i].params, msg, sizeof(msg));
+		int rc = backup_prepare(s->res[i].prepared, &s->res[i].backup->params, msg, sizeof(msg));
 		if (rc) {
 			snprintf(s->err, sizeof(s->err), "line %u: %s", c->line, msg);
 			return rc;
@@ -591,20 +552,21 @@ static int stage_all(struct txn_state *s)
 		const struct ctl_command *c = &s->parsed.cmds[i];
 		if (c->verb != CTL_BACKUP)
 			continue;
-		s->res[i].params = (struct backup_params){
+		struct backup_line *bl = s->res[i].backup;
+		bl->params = (struct backup_params){
 			.snapshot = s->res[i].view ? s->res[i].job : NULL,
 			.view = s->res[i].view,
 			.state_dir = s->d->state_dir,
 			.cmd = &c->u.backup,
 			.image = s->res[i].image,
 			.image_path = c->u.backup.image,
-			.target_path = s->res[i].target,
-			.chain = c->u.backup.sync == SYNC_INCREMENTAL ? &s->res[i].chain : NULL,
+			.target = &bl->target,
+			.chain = c->u.backup.sync == SYNC_INCREMENTAL ? &bl->chain : NULL,
 			.cluster_size = s->d->cluster_size,
 			.copy_workers = s->d->copy_workers,
 		};
 		char msg[ERR_MAX - 32];
-		int rc = backup_stage(&s->res[i].params, &s->res[i].prepared, msg, sizeof(msg));
+		int rc = backup_stage(&bl->params, &s->res[i].prepared, msg, sizeof(msg));
 		if (rc) {
 			snprintf(s->err, sizeof(s->err), "line %u: %s", c->line, msg);
 			return rc;
@@ -687,13 +649,14 @@ static void release_resolved(struct txn_state *s)
 			image_put(s->res[i].images[k]);
 		if (s->res[i].job)
 			job_put(s->res[i].job);
+		free(s->res[i].backup);
 	}
 	free(s->res);
 }
 
 int txn_execute(const struct fleece_daemon *d, const char *text, size_t len, char **answer)
 {
-	struct txn_state s = { .d = d };
+	struct txn_state s = { .d = d, .limits = { .mountpoint = d->mountpoint, .mount_dev = d->mount_dev } };
 	struct strbuf out = { 0 };
 	int rc;
 

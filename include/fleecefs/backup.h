@@ -53,12 +53,13 @@ struct image;
 struct job;
 struct job_group;
 struct snapstore;
+struct target_spec;
 
 struct backup_params {
 	const struct ctl_backup *cmd;
 	struct image *image;       /* the image, or the one under the view */
 	const char *image_path;    /* as the user named it, for status */
-	const char *target_path;   /* TARGET, its directory resolved */
+	const struct target_spec *target;  /* checked and resolved */
 	/* sync=incremental: the bitmap's chain record (the file updated in
 	 * place and the name it ends up with). */
 	const struct chain_info *chain;

@@ -19,6 +19,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "fleecefs/target.h"
+
 #define CTL_MAX_LINE 4096
 #define CTL_MAX_IMAGES 64
 
@@ -28,7 +30,6 @@ enum ctl_verb {
 };
 
 enum backup_sync { SYNC_FULL, SYNC_TOP, SYNC_INCREMENTAL, SYNC_NONE };
-enum target_format { FORMAT_RAW, FORMAT_QCOW2 };
 enum bitmap_mode { BITMAP_MODE_ON_SUCCESS, BITMAP_MODE_ALWAYS, BITMAP_MODE_NEVER };
 enum error_policy { POLICY_REPORT, POLICY_IGNORE, POLICY_STOP };
 enum cbw_policy { CBW_BREAK_SNAPSHOT, CBW_BREAK_GUEST_WRITE };

@@ -1,8 +1,11 @@
 /* target: where a backup's clusters go.
  *
- * An interface with one implementation per format (raw now; qcow2 later),
- * and the rules for putting a backup on disk so that nothing half done ever
- * looks finished:
+ * A registry of formats (target_format: raw now; qcow2 and NBD later), each
+ * with its checks and how it creates a new target or reopens an earlier
+ * backup; one place that checks what a command asks for (target_check: the
+ * location resolved and judged, names free); the operations every target
+ * has; and the rules for putting a backup on disk so that nothing half done
+ * ever looks finished:
  *   - a new target is written under a hidden temporary name beside its final
  *     name (target_hidden_name), and appears under a name only through
  *     publish, once its data is durable (flush) — renamed without replacing
@@ -24,6 +27,7 @@
 #ifndef FLEECEFS_TARGET_H
 #define FLEECEFS_TARGET_H
 
+#include <limits.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -32,6 +36,27 @@
 struct target;
 struct cbitmap;
 struct journal_range;
+
+enum target_format { FORMAT_RAW, FORMAT_QCOW2 };
+
+/* What a backup asks of its target, parsed from the command; target_check
+ * fills `resolved`. Nothing outside the target modules looks inside a
+ * location or decides how a format updates a backup. */
+struct target_spec {
+	enum target_format format;
+	const char *location;        /* as given: an absolute path */
+	bool in_place;               /* update the chain's last backup */
+	bool checksum;               /* a manifest beside it */
+	const char *backing;         /* qcow2: the previous backup (not yet) */
+	int compress;                /* enum compress_kind (not yet) */
+	char resolved[PATH_MAX];     /* where it really is */
+};
+
+/* Where a target may not be: inside the daemon's own mount. */
+struct target_limits {
+	const char *mountpoint;
+	dev_t mount_dev;             /* 0 if unknown */
+};
 
 struct target_ops {
 	int (*write)(struct target *t, uint64_t off, const void *buf, size_t len);
@@ -65,16 +90,49 @@ struct target_ops {
 	void (*free)(struct target *t);
 };
 
+/* The rule for zero clusters is the target's: write_zeroes makes a range read
+ * as zeroes; a new sparse file reads as zeroes where nothing was written and
+ * does nothing, an updated file punches the range, a format over a backing
+ * file must mask it (qcow2: zero clusters). The copy engine always asks. */
 struct target {
 	const struct target_ops *ops;
 	char *path;          /* where the file is now */
 	uint64_t size;
-	/* Known to read as zeroes already (fresh sparse file): zero clusters need
-	 * no write at all. */
-	int fresh;
+	/* Writes must cover whole units of this many bytes, aligned (a
+	 * compressed qcow2 cluster is written whole); 0: any. */
+	uint32_t write_unit;
 	dev_t dev;           /* of the file, once open */
 	ino_t ino;
+	/* The last error a format can say more about than errno (a server's
+	 * answer); empty: errno says it. */
+	char error[256];
 };
+
+/* A format: its checks and how it makes or reopens a target. */
+struct target_format_ops {
+	const char *name;
+	/* Format-specific checks of a resolved spec (gates open). */
+	int (*check)(const struct target_spec *spec, char *err, size_t errlen);
+	/* A new target to be published as spec->resolved, written under the
+	 * hidden name `temp`. */
+	int (*create)(const struct target_spec *spec, const char *temp, struct target **out, char *err, size_t errlen);
+	/* The chain's backup at `path`, the file (dev, ino), updated in place
+	 * with the undo journal `journal`. */
+	int (*open_existing)(const char *path, dev_t dev, ino_t ino, const char *journal, uint32_t cluster_size,
+			     struct target **out, char *err, size_t errlen);
+};
+
+/* The format's operations; NULL for one this version cannot write. */
+const struct target_format_ops *target_format(enum target_format format);
+/* Resolves spec->location into spec->resolved (its directory's real path and
+ * its name; symlinks and ".." of the directory followed, never the last
+ * component) and checks it: an existing directory, not inside the mount, and
+ * for a new target nothing at its name or its manifest's, and no other job
+ * writing it; then the format's own checks. EINVAL, ENOENT, ENOTDIR, EEXIST,
+ * EOPNOTSUPP with a message (no "line N:": the caller says where). */
+int target_check(struct target_spec *spec, const struct target_limits *limits, char *err, size_t errlen);
+/* What the last failure of t was, as text (its own words, or errno's). */
+const char *target_error_text(struct target *t, int err);
 
 /* DIR/.NAME.fleecefs-PID-SERIAL.TAG for the file `path` (NAME cut to fit). */
 int target_hidden_name(const char *path, uint64_t serial, const char *tag, char *out, size_t len);
