@@ -689,9 +689,18 @@ static bool backup_completable(struct job *job)
 	return to_backup(job)->sync == SYNC_NONE;
 }
 
+static unsigned backup_images(struct job *job, struct image **out, unsigned max)
+{
+	if (!max)
+		return 0;
+	out[0] = to_backup(job)->image;
+	return 1;
+}
+
 static const struct job_driver backup_driver = {
 	.type = "backup",
 	.completable = backup_completable,
+	.images = backup_images,
 	.run = backup_run,
 	.progress = backup_progress,
 	.status = backup_status,
@@ -815,9 +824,7 @@ int backup_stage(const struct backup_params *p, struct job **out, char *err, siz
 	return 0;
 fail:
 	undo_result(b);
-	pthread_cond_destroy(&b->job.wake);
-	pthread_mutex_destroy(&b->job.lock);
-	backup_free(&b->job);
+	job_discard(&b->job);
 	return rc;
 }
 

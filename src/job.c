@@ -79,6 +79,7 @@ int job_init(struct job *job, const struct job_driver *driver, const char *id, u
 		return set_error(err, errlen, ENOMEM, "job %s: cannot create a condition variable", job->id);
 	pthread_mutex_init(&job->lock, NULL);
 	job->state = JOB_RUNNING;
+	job->resume_to = JOB_RUNNING;
 	job->phase = JOB_PREPARED;
 	job->speed = speed;
 	job->refs = 1;
@@ -244,6 +245,11 @@ void job_commit(struct job *job)
 	pthread_mutex_unlock(&registry_lock);
 }
 
+void job_discard(struct job *job)
+{
+	job_destroy(job);
+}
+
 void job_abandon(struct job *job)
 {
 	pthread_mutex_lock(&job->lock);
@@ -335,7 +341,7 @@ struct job *job_find_by_serial(uint64_t serial)
 
 static const char *const verb_names[] = { "cancel", "pause", "resume", "complete", "set", "dismiss" };
 static const char *const verb_applies[] = {
-	"a running, paused or ready job", "a running job", "a paused job",
+	"a running, paused or ready job", "a running or ready job", "a paused job",
 	"a ready job or a sync=none backup", "a running, paused or ready job", "a concluded job",
 };
 
@@ -345,7 +351,7 @@ static int check_verb_locked(struct job *job, enum job_verb verb, char *err, siz
 	bool ok;
 
 	switch (verb) {
-	case JOB_VERB_PAUSE: ok = job->state == JOB_RUNNING; break;
+	case JOB_VERB_PAUSE: ok = job->state == JOB_RUNNING || job->state == JOB_READY; break;
 	case JOB_VERB_RESUME: ok = job->state == JOB_PAUSED; break;
 	case JOB_VERB_COMPLETE:
 		ok = job->state == JOB_READY ||
@@ -408,6 +414,7 @@ static void pause_locked(struct job *job)
 
 	job->driver->progress(job, &p);
 	job->frozen_bytes_done = p.bytes_done;
+	job->resume_to = job->state == JOB_READY ? JOB_READY : JOB_RUNNING;
 	job->state = JOB_PAUSED;
 	emit_state_event(job, "paused");
 }
@@ -429,7 +436,7 @@ int job_resume(struct job *job, char *err, size_t errlen)
 	pthread_mutex_lock(&job->lock);
 	int rc = check_verb_locked(job, JOB_VERB_RESUME, err, errlen);
 	if (!rc) {
-		job->state = JOB_RUNNING;
+		job->state = job->resume_to;
 		job->error[0] = '\0';
 		emit_state_event(job, "resumed");
 		pthread_cond_broadcast(&job->wake);
@@ -466,6 +473,20 @@ void job_pause_on_error(struct job *job, const char *fmt, ...)
 			if (*p == '\n')
 				*p = ' ';
 		pause_locked(job);
+	}
+	pthread_mutex_unlock(&job->lock);
+}
+
+void job_set_ready(struct job *job, bool ready)
+{
+	pthread_mutex_lock(&job->lock);
+	if (job->state == JOB_PAUSED) {
+		job->resume_to = ready ? JOB_READY : JOB_RUNNING;
+	} else if (ready && job->state == JOB_RUNNING) {
+		job->state = JOB_READY;
+		emit_state_event(job, "ready");
+	} else if (!ready && job->state == JOB_READY) {
+		job->state = JOB_RUNNING;
 	}
 	pthread_mutex_unlock(&job->lock);
 }

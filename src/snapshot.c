@@ -336,8 +336,6 @@ int snapshot_prepare(const struct snapshot_params *p, struct job **out, char *er
 	return 0;
 fail:
 	close_stores(s, true);
-	pthread_cond_destroy(&s->job.wake);
-	pthread_mutex_destroy(&s->job.lock);
-	snapshot_free(&s->job);
+	job_discard(&s->job);
 	return rc;
 }

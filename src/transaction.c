@@ -55,6 +55,7 @@ struct txn_state {
 	struct image **gates;          /* every image whose writes are drained */
 	unsigned ngates;
 	struct job_group **groups;    /* one per group name, this write only */
+	struct strbuf answer;
 	unsigned ngroups;
 	char err[ERR_MAX];
 };
@@ -409,40 +410,23 @@ static int check_job_verb(struct txn_state *s, unsigned i)
 	return rc;
 }
 
-static int check_all(struct txn_state *s)
+static int check_unsupported(struct txn_state *s, unsigned i)
 {
-	for (unsigned i = 0; i < s->parsed.ncmds; i++) {
-		const struct ctl_command *c = &s->parsed.cmds[i];
-		int rc;
-		switch (c->verb) {
-		case CTL_BACKUP:
-			rc = check_backup(s, i);
-			break;
-		case CTL_SNAPSHOT:
-			rc = check_snapshot(s, i);
-			break;
-		case CTL_BITMAP:
-			rc = check_bitmap(s, i);
-			break;
-		case CTL_RELEASE:
-			rc = check_release(s, i);
-			break;
-		case CTL_CANCEL:
-		case CTL_PAUSE:
-		case CTL_RESUME:
-		case CTL_COMPLETE:
-		case CTL_DISMISS:
-		case CTL_SET:
-			rc = check_job_verb(s, i);
-			break;
-		default: /* mirror */
-			rc = not_yet(c->line, ctl_verb_name(c->verb), s->err, sizeof(s->err));
-			break;
-		}
-		if (rc)
-			return rc;
+	const struct ctl_command *c = &s->parsed.cmds[i];
+	return not_yet(c->line, ctl_verb_name(c->verb), s->err, sizeof(s->err));
+}
+
+/* complete: also the images the job uses, whose gates the transaction holds
+ * while the driver completes (a mirror switches its image then). */
+static int check_complete(struct txn_state *s, unsigned i)
+{
+	int rc = check_job_verb(s, i);
+	if (!rc && s->res[i].job->driver->images) {
+		unsigned n = s->res[i].job->driver->images(s->res[i].job, s->res[i].images, CTL_MAX_IMAGES);
+		for (unsigned k = 0; k < n; k++)
+			image_ref(s->res[i].images[k]);   /* released with the line */
 	}
-	return 0;
+	return rc;
 }
 
 static int compare_pointers(const void *a, const void *b)
@@ -508,117 +492,177 @@ static int prepare_snapshot(struct txn_state *s, unsigned i)
 	return rc;
 }
 
-static int prepare_all(struct txn_state *s)
+static int prepare_bitmap(struct txn_state *s, unsigned i)
 {
-	for (unsigned i = 0; i < s->parsed.ncmds; i++) {
-		const struct ctl_command *c = &s->parsed.cmds[i];
-		if (c->verb == CTL_SNAPSHOT) {
-			int rc = prepare_snapshot(s, i);
-			if (rc)
-				return rc;
-			continue;
-		}
-		if (c->verb == CTL_BITMAP && c->u.bitmap.op == BITMAP_ADD) {
-			char msg[ERR_MAX - 32];
-			int rc = bitmap_apply(s->res[i].image, &c->u.bitmap, msg, sizeof(msg));
-			if (rc) {
-				snprintf(s->err, sizeof(s->err), "line %u: %s", c->line, msg);
-				return rc;
-			}
-			s->res[i].bitmap_added = true;
-			continue;
-		}
-		if (c->verb != CTL_BACKUP)
-			continue;
-		struct job_group *group = group_for(s, c->u.backup.group);
-		if (c->u.backup.group && !group)
-			return set_error(s->err, sizeof(s->err), ENOMEM, "line %u: out of memory", c->line);
-		s->res[i].backup->params.group = group;
-		char msg[ERR_MAX - 32];
-		int rc = backup_prepare(s->res[i].prepared, &s->res[i].backup->params, msg, sizeof(msg));
-		if (rc) {
-			snprintf(s->err, sizeof(s->err), "line %u: %s", c->line, msg);
-			return rc;
-		}
+	const struct ctl_command *c = &s->parsed.cmds[i];
+	char msg[ERR_MAX - 32];
+
+	if (c->u.bitmap.op != BITMAP_ADD)
+		return 0;
+	int rc = bitmap_apply(s->res[i].image, &c->u.bitmap, msg, sizeof(msg));
+	if (rc) {
+		snprintf(s->err, sizeof(s->err), "line %u: %s", c->line, msg);
+		return rc;
 	}
+	s->res[i].bitmap_added = true;
 	return 0;
 }
 
-/* Before the gates close: each backup's files (what does not depend on the
+static int prepare_backup(struct txn_state *s, unsigned i)
+{
+	const struct ctl_command *c = &s->parsed.cmds[i];
+	struct job_group *group = group_for(s, c->u.backup.group);
+	char msg[ERR_MAX - 32];
+
+	if (c->u.backup.group && !group)
+		return set_error(s->err, sizeof(s->err), ENOMEM, "line %u: out of memory", c->line);
+	s->res[i].backup->params.group = group;
+	int rc = backup_prepare(s->res[i].prepared, &s->res[i].backup->params, msg, sizeof(msg));
+	if (rc)
+		snprintf(s->err, sizeof(s->err), "line %u: %s", c->line, msg);
+	return rc;
+}
+
+/* Before the gates close: a backup's files (what does not depend on the
  * point in time, and may take the file system a while). */
-static int stage_all(struct txn_state *s)
+static int stage_backup(struct txn_state *s, unsigned i)
 {
-	for (unsigned i = 0; i < s->parsed.ncmds; i++) {
-		const struct ctl_command *c = &s->parsed.cmds[i];
-		if (c->verb != CTL_BACKUP)
-			continue;
-		struct backup_line *bl = s->res[i].backup;
-		bl->params = (struct backup_params){
-			.snapshot = s->res[i].view ? s->res[i].job : NULL,
-			.view = s->res[i].view,
-			.state_dir = s->d->state_dir,
-			.cmd = &c->u.backup,
-			.image = s->res[i].image,
-			.image_path = c->u.backup.image,
-			.target = &bl->target,
-			.chain = c->u.backup.sync == SYNC_INCREMENTAL ? &bl->chain : NULL,
-			.cluster_size = s->d->cluster_size,
-			.copy_workers = s->d->copy_workers,
-		};
-		char msg[ERR_MAX - 32];
-		int rc = backup_stage(&bl->params, &s->res[i].prepared, msg, sizeof(msg));
-		if (rc) {
-			snprintf(s->err, sizeof(s->err), "line %u: %s", c->line, msg);
-			return rc;
-		}
-	}
-	return 0;
+	const struct ctl_command *c = &s->parsed.cmds[i];
+	struct backup_line *bl = s->res[i].backup;
+	char msg[ERR_MAX - 32];
+
+	bl->params = (struct backup_params){
+		.snapshot = s->res[i].view ? s->res[i].job : NULL,
+		.view = s->res[i].view,
+		.state_dir = s->d->state_dir,
+		.cmd = &c->u.backup,
+		.image = s->res[i].image,
+		.image_path = c->u.backup.image,
+		.target = &bl->target,
+		.chain = c->u.backup.sync == SYNC_INCREMENTAL ? &bl->chain : NULL,
+		.cluster_size = s->d->cluster_size,
+		.copy_workers = s->d->copy_workers,
+	};
+	int rc = backup_stage(&bl->params, &s->res[i].prepared, msg, sizeof(msg));
+	if (rc)
+		snprintf(s->err, sizeof(s->err), "line %u: %s", c->line, msg);
+	return rc;
 }
 
-/* With the gates closed: every new job starts at this one point in time. */
-static void commit_jobs(struct txn_state *s, struct strbuf *answer)
+/* Bitmap commands other than add cannot fail once checked: they take effect
+ * at the same point in time as the jobs. */
+static void commit_bitmap(struct txn_state *s, unsigned i)
 {
+	const struct ctl_command *c = &s->parsed.cmds[i];
 	char ignored[ERR_MAX];
 
-	/* Bitmap commands other than add cannot fail once checked: they take
-	 * effect at the same point in time as the jobs. */
-	for (unsigned i = 0; i < s->parsed.ncmds; i++) {
-		const struct ctl_command *c = &s->parsed.cmds[i];
-		if (c->verb == CTL_BITMAP && c->u.bitmap.op != BITMAP_ADD)
-			bitmap_apply(s->res[i].image, &c->u.bitmap, ignored, sizeof(ignored));
-	}
-	strbuf_printf(answer, "ok");
-	for (unsigned i = 0; i < s->parsed.ncmds; i++) {
-		if (!s->res[i].prepared)
-			continue;
-		job_commit(s->res[i].prepared);
-		strbuf_printf(answer, " id=%s", s->res[i].prepared->id);
-		s->res[i].prepared = NULL;
-	}
-	strbuf_printf(answer, "\n");
+	if (c->u.bitmap.op != BITMAP_ADD)
+		bitmap_apply(s->res[i].image, &c->u.bitmap, ignored, sizeof(ignored));
+}
+
+static void commit_job(struct txn_state *s, unsigned i)
+{
+	job_commit(s->res[i].prepared);
+	strbuf_printf(&s->answer, " id=%s", s->res[i].prepared->id);
+	s->res[i].prepared = NULL;
+}
+
+/* With the gates of the job's images closed. */
+static void commit_complete(struct txn_state *s, unsigned i)
+{
+	char ignored[ERR_MAX];
+	job_complete(s->res[i].job, ignored, sizeof(ignored));
 }
 
 /* After the gates reopened (release waits for a snapshot's teardown, which
  * drains the image's writes itself). Checked in step 2; a job whose state
  * moved on since (it concluded, an error paused it) keeps its new state. */
-static void run_verbs(struct txn_state *s)
+static void run_job_verb(struct txn_state *s, unsigned i)
 {
+	const struct ctl_command *c = &s->parsed.cmds[i];
+	struct job *job = s->res[i].job;
 	char ignored[ERR_MAX];
 
-	for (unsigned i = 0; i < s->parsed.ncmds; i++) {
-		const struct ctl_command *c = &s->parsed.cmds[i];
-		struct job *job = s->res[i].job;
-		switch (c->verb) {
-		case CTL_CANCEL: job_cancel(job, ignored, sizeof(ignored)); break;
-		case CTL_SET: job_set_speed(job, c->u.job.speed, ignored, sizeof(ignored)); break;
-		case CTL_PAUSE: job_pause(job, ignored, sizeof(ignored)); break;
-		case CTL_RESUME: job_resume(job, ignored, sizeof(ignored)); break;
-		case CTL_COMPLETE: job_complete(job, ignored, sizeof(ignored)); break;
-		case CTL_DISMISS: job_dismiss(job, ignored, sizeof(ignored)); break;
-		case CTL_RELEASE: snapshot_release(job, ignored, sizeof(ignored)); break;
-		default: break;
-		}
+	switch (c->verb) {
+	case CTL_CANCEL: job_cancel(job, ignored, sizeof(ignored)); break;
+	case CTL_SET: job_set_speed(job, c->u.job.speed, ignored, sizeof(ignored)); break;
+	case CTL_PAUSE: job_pause(job, ignored, sizeof(ignored)); break;
+	case CTL_RESUME: job_resume(job, ignored, sizeof(ignored)); break;
+	case CTL_DISMISS: job_dismiss(job, ignored, sizeof(ignored)); break;
+	case CTL_RELEASE: snapshot_release(job, ignored, sizeof(ignored)); break;
+	default: break;
 	}
+}
+
+/* What each verb does in each step of a transaction (NULL: nothing):
+ * check (state as it is, all or nothing), stage (gates open: files),
+ * prepare (gates closed: may fail, then everything is abandoned), commit
+ * (gates closed: cannot fail; the point in time), after (gates open). */
+struct verb_steps {
+	int (*check)(struct txn_state *s, unsigned i);
+	int (*stage)(struct txn_state *s, unsigned i);
+	int (*prepare)(struct txn_state *s, unsigned i);
+	void (*commit)(struct txn_state *s, unsigned i);
+	void (*after)(struct txn_state *s, unsigned i);
+};
+
+static const struct verb_steps verb_steps[] = {
+	[CTL_BACKUP] = { check_backup, stage_backup, prepare_backup, commit_job, NULL },
+	[CTL_MIRROR] = { check_unsupported, NULL, NULL, NULL, NULL },
+	[CTL_SNAPSHOT] = { check_snapshot, NULL, prepare_snapshot, commit_job, NULL },
+	[CTL_RELEASE] = { check_release, NULL, NULL, NULL, run_job_verb },
+	[CTL_BITMAP] = { check_bitmap, NULL, prepare_bitmap, commit_bitmap, NULL },
+	[CTL_CANCEL] = { check_job_verb, NULL, NULL, NULL, run_job_verb },
+	[CTL_PAUSE] = { check_job_verb, NULL, NULL, NULL, run_job_verb },
+	[CTL_RESUME] = { check_job_verb, NULL, NULL, NULL, run_job_verb },
+	[CTL_COMPLETE] = { check_complete, NULL, NULL, commit_complete, NULL },
+	[CTL_DISMISS] = { check_job_verb, NULL, NULL, NULL, run_job_verb },
+	[CTL_SET] = { check_job_verb, NULL, NULL, NULL, run_job_verb },
+};
+
+/* The steps that may fail, over every line in order: the first failure
+ * ends the transaction. */
+static int check_all(struct txn_state *s)
+{
+	int rc = 0;
+	for (unsigned i = 0; i < s->parsed.ncmds && !rc; i++)
+		rc = verb_steps[s->parsed.cmds[i].verb].check(s, i);
+	return rc;
+}
+
+static int stage_all(struct txn_state *s)
+{
+	int rc = 0;
+	for (unsigned i = 0; i < s->parsed.ncmds && !rc; i++)
+		if (verb_steps[s->parsed.cmds[i].verb].stage)
+			rc = verb_steps[s->parsed.cmds[i].verb].stage(s, i);
+	return rc;
+}
+
+static int prepare_all(struct txn_state *s)
+{
+	int rc = 0;
+	for (unsigned i = 0; i < s->parsed.ncmds && !rc; i++)
+		if (verb_steps[s->parsed.cmds[i].verb].prepare)
+			rc = verb_steps[s->parsed.cmds[i].verb].prepare(s, i);
+	return rc;
+}
+
+/* With the gates closed: every new job starts at this one point in time. */
+static void commit_all(struct txn_state *s)
+{
+	strbuf_printf(&s->answer, "ok");
+	for (unsigned i = 0; i < s->parsed.ncmds; i++)
+		if (verb_steps[s->parsed.cmds[i].verb].commit)
+			verb_steps[s->parsed.cmds[i].verb].commit(s, i);
+	strbuf_printf(&s->answer, "\n");
+}
+
+static void after_all(struct txn_state *s)
+{
+	for (unsigned i = 0; i < s->parsed.ncmds; i++)
+		if (verb_steps[s->parsed.cmds[i].verb].after)
+			verb_steps[s->parsed.cmds[i].verb].after(s, i);
 }
 
 /* With the gates still closed, so no guest write ever sees a hook of a job
@@ -657,7 +701,6 @@ static void release_resolved(struct txn_state *s)
 int txn_execute(const struct fleece_daemon *d, const char *text, size_t len, char **answer)
 {
 	struct txn_state s = { .d = d, .limits = { .mountpoint = d->mountpoint, .mount_dev = d->mount_dev } };
-	struct strbuf out = { 0 };
 	int rc;
 
 	pthread_mutex_lock(&control_mutex);
@@ -675,13 +718,13 @@ int txn_execute(const struct fleece_daemon *d, const char *text, size_t len, cha
 		close_gates(&s);
 		rc = prepare_all(&s);
 		if (!rc)
-			commit_jobs(&s, &out);
+			commit_all(&s);
 		else
 			abandon_prepared(&s);
 		open_gates(&s);
 		image_namespace_unlock();
 		if (!rc)
-			run_verbs(&s);
+			after_all(&s);
 	}
 	release_resolved(&s);
 	for (unsigned i = 0; i < s.ngroups; i++)
@@ -691,10 +734,10 @@ int txn_execute(const struct fleece_daemon *d, const char *text, size_t len, cha
 	ctl_txn_free(&s.parsed);
 	pthread_mutex_unlock(&control_mutex);
 	if (rc) {
-		strbuf_free(&out);
-		strbuf_printf(&out, "error: %s\n", s.err);
+		strbuf_free(&s.answer);
+		strbuf_printf(&s.answer, "error: %s\n", s.err);
 		log_info("control: %s", s.err);
 	}
-	*answer = strbuf_steal(&out);
+	*answer = strbuf_steal(&s.answer);
 	return rc;
 }

@@ -39,7 +39,7 @@ enum job_stop { JOB_GO_ON, JOB_STOP_CANCEL, JOB_STOP_FAIL };
 
 /* The verbs of .fleece/ctl that act on a job, for the legality table:
  *   cancel    running, paused, ready
- *   pause     running
+ *   pause     running, ready (resume returns it to where it was)
  *   resume    paused
  *   complete  ready, or when the driver says so (a sync=none backup)
  *   set       running, paused, ready
@@ -47,6 +47,7 @@ enum job_stop { JOB_GO_ON, JOB_STOP_CANCEL, JOB_STOP_FAIL };
  * Anything else fails with EBUSY and a message naming the state. */
 enum job_verb { JOB_VERB_CANCEL, JOB_VERB_PAUSE, JOB_VERB_RESUME, JOB_VERB_COMPLETE, JOB_VERB_SET, JOB_VERB_DISMISS };
 
+struct image;
 struct job;
 struct job_group;
 
@@ -67,6 +68,9 @@ struct job_driver {
 	void (*free)(struct job *job);
 	/* May `complete` end the job while it is not ready? NULL: no. */
 	bool (*completable)(struct job *job);
+	/* The images the job uses (up to max into out; returns how many): a
+	 * transaction holds their gates while it completes the job. NULL: none. */
+	unsigned (*images)(struct job *job, struct image **out, unsigned max);
 	/* The job left a pause (resume): wake what an error stop held. NULL: none. */
 	void (*resumed)(struct job *job);
 };
@@ -78,6 +82,7 @@ struct job {
 	pthread_mutex_t lock;
 	pthread_cond_t wake;          /* CLOCK_MONOTONIC */
 	enum job_state state;
+	enum job_state resume_to;     /* running or ready: where resume goes */
 	enum { JOB_PREPARED, JOB_COMMITTED, JOB_ABANDONED } phase;
 	enum job_stop stop;
 	bool complete_requested;
@@ -105,6 +110,9 @@ int job_init(struct job *job, const struct job_driver *driver, const char *id, u
 	     char *err, size_t errlen);
 /* Starts the job's thread, which waits for commit or abandon. */
 int job_spawn(struct job *job, char *err, size_t errlen);
+/* A job that was initialized but never spawned: undoes job_init and frees
+ * it through its driver (for the driver's own failure paths). */
+void job_discard(struct job *job);
 void job_commit(struct job *job);
 /* The transaction failed: stops the thread, lets the driver undo, frees. */
 void job_abandon(struct job *job);
@@ -158,6 +166,10 @@ void job_fail(struct job *job, const char *fmt, ...) __attribute__((format(print
 void job_pause_on_error(struct job *job, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* Has `complete` been accepted for this job? */
 bool job_complete_requested(struct job *job);
+/* The driver's work caught up (ready: in sync, `complete` may end it) or
+ * fell behind again; event "ready" on entering. A job paused meanwhile
+ * returns to that state when resumed. */
+void job_set_ready(struct job *job, bool ready);
 /* Blocks while the job is paused; false when a stop is requested. */
 bool job_wait_running(struct job *job);
 /* Waits while paused, then until the rate limiter lets more through, and
