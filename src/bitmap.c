@@ -551,100 +551,105 @@ static int find_by_inode(uint64_t dev, uint64_t ino, char *out, size_t len)
 	return 0;
 }
 
-/* Loads one STATE_DIR/bitmaps/DEV-INO directory. */
-static void load_set(const char *dir)
-{
-	char path[PATH_MAX] = "", mtime[32] = "", ctime[32] = "", why[160] = "";
-	uint64_t dev = 0, ino = 0, size = 0;
-	int clean = 0;
-	struct image *img = NULL;
+/* What the identity record of a set says of its image. */
+struct identity {
+	char path[PATH_MAX];         /* relative to SOURCE_DIR ("" if unknown) */
+	uint64_t dev, ino;
+	struct image *image;         /* referenced; NULL if not found */
+	char why[160];               /* set: the bitmaps cannot be trusted */
+	int clean;                   /* 1 clean stop, 0 crash, -1 crash + changed */
+};
 
-	int meta = read_meta(dir, path, sizeof(path), &dev, &ino, &size, mtime, ctime, &clean);
-	if (meta) {
+/* Finds the image of dir and judges its identity record. */
+static void check_identity(const char *dir, struct identity *id)
+{
+	char mtime[32] = "", ctime[32] = "";
+	uint64_t size = 0;
+
+	if (read_meta(dir, id->path, sizeof(id->path), &id->dev, &id->ino, &size, mtime, ctime, &id->clean)) {
 		/* Without the record the image is still found by its inode (the
 		 * directory's name), so its writes go on being tracked; but
 		 * nothing proves it was not changed meanwhile. */
-		snprintf(why, sizeof(why), "the record of the image's identity is missing");
+		snprintf(id->why, sizeof(id->why), "the record of the image's identity is missing");
 		const char *base = strrchr(dir, '/');
-		if (base && sscanf(base + 1, "%" SCNu64 "-%" SCNu64, &dev, &ino) == 2 &&
-		    find_by_inode(dev, ino, path, sizeof(path)) == 0) {
-			int fd = openat(source_dir_fd, path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+		if (base && sscanf(base + 1, "%" SCNu64 "-%" SCNu64, &id->dev, &id->ino) == 2 &&
+		    find_by_inode(id->dev, id->ino, id->path, sizeof(id->path)) == 0) {
+			int fd = openat(source_dir_fd, id->path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
 			if (fd >= 0) {
-				if (image_get(fd, &img))
-					img = NULL;
+				if (image_get(fd, &id->image))
+					id->image = NULL;
 				close(fd);
 			}
 		}
-	}
-	if (!meta) {
-		int fd = openat(source_dir_fd, path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
-		struct stat st;
-		if (fd < 0 || fstat(fd, &st) < 0) {
-			snprintf(why, sizeof(why), "image %s is gone", path);
-		} else if ((uint64_t)st.st_dev != dev || (uint64_t)st.st_ino != ino) {
-			snprintf(why, sizeof(why), "%s is not the file the bitmaps were recorded for", path);
-		} else if (image_get(fd, &img)) {
-			snprintf(why, sizeof(why), "cannot open %s", path);
-		} else {
-			char m[32], c[32];
-			format_ts(m, &st.st_mtim);
-			format_ts(c, &st.st_ctim);
-			bool same = (uint64_t)st.st_size == size && !strcmp(m, mtime) && !strcmp(c, ctime);
-			if (!same && clean)
-				snprintf(why, sizeof(why),
-					 "%s was changed while fleecefs was not running (size, mtime or ctime differ)", path);
-			else if (!same)
-				clean = -1; /* after a crash: the intent log tells */
-		}
-		if (fd >= 0)
-			close(fd);
-	}
-	struct bitmap_set *set = new_set(img, dir);
-	if (img)
-		image_put(img);
-	if (!set)
 		return;
-	/* A missing image is listed under its inode, never a state path. */
-	if (!path[0])
-		snprintf(path, sizeof(path), "missing-%" PRIu64 "-%" PRIu64, dev, ino);
-	set->path = strdup(path);
-	if (!set->image) {
-		set->dev = (dev_t)dev;
-		set->ino = (ino_t)ino;
 	}
-	/* The bitmaps. */
-	DIR *d = opendir(dir);
+	int fd = openat(source_dir_fd, id->path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+	struct stat st;
+	if (fd < 0 || fstat(fd, &st) < 0) {
+		snprintf(id->why, sizeof(id->why), "image %.100s is gone", id->path);
+	} else if ((uint64_t)st.st_dev != id->dev || (uint64_t)st.st_ino != id->ino) {
+		snprintf(id->why, sizeof(id->why), "%.100s is not the file the bitmaps were recorded for", id->path);
+	} else if (image_get(fd, &id->image)) {
+		id->image = NULL;
+		snprintf(id->why, sizeof(id->why), "cannot open %.100s", id->path);
+	} else {
+		char m[32], c[32];
+		format_ts(m, &st.st_mtim);
+		format_ts(c, &st.st_ctim);
+		bool same = (uint64_t)st.st_size == size && !strcmp(m, mtime) && !strcmp(c, ctime);
+		if (!same && id->clean)
+			snprintf(id->why, sizeof(id->why),
+				 "%.80s was changed while fleecefs was not running (size, mtime or ctime differ)", id->path);
+		else if (!same)
+			id->clean = -1; /* after a crash: the intent log tells */
+	}
+	if (fd >= 0)
+		close(fd);
+}
+
+/* The NAME.bitmap files of the set's directory, with the bits a backup had
+ * frozen when it was interrupted added back. */
+static void load_bitmaps(struct bitmap_set *set)
+{
+	DIR *d = opendir(set->dir);
 	for (struct dirent *e; d && (e = readdir(d));) {
 		size_t n = strlen(e->d_name);
 		if (n < 8 || strcmp(e->d_name + n - 7, ".bitmap") || e->d_name[0] == '.')
 			continue;
 		struct dirty_bitmap *bm = malloc(sizeof(*bm));
 		if (!bm || load_words(set, e->d_name, bm, NULL)) {
-			log_error("bitmaps: %s/%s is damaged: ignored", dir, e->d_name);
+			log_error("bitmaps: %s/%s is damaged: ignored", set->dir, e->d_name);
 			free(bm);
 			continue;
 		}
 		bm->serial = take_serial();
 		bm->gran_bits = log2_u64(bm->granularity);
 		/* A backup was running: what it froze is dirty again. */
-		char frozen[FLEECE_NAME_MAX + 16];
+		char frozen[FLEECE_NAME_MAX + 16], fpath[PATH_MAX];
 		snprintf(frozen, sizeof(frozen), "%s.frozen", bm->name);
 		if (load_words(set, frozen, NULL, &bm->bits) == 0)
 			log_info("bitmap %s of %s: a backup was interrupted; its bits are kept", bm->name, set->path);
-		char fpath[PATH_MAX];
-		join(fpath, sizeof(fpath), dir, frozen);
+		join(fpath, sizeof(fpath), set->dir, frozen);
 		unlink(fpath);
 		bm->next = set->list;
 		set->list = bm;
 	}
 	if (d)
 		closedir(d);
-	/* After a crash: every region recorded in the intent log is dirty. */
+}
+
+/* After a crash: every region recorded in the intent log is dirty in every
+ * enabled bitmap. Returns how many regions were recorded. */
+static uint64_t replay_intent(struct bitmap_set *set)
+{
 	char ipath[PATH_MAX];
-	join(ipath, sizeof(ipath), dir, "intent");
-	int ifd = open(ipath, O_RDONLY | O_CLOEXEC);
 	uint64_t header[2] = { 0, 0 }, regions = 0;
-	if (ifd >= 0 && pread_full(ifd, header, sizeof(header), 0) == sizeof(header) && header[0] < 64) {
+
+	join(ipath, sizeof(ipath), set->dir, "intent");
+	int ifd = open(ipath, O_RDONLY | O_CLOEXEC);
+	if (ifd < 0)
+		return 0;
+	if (pread_full(ifd, header, sizeof(header), 0) == sizeof(header) && header[0] < 64) {
 		uint64_t nwords = (header[1] + 63) / 64;
 		for (uint64_t w = 0; w < nwords; w++) {
 			uint64_t v = 0;
@@ -663,18 +668,41 @@ static void load_set(const char *dir)
 			}
 		}
 	}
-	if (ifd >= 0)
-		close(ifd);
-	if (clean == -1 && !regions)
-		snprintf(why, sizeof(why),
-			 "%s was changed while fleecefs was not running (identity differs, no write of fleecefs pending)",
+	close(ifd);
+	return regions;
+}
+
+/* Loads one STATE_DIR/bitmaps/DEV-INO directory. */
+static void load_set(const char *dir)
+{
+	struct identity id = { .path = "" };
+
+	check_identity(dir, &id);
+	struct bitmap_set *set = new_set(id.image, dir);
+	if (id.image)
+		image_put(id.image);
+	if (!set)
+		return;
+	/* A missing image is listed under its inode, never a state path. */
+	if (!id.path[0])
+		snprintf(id.path, sizeof(id.path), "missing-%" PRIu64 "-%" PRIu64, id.dev, id.ino);
+	set->path = strdup(id.path);
+	if (!set->image) {
+		set->dev = (dev_t)id.dev;
+		set->ino = (ino_t)id.ino;
+	}
+	load_bitmaps(set);
+	uint64_t regions = replay_intent(set);
+	if (id.clean == -1 && !regions)
+		snprintf(id.why, sizeof(id.why),
+			 "%.60s was changed while fleecefs was not running (identity differs, no write of fleecefs pending)",
 			 set->path);
 	if (regions)
 		log_warn("bitmaps of %s: fleecefs did not stop cleanly; %" PRIu64
 			 " region(s) of 16 MiB written meanwhile count as dirty", set->path, regions);
-	if (why[0]) {
-		mark_inconsistent_locked(set, why);
-		log_error("bitmaps of %s are inconsistent: %s", set->path, why);
+	if (id.why[0]) {
+		mark_inconsistent_locked(set, id.why);
+		log_error("bitmaps of %s are inconsistent: %s", set->path, id.why);
 	}
 	if (set->image) {
 		open_intent(set);

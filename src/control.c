@@ -271,87 +271,77 @@ static const char *const backup_keys[] = {
 	"id", "group", NULL,
 };
 
-static int parse_backup(const struct where *w, struct words *words, struct ctl_backup *b)
+/* One key=value option of backup into b. */
+static int parse_backup_option(const struct where *w, enum backup_key key, const char *v, struct ctl_backup *b)
 {
-	uint64_t seen = 0;
-	int rc, choice = 0;
+	const char *k = backup_keys[key];
+	int rc = 0, choice = 0;
 
-	*b = (struct ctl_backup){ .checksum = true };
-	if (words->argc < 3)
-		return fail(w, "usage: backup IMAGE TARGET [key=value ...]");
-	if ((rc = parse_image_arg(w, words->argv[1], &b->image)) ||
-	    (rc = parse_target_arg(w, "TARGET", words->argv[2], &b->target)))
-		return rc;
-	b->format = has_suffix(b->target, ".qcow2") ? FORMAT_QCOW2 : FORMAT_RAW;
-	for (unsigned i = 3; i < words->argc; i++) {
-		unsigned key;
-		const char *v;
-		if ((rc = split_option(w, words->argv[i], backup_keys, &seen, &key, &v)))
-			return rc;
-		const char *k = backup_keys[key];
-		switch ((enum backup_key)key) {
-		case BK_SYNC:
-			rc = parse_choice(w, k, v, sync_choices, &choice);
-			b->sync = (enum backup_sync)choice;
-			break;
-		case BK_FORMAT:
-			rc = parse_choice(w, k, v, format_choices, &choice);
-			b->format = (enum target_format)choice;
-			break;
-		case BK_BITMAP:
-			rc = parse_name_option(w, "bitmap", v, &b->bitmap);
-			break;
-		case BK_BITMAP_MODE:
-			rc = parse_choice(w, k, v, bitmap_mode_choices, &choice);
-			b->bitmap_mode = (enum bitmap_mode)choice;
-			b->bitmap_mode_given = true;
-			break;
-		case BK_BACKING:
-			rc = parse_target_arg(w, "backing", v, &b->backing);
-			break;
-		case BK_COMPRESS:
-			rc = parse_compress(w, v, b);
-			break;
-		case BK_CHECKSUM:
-			rc = parse_choice(w, k, v, checksum_choices, &choice);
-			b->checksum = choice;
-			break;
-		case BK_SPEED:
-			rc = parse_size_option(w, k, v, &b->speed);
-			break;
-		case BK_ON_SOURCE_ERROR:
-			rc = parse_choice(w, k, v, policy_choices, &choice);
-			b->on_source_error = (enum error_policy)choice;
-			break;
-		case BK_ON_TARGET_ERROR:
-			rc = parse_choice(w, k, v, policy_choices, &choice);
-			b->on_target_error = (enum error_policy)choice;
-			break;
-		case BK_ON_CBW_ERROR:
-			rc = parse_choice(w, k, v, cbw_choices, &choice);
-			b->on_cbw_error = (enum cbw_policy)choice;
-			break;
-		case BK_CBW_TIMEOUT:
-			rc = parse_u64(v, &b->cbw_timeout_ms) ? fail(w, "cbw-timeout=%s: expected milliseconds", v) : 0;
-			break;
-		case BK_FLEECING:
-			rc = parse_choice(w, k, v, on_off_choices, &choice);
-			b->fleecing = choice;
-			break;
-		case BK_MAX_STORE:
-			rc = parse_size_option(w, k, v, &b->max_store);
-			break;
-		case BK_ID:
-			rc = parse_name_option(w, "id", v, &b->id);
-			break;
-		case BK_GROUP:
-			rc = parse_name_option(w, "group", v, &b->group);
-			break;
-		}
-		if (rc)
-			return rc;
+	switch (key) {
+	case BK_SYNC:
+		rc = parse_choice(w, k, v, sync_choices, &choice);
+		b->sync = (enum backup_sync)choice;
+		break;
+	case BK_FORMAT:
+		rc = parse_choice(w, k, v, format_choices, &choice);
+		b->format = (enum target_format)choice;
+		break;
+	case BK_BITMAP:
+		rc = parse_name_option(w, "bitmap", v, &b->bitmap);
+		break;
+	case BK_BITMAP_MODE:
+		rc = parse_choice(w, k, v, bitmap_mode_choices, &choice);
+		b->bitmap_mode = (enum bitmap_mode)choice;
+		b->bitmap_mode_given = true;
+		break;
+	case BK_BACKING:
+		rc = parse_target_arg(w, "backing", v, &b->backing);
+		break;
+	case BK_COMPRESS:
+		rc = parse_compress(w, v, b);
+		break;
+	case BK_CHECKSUM:
+		rc = parse_choice(w, k, v, checksum_choices, &choice);
+		b->checksum = choice;
+		break;
+	case BK_SPEED:
+		rc = parse_size_option(w, k, v, &b->speed);
+		break;
+	case BK_ON_SOURCE_ERROR:
+		rc = parse_choice(w, k, v, policy_choices, &choice);
+		b->on_source_error = (enum error_policy)choice;
+		break;
+	case BK_ON_TARGET_ERROR:
+		rc = parse_choice(w, k, v, policy_choices, &choice);
+		b->on_target_error = (enum error_policy)choice;
+		break;
+	case BK_ON_CBW_ERROR:
+		rc = parse_choice(w, k, v, cbw_choices, &choice);
+		b->on_cbw_error = (enum cbw_policy)choice;
+		break;
+	case BK_CBW_TIMEOUT:
+		rc = parse_u64(v, &b->cbw_timeout_ms) ? fail(w, "cbw-timeout=%s: expected milliseconds", v) : 0;
+		break;
+	case BK_FLEECING:
+		rc = parse_choice(w, k, v, on_off_choices, &choice);
+		b->fleecing = choice;
+		break;
+	case BK_MAX_STORE:
+		rc = parse_size_option(w, k, v, &b->max_store);
+		break;
+	case BK_ID:
+		rc = parse_name_option(w, "id", v, &b->id);
+		break;
+	case BK_GROUP:
+		rc = parse_name_option(w, "group", v, &b->group);
+		break;
 	}
-	/* Combinations, checked the way QEMU checks its backup arguments. */
+	return rc;
+}
+
+/* Combinations, checked the way QEMU checks its backup arguments. */
+static int check_backup_options(const struct where *w, const struct ctl_backup *b, uint64_t seen)
+{
 	if (b->sync == SYNC_INCREMENTAL && !b->bitmap)
 		return fail(w, "sync=incremental needs bitmap=NAME");
 	if (b->bitmap_mode_given && !b->bitmap)
@@ -367,6 +357,28 @@ static int parse_backup(const struct where *w, struct words *words, struct ctl_b
 	if (b->fleecing && b->sync == SYNC_NONE)
 		return fail(w, "fleecing=on needs a background copy (sync=none has none)");
 	return 0;
+}
+
+static int parse_backup(const struct where *w, struct words *words, struct ctl_backup *b)
+{
+	uint64_t seen = 0;
+	int rc;
+
+	*b = (struct ctl_backup){ .checksum = true };
+	if (words->argc < 3)
+		return fail(w, "usage: backup IMAGE TARGET [key=value ...]");
+	if ((rc = parse_image_arg(w, words->argv[1], &b->image)) ||
+	    (rc = parse_target_arg(w, "TARGET", words->argv[2], &b->target)))
+		return rc;
+	b->format = has_suffix(b->target, ".qcow2") ? FORMAT_QCOW2 : FORMAT_RAW;
+	for (unsigned i = 3; i < words->argc; i++) {
+		unsigned key;
+		const char *v;
+		if ((rc = split_option(w, words->argv[i], backup_keys, &seen, &key, &v)) ||
+		    (rc = parse_backup_option(w, (enum backup_key)key, v, b)))
+			return rc;
+	}
+	return check_backup_options(w, b, seen);
 }
 
 enum mirror_key { MK_SYNC, MK_SPEED, MK_ID, MK_COPY_MODE };

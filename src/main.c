@@ -328,6 +328,187 @@ static dev_t find_mount_dev(const char *mountpoint)
 	return found;
 }
 
+/* -o cluster_size= and threads=, into d. 0 or 1 (after a message). */
+static int apply_settings(struct fleece_daemon *d, const struct options *opts)
+{
+	uint64_t value;
+
+	d->cluster_size = FLEECE_DEFAULT_CLUSTER_SIZE;
+	if (opts->cluster_size) {
+		if (parse_size(opts->cluster_size, &value) || !is_power_of_two(value) || value < 4096 ||
+		    value > (16u << 20))
+			return die("cluster_size=%s: must be a power of two from 4K to 16M", opts->cluster_size);
+		d->cluster_size = (uint32_t)value;
+	}
+	d->threads = DEFAULT_THREADS;
+	if (opts->threads) {
+		if (parse_u64(opts->threads, &value) || value < 1 || value > MAX_THREADS)
+			return die("threads=%s: must be a number from 1 to %d", opts->threads, MAX_THREADS);
+		d->threads = (unsigned)value;
+	}
+	unsigned workers = d->threads / 16;
+	d->copy_workers = workers < 1 ? 1 : workers > FLEECE_MAX_COPY_WORKERS ? FLEECE_MAX_COPY_WORKERS : workers;
+	return 0;
+}
+
+/* SOURCE_DIR and MOUNTPOINT: real directories, one not inside the other,
+ * nothing mounted on the mount point. 0 or 1 (after a message). */
+static int check_paths(struct fleece_daemon *d, const struct options *opts)
+{
+	int rc = 1;
+
+	if (!(d->source_dir = absolute_dir("SOURCE_DIR", opts->source, &rc)) ||
+	    !(d->mountpoint = absolute_dir("MOUNTPOINT", opts->mountpoint, &rc)))
+		return rc;
+	if (path_is_inside(d->mountpoint, d->source_dir))
+		return die("MOUNTPOINT %s lies inside SOURCE_DIR %s", d->mountpoint, d->source_dir);
+	if (is_mount_point(d->mountpoint))
+		return die("MOUNTPOINT %s is busy: something is already mounted there", d->mountpoint);
+	d->source_fd = open(d->source_dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
+	if (d->source_fd < 0)
+		return die("SOURCE_DIR %s: %s", d->source_dir, error_text(errno));
+	return 0;
+}
+
+/* The FUSE session, with the mount options we always add; it checks the
+ * remaining -o options (libfuse says which it does not know) before
+ * anything is created on disk. */
+static struct fuse_session *new_session(struct fuse_args *args, struct fleece_daemon *d)
+{
+	char fsname[PATH_MAX + 16];
+
+	snprintf(fsname, sizeof(fsname), "-ofsname=%s", d->source_dir);
+	/* Permission checks by the kernel against the source's modes; without
+	 * this, allow_other would let anyone write any image. */
+	if (fuse_opt_add_arg(args, "-odefault_permissions") || fuse_opt_add_arg(args, "-osubtype=fleecefs") ||
+	    fuse_opt_add_arg(args, fsname)) {
+		die("out of memory");
+		return NULL;
+	}
+	return fuse_session_new(args, &fs_operations, sizeof(fs_operations), d);
+}
+
+/* The state directory, and what earlier runs left in it. 0 or 1. */
+static int open_state(struct fleece_daemon *d, const struct options *opts)
+{
+	int rc = prepare_state_dir(d, opts->state_dir);
+	if (rc)
+		return rc;
+	remove_stale_stores(d->state_dir);
+	if (pending_setup(d->state_dir) < 0)
+		return die("state_dir %s: cannot create %s/pending: %s", d->state_dir, d->state_dir, error_text(errno));
+	/* What a crash left half done: finished or undone before anything runs. */
+	pending_recover(d->state_dir);
+	return 0;
+}
+
+/* The modules that serve the mount, then the mount itself. 0 or 1. */
+static int start_serving(struct fuse_session *se, struct fleece_daemon *d, bool foreground, bool debug)
+{
+	d->owner_uid = getuid();
+	d->owner_gid = getgid();
+	d->started_ns = clock_realtime_ns();
+	/* The kernel applies the caller's umask; ours must not apply twice. */
+	umask(0);
+	log_setup(foreground || debug, debug);
+	if (fs_setup(d) < 0)
+		return die("SOURCE_DIR %s: %s", d->source_dir, error_text(errno));
+	ctlfs_init(d);
+	if (bitmaps_start(d->state_dir, d->source_fd, d->source_dir, d->cluster_size) < 0)
+		return die("state_dir %s: cannot load the dirty bitmaps: %s", d->state_dir, error_text(errno));
+	if (fuse_set_signal_handlers(se) != 0)
+		return die("cannot install signal handlers");
+	if (fuse_session_mount(se, d->mountpoint) != 0) {
+		fuse_remove_signal_handlers(se);
+		return die("MOUNTPOINT %s: cannot mount (is /dev/fuse usable? see above)", d->mountpoint);
+	}
+	d->mount_dev = find_mount_dev(d->mountpoint);
+	if (fuse_daemonize(foreground || debug) != 0) {
+		fuse_session_unmount(se);
+		fuse_remove_signal_handlers(se);
+		return die("cannot go to the background");
+	}
+	log_info("serving %s at %s (state_dir %s, cluster_size %u, threads %u)", d->source_dir, d->mountpoint,
+		 d->state_dir, d->cluster_size, d->threads);
+	return 0;
+}
+
+/* Serves FUSE requests until unmounted or signalled; the loop's status. */
+static int serve(struct fuse_session *se, const struct fuse_cmdline_opts *cli, unsigned threads)
+{
+	if (cli->singlethread)
+		return fuse_session_loop(se);
+	struct fuse_loop_config *cfg = fuse_loop_cfg_create();
+	fuse_loop_cfg_set_clone_fd(cfg, 1);
+	fuse_loop_cfg_set_max_threads(cfg, threads);
+	/* Idle workers are never destroyed (the default): a guest's next burst
+	 * should not pay for thread creation. */
+	if (cli->max_idle_threads != UINT_MAX)
+		fuse_loop_cfg_set_idle_threads(cfg, cli->max_idle_threads);
+	int rc = fuse_session_loop_mt(se, cfg);
+	fuse_loop_cfg_destroy(cfg);
+	return rc;
+}
+
+/* Clean stop: every guest request has been answered. Jobs end as cancelled
+ * (their new targets removed, incrementals rolled back, always-mode
+ * partials kept), parked event reads end, what the guests wrote is made
+ * durable, the mount goes. The exit status. */
+static int stop_serving(struct fuse_session *se, const struct fleece_daemon *d, int loop_rc)
+{
+	log_info("stopping: cancelling jobs");
+	job_cancel_all_and_wait();
+	/* After the jobs: they hand their bitmaps back first. */
+	bitmaps_stop();
+	ctlfs_shutdown();
+	int sync_fd = open(d->source_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (sync_fd < 0 || syncfs(sync_fd) < 0)
+		log_warn("syncfs %s: %s", d->source_dir, error_text(errno));
+	if (sync_fd >= 0)
+		close(sync_fd);
+	fuse_session_unmount(se);
+	fuse_remove_signal_handlers(se);
+	int rc = loop_rc < 0 && loop_rc != -EINTR ? 1 : 0;
+	if (rc)
+		log_error("session ended with %s", error_text(-loop_rc));
+	else
+		log_info("unmounted %s", d->mountpoint);
+	return rc;
+}
+
+static void free_options(struct options *opts)
+{
+	free(opts->source);
+	free(opts->mountpoint);
+	free(opts->extra_arg);
+	free(opts->state_dir);
+	free(opts->cluster_size);
+	free(opts->threads);
+}
+
+/* The command line into opts and cli: 0, 1 (bad), or -1 (done: help or
+ * version printed). */
+static int parse_command_line(struct fuse_args *args, struct options *opts, struct fuse_cmdline_opts *cli,
+			      const char *prog)
+{
+	if (fuse_opt_parse(args, opts, option_spec, option_proc) != 0)
+		return die("bad options (see fleecefs --help)");
+	if (opts->show_help || opts->show_version) {
+		if (opts->show_help)
+			usage(prog);
+		else
+			printf("fleecefs %s (libfuse %s)\n", PACKAGE_VERSION, fuse_pkgversion());
+		return -1;
+	}
+	if (fuse_parse_cmdline(args, cli) != 0)
+		return die("bad options (see fleecefs --help)");
+	if (!opts->source || !opts->mountpoint)
+		return die("SOURCE_DIR and MOUNTPOINT are required (see fleecefs --help)");
+	if (opts->extra_arg)
+		return die("unexpected argument '%s' after MOUNTPOINT", opts->extra_arg);
+	return 0;
+}
+
 int main(int argc, char *argv[])
 {
 	struct fuse_args args = FUSE_ARGS_INIT(argc, argv);
@@ -335,168 +516,20 @@ int main(int argc, char *argv[])
 	struct options opts = { 0 };
 	struct fleece_daemon d = { .source_fd = -1 };
 	struct fuse_session *se = NULL;
-	int rc = 1;
-	uint64_t value;
+	int rc;
 
 	log_setup(true, false);
 	fuse_set_log_func(fuse_log_to_ours);
-	if (fuse_opt_parse(&args, &opts, option_spec, option_proc) != 0) {
-		rc = die("bad options (see fleecefs --help)");
-		goto out;
-	}
-	if (opts.show_help || opts.show_version) {
-		if (opts.show_help)
-			usage(argv[0]);
-		else
-			printf("fleecefs %s (libfuse %s)\n", PACKAGE_VERSION, fuse_pkgversion());
+	rc = parse_command_line(&args, &opts, &cli, argv[0]);
+	if (rc < 0)
 		rc = 0;
-		goto out;
-	}
-	if (fuse_parse_cmdline(&args, &cli) != 0) {
-		rc = die("bad options (see fleecefs --help)");
-		goto out;
-	}
-	if (!opts.source || !opts.mountpoint) {
-		rc = die("SOURCE_DIR and MOUNTPOINT are required (see fleecefs --help)");
-		goto out;
-	}
-	if (opts.extra_arg) {
-		rc = die("unexpected argument '%s' after MOUNTPOINT", opts.extra_arg);
-		goto out;
-	}
-
-	d.cluster_size = FLEECE_DEFAULT_CLUSTER_SIZE;
-	if (opts.cluster_size) {
-		if (parse_size(opts.cluster_size, &value) || !is_power_of_two(value) || value < 4096 ||
-		    value > (16u << 20)) {
-			rc = die("cluster_size=%s: must be a power of two from 4K to 16M", opts.cluster_size);
-			goto out;
-		}
-		d.cluster_size = (uint32_t)value;
-	}
-	d.threads = DEFAULT_THREADS;
-	if (opts.threads) {
-		if (parse_u64(opts.threads, &value) || value < 1 || value > MAX_THREADS) {
-			rc = die("threads=%s: must be a number from 1 to %d", opts.threads, MAX_THREADS);
-			goto out;
-		}
-		d.threads = (unsigned)value;
-	}
-	d.copy_workers = d.threads / 16 < 1 ? 1 : d.threads / 16 > FLEECE_MAX_COPY_WORKERS ? FLEECE_MAX_COPY_WORKERS
-											   : d.threads / 16;
-
-	if (!(d.source_dir = absolute_dir("SOURCE_DIR", opts.source, &rc)) ||
-	    !(d.mountpoint = absolute_dir("MOUNTPOINT", opts.mountpoint, &rc)))
-		goto out;
-	if (path_is_inside(d.mountpoint, d.source_dir)) {
-		rc = die("MOUNTPOINT %s lies inside SOURCE_DIR %s", d.mountpoint, d.source_dir);
-		goto out;
-	}
-	if (is_mount_point(d.mountpoint)) {
-		rc = die("MOUNTPOINT %s is busy: something is already mounted there", d.mountpoint);
-		goto out;
-	}
-	d.source_fd = open(d.source_dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
-	if (d.source_fd < 0) {
-		rc = die("SOURCE_DIR %s: %s", d.source_dir, error_text(errno));
-		goto out;
-	}
-	char fsname[PATH_MAX + 16];
-	snprintf(fsname, sizeof(fsname), "-ofsname=%s", d.source_dir);
-	/* Permission checks by the kernel against the source's modes; without
-	 * this, allow_other would let anyone write any image. */
-	if (fuse_opt_add_arg(&args, "-odefault_permissions") || fuse_opt_add_arg(&args, "-osubtype=fleecefs") ||
-	    fuse_opt_add_arg(&args, fsname)) {
-		rc = die("out of memory");
-		goto out;
-	}
-	/* Checks the remaining -o options (libfuse says which it does not know)
-	 * before anything is created on disk. */
-	se = fuse_session_new(&args, &fs_operations, sizeof(fs_operations), &d);
-	if (!se)
-		goto out;
-	if ((rc = prepare_state_dir(&d, opts.state_dir)))
-		goto out;
-	remove_stale_stores(d.state_dir);
-	if (pending_setup(d.state_dir) < 0) {
-		rc = die("state_dir %s: cannot create %s/pending: %s", d.state_dir, d.state_dir, error_text(errno));
-		goto out;
-	}
-	/* What a crash left half done: finished or undone before anything runs. */
-	pending_recover(d.state_dir);
-	rc = 1;
-	d.owner_uid = getuid();
-	d.owner_gid = getgid();
-	d.started_ns = clock_realtime_ns();
-
-	/* The kernel applies the caller's umask; ours must not apply twice. */
-	umask(0);
-	log_setup(cli.foreground || opts.debug, opts.debug);
-	if (fs_setup(&d) < 0) {
-		rc = die("SOURCE_DIR %s: %s", d.source_dir, error_text(errno));
-		goto out;
-	}
-	ctlfs_init(&d);
-	if (bitmaps_start(d.state_dir, d.source_fd, d.source_dir, d.cluster_size) < 0) {
-		rc = die("state_dir %s: cannot load the dirty bitmaps: %s", d.state_dir, error_text(errno));
-		goto out;
-	}
-	if (fuse_set_signal_handlers(se) != 0) {
-		rc = die("cannot install signal handlers");
-		goto out;
-	}
-	if (fuse_session_mount(se, d.mountpoint) != 0) {
-		fuse_remove_signal_handlers(se);
-		rc = die("MOUNTPOINT %s: cannot mount (is /dev/fuse usable? see above)", d.mountpoint);
-		goto out;
-	}
-	d.mount_dev = find_mount_dev(d.mountpoint);
-	if (fuse_daemonize(cli.foreground || opts.debug) != 0) {
-		fuse_session_unmount(se);
-		fuse_remove_signal_handlers(se);
-		rc = die("cannot go to the background");
-		goto out;
-	}
-	log_info("serving %s at %s (state_dir %s, cluster_size %u, threads %u)", d.source_dir, d.mountpoint,
-		 d.state_dir, d.cluster_size, d.threads);
-
-	int loop_rc;
-	if (cli.singlethread) {
-		loop_rc = fuse_session_loop(se);
-	} else {
-		struct fuse_loop_config *cfg = fuse_loop_cfg_create();
-		fuse_loop_cfg_set_clone_fd(cfg, 1);
-		fuse_loop_cfg_set_max_threads(cfg, d.threads);
-		/* Idle workers are never destroyed (the default): a guest's next
-		 * burst should not pay for thread creation. */
-		if (cli.max_idle_threads != UINT_MAX)
-			fuse_loop_cfg_set_idle_threads(cfg, cli.max_idle_threads);
-		loop_rc = fuse_session_loop_mt(se, cfg);
-		fuse_loop_cfg_destroy(cfg);
-	}
-
-	/* Clean stop: every guest request has been answered. Jobs end as
-	 * cancelled (their targets removed), parked event reads end, and what
-	 * the guests wrote is made durable. */
-	log_info("stopping: cancelling jobs");
-	job_cancel_all_and_wait();
-	/* After the jobs: they hand their bitmaps back first. */
-	bitmaps_stop();
-	ctlfs_shutdown();
-	int sync_fd = open(d.source_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-	if (sync_fd < 0 || syncfs(sync_fd) < 0)
-		log_warn("syncfs %s: %s", d.source_dir, error_text(errno));
-	if (sync_fd >= 0)
-		close(sync_fd);
-	fuse_session_unmount(se);
-	fuse_remove_signal_handlers(se);
-	rc = loop_rc < 0 && loop_rc != -EINTR ? 1 : 0;
-	if (rc)
-		log_error("session ended with %s", error_text(-loop_rc));
-	else
-		log_info("unmounted %s", d.mountpoint);
-out:
-	bitmaps_stop();     /* a no-op after the clean stop above */
+	else if (!rc && !(rc = apply_settings(&d, &opts)) && !(rc = check_paths(&d, &opts)) &&
+		 (se = new_session(&args, &d)) && !(rc = open_state(&d, &opts)) &&
+		 !(rc = start_serving(se, &d, cli.foreground, opts.debug)))
+		rc = stop_serving(se, &d, serve(se, &cli, d.threads));
+	else if (!rc)
+		rc = 1;   /* the session could not be made (libfuse said why) */
+	bitmaps_stop();     /* a no-op after a clean stop */
 	if (se)
 		fuse_session_destroy(se);
 	ctlfs_teardown();
@@ -508,12 +541,7 @@ out:
 	free(d.source_dir);
 	free(d.mountpoint);
 	free(d.state_dir);
-	free(opts.source);
-	free(opts.mountpoint);
-	free(opts.extra_arg);
-	free(opts.state_dir);
-	free(opts.cluster_size);
-	free(opts.threads);
+	free_options(&opts);
 	free(cli.mountpoint);
 	fuse_opt_free_args(&args);
 	return rc;

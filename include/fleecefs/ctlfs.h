@@ -16,11 +16,18 @@
  * job's serial number, so a dismissed job's nodes simply stop resolving.
  * Every control node is direct-I/O and never cached by the kernel.
  *
- * Locking: each open file has its own state; the writes of one open file are
- * serialized by its write lock, held while the write runs (taken before the
- * control mutex of transaction.h); events readers are kept in a
- * list under events_readers_lock, which the event listener takes to answer
- * parked reads and poll handles. Requests are answered from any thread.
+ * Locking: each open file has its own state under its lock; the writes of
+ * one open file are serialized by its write lock, held while the write runs
+ * (taken before the control mutex of transaction.h). Events readers are kept
+ * in a list under readers_lock. The event listener (events.h) runs in the
+ * thread that emitted the event, which may hold the job registry lock and a
+ * job's lock (events are emitted under them, so each job's events keep their
+ * order); it takes readers_lock, then a reader's lock, reads the ring (the
+ * events lock) and answers parked reads there: replying to FUSE writes to
+ * /dev/fuse, which does not block. Order: job registry lock -> job lock ->
+ * readers_lock -> open file's lock -> events lock. Nothing here takes a job
+ * lock while holding readers_lock or a file's lock. Requests are answered
+ * from any thread.
  * Errors: FUSE replies with errno; never crashes on any input.
  */
 #ifndef FLEECEFS_CTLFS_H

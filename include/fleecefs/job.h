@@ -12,7 +12,9 @@
  *
  * Locking: job->lock guards state, phase, stop requests, error, times, speed,
  * the rate limiter and the rate estimate. registry_lock (in job.c) guards the
- * list of jobs and serial numbers; lock order: registry_lock, then job->lock.
+ * list of jobs and serial numbers; lock order: registry_lock, then job->lock,
+ * then (events are emitted under them, in order) the event listener's locks
+ * (ctlfs.h). A group's lock is taken before its members' job locks.
  * Progress counters are read by the driver's progress callback without locks.
  * Errors: 0 or -errno, and a one-line message in `err`.
  */
