@@ -10,15 +10,14 @@
 # fio workloads: 1 MiB sequential write/read and 4 KiB random write/read, QD16,
 # O_DIRECT, on: the plain file; each layer with no job; each layer while a
 # full backup at unlimited speed runs; and a copy-before-write-only phase
-# (qsd: its sync=none job; fleecefs, until sync=none exists: a full backup
-# limited to 1 KiB/s, whose background copy does practically nothing). Plus
+# (a sync=none job on both). Plus
 # the idle full backup of the image against `qemu-img convert` and dd.
 # Results: $WORK/results/{qsd,fleecefs}-TIMESTAMP and the merged markdown on
 # stdout (also in $WORK/results/compare-TIMESTAMP.md).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 top=$(cd "$here/.." && pwd)
-ANCHORS=${ANCHORS:-$top/../shared/bench/anchors.sh}
+ANCHORS=${ANCHORS:-${SHARED_DIR:-$top/../shared}/bench/anchors.sh}
 export WORK=${WORK:-/tmp/fleecefs-bench}
 export FLEECEFS=${FLEECEFS:-$top/build-check/fleecefs}
 [ -x "$ANCHORS" ] || { echo "bench: $ANCHORS not found (set ANCHORS=)" >&2; exit 1; }
@@ -38,7 +37,7 @@ echo "== fleecefs ($FLEECEFS)" >&2
 RESULTS=$WORK/results/fleecefs-$stamp IMPL_NAME=fleecefs \
 MOUNT_CMD='"$FLEECEFS" -f "$SRC_DIR" "$MNT" 2>>"$WORK/fleecefs.log" & echo $! >"$DAEMON_PIDFILE"; for i in $(seq 100); do [ -e "$MNT/.fleece/ctl" ] && exit 0; sleep 0.1; done; exit 1' \
 UNMOUNT_CMD='fusermount3 -u "$MNT"; p=$(cat "$DAEMON_PIDFILE"); while kill -0 $p 2>/dev/null; do sleep 0.1; done' \
-START_BACKUP_CMD='if [ "$SYNC" = none ]; then opts="sync=full speed=1K"; else opts="sync=$SYNC speed=$BACKUP_SPEED"; fi; printf "backup disk.raw %s %s id=%s checksum=none\n" "$TARGET" "$opts" "$JOB_ID" >"$MNT/.fleece/ctl" && sed -n "s/^started=/start=/p" "$MNT/.fleece/jobs/$JOB_ID/status"' \
+START_BACKUP_CMD='if [ "$SYNC" = none ]; then opts="sync=none"; else opts="sync=$SYNC speed=$BACKUP_SPEED"; fi; printf "backup disk.raw %s %s id=%s checksum=none\n" "$TARGET" "$opts" "$JOB_ID" >"$MNT/.fleece/ctl" && sed -n "s/^started=/start=/p" "$MNT/.fleece/jobs/$JOB_ID/status"' \
 WAIT_BACKUP_CMD='s=$MNT/.fleece/jobs/$JOB_ID/status; until grep -qE "^state=(completed|failed|cancelled)" "$s"; do sleep 0.02; done; sed -n "s/^finished=/end=/p" "$s"; grep -q "^state=completed" "$s"; r=$?; echo "dismiss $JOB_ID" >"$MNT/.fleece/ctl"; exit $r' \
 CANCEL_BACKUP_CMD='s=$MNT/.fleece/jobs/$JOB_ID/status; [ -e "$s" ] || exit 0; echo "cancel $JOB_ID" >"$MNT/.fleece/ctl" 2>/dev/null; until grep -qE "^state=(failed|cancelled|completed)" "$s"; do sleep 0.02; done; sed -n "s/^finished=/end=/p" "$s"; echo "dismiss $JOB_ID" >"$MNT/.fleece/ctl"' \
 "$ANCHORS" >/dev/null

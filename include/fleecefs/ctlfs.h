@@ -9,7 +9,7 @@
  *     jobs/ID/status    one job's status, taken when the file is opened
  *     snapshots/NAME/IMAGE   read-only views of a snapshot (snapshot.h)
  *     inject            error injection rules (inject.h): write rules, read them
- *     snapshots/ bitmaps/   (empty until those features exist)
+ *     bitmaps/IMAGE/NAME    one dirty bitmap's status (bitmap.h)
  *
  * Inode numbers of control nodes carry CTLFS_INO_FLAG, which no pointer-based
  * inode number of the passthrough layer (fs.c) can have; job nodes encode the
