@@ -89,11 +89,13 @@ static const char *policy_name(enum error_policy p)
 }
 
 /* "reading the image at offset N: Input/output error" */
-static void describe_error(const struct blockcopy_error *e, char *buf, size_t len)
+static void describe_error(const struct backup *b, const struct blockcopy_error *e, char *buf, size_t len)
 {
 	const char *what = e->injected ? "copy-before-write (injected)" :
 			   e->target ? "writing the target" : "reading the image";
-	snprintf(buf, len, "%s at offset %" PRIu64 ": %s", what, e->offset, error_text(-e->err));
+	/* A target may say more than errno (a server's answer). */
+	const char *why = e->target && b->target ? target_error_text(b->target, -e->err) : error_text(-e->err);
+	snprintf(buf, len, "%s at offset %" PRIu64 ": %s", what, e->offset, why);
 }
 
 /* ---- the guest write path ----------------------------------------------- */
@@ -130,7 +132,7 @@ static int backup_before_write(struct image_hook *hook, uint64_t off, uint64_t l
 		snprintf(what, sizeof(what), "copy-before-write of offset %" PRIu64 " took longer than cbw-timeout=%" PRIu64
 			 " ms", off, b->cbw_timeout_ms);
 	else
-		describe_error(&e, what, sizeof(what));
+		describe_error(b, &e, what, sizeof(what));
 	if (b->on_cbw_error == CBW_BREAK_GUEST_WRITE) {
 		/* The snapshot stays exact: the guest's write does not happen
 		 * (its old data was not saved). */
@@ -153,7 +155,7 @@ static bool handle_copy_error(struct backup *b, const struct blockcopy_error *e)
 	enum error_policy policy = e->target ? b->on_target_error : b->on_source_error;
 	char what[200];
 
-	describe_error(e, what, sizeof(what));
+	describe_error(b, e, what, sizeof(what));
 	switch (policy) {
 	case POLICY_IGNORE:
 		/* The clusters stay pending; a later pass copies them. */
@@ -180,7 +182,7 @@ static bool backup_queued_write_failed(void *owner, int err, uint64_t offset)
 	struct blockcopy_error e = { .err = err, .target = true, .offset = offset };
 	char what[200];
 
-	describe_error(&e, what, sizeof(what));
+	describe_error(b, &e, what, sizeof(what));
 	switch (b->on_target_error) {
 	case POLICY_IGNORE:
 		log_warn("backup %s: %s (on-target-error=ignore: retrying)", b->job.id, what);
@@ -523,7 +525,7 @@ static int finish_copy(struct backup *b)
 	uint64_t drained_ns = clock_monotonic_ns();
 	if (rc) {
 		struct blockcopy_error e = { .err = rc, .target = true, .offset = where };
-		describe_error(&e, what, sizeof(what));
+		describe_error(b, &e, what, sizeof(what));
 		job_fail(job, "%s", what);
 	} else if ((rc = target_flush(b->target))) {
 		job_fail(job, "target %s: cannot flush: %s", b->target_path, error_text(-rc));
