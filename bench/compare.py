@@ -62,8 +62,8 @@ for wl in wls:
         rel = f"{rf / rq:.1f}×" if (rq and rf) else "—"
         print(f"| {names[wl]} | {label} | {pq or 0:.0f} / {pf or 0:.0f} | {f3(rq)} | {f3(rf)} | {rel} "
               f"| {ms(cell(qsd, cfg, wl, 'p99_us'))} | {ms(cell(fl, cfg, wl, 'p99_us'))} |")
-print("\n\\* qsd: its sync=none job; fleecefs (no sync=none yet): a full backup limited to 1 KiB/s, so "
-      "practically every guest write to an uncopied cluster pays the copy-before-write.\n")
+print("\n\\* a sync=none job on both sides (fleecefs runs before 2026-12-01: a full backup limited to "
+      "1 KiB/s), so every guest write to an uncopied cluster pays the copy-before-write.\n")
 
 print("## Full backup under load: how long it took (s, median)\n")
 print("| workload | qsd | fleecefs |")

@@ -362,6 +362,7 @@ static int raw_format_create(const struct target_spec *spec, const char *temp, s
 
 const struct target_format_ops target_raw_format = {
 	.name = "raw",
+	.incremental_in_place = true,
 	.create = raw_format_create,
 	.open_existing = target_raw_open_in_place,
 };

@@ -316,11 +316,13 @@ static int check_backup(struct txn_state *s, unsigned i)
 		return rc;
 	if (!(s->res[i].backup = calloc(1, sizeof(*s->res[i].backup))))
 		return set_error(s->err, sizeof(s->err), ENOMEM, "line %u: out of memory", line);
-	/* A raw incremental updates the chain's last backup in place. */
+	/* The format says what an incremental is (raw: the chain's last backup
+	 * updated in place). */
+	const struct target_format_ops *format = target_format(b->format);
 	struct target_spec *spec = &s->res[i].backup->target;
 	*spec = (struct target_spec){ .format = b->format, .location = b->target, .checksum = b->checksum,
-				      .in_place = b->sync == SYNC_INCREMENTAL, .backing = b->backing,
-				      .compress = (int)b->compress };
+				      .in_place = b->sync == SYNC_INCREMENTAL && format && format->incremental_in_place,
+				      .backing = b->backing, .compress = (int)b->compress };
 	char msg[ERR_MAX - 32];
 	if ((rc = target_check(spec, &s->limits, msg, sizeof(msg))))
 		return set_error(s->err, sizeof(s->err), -rc, "line %u: %s", line, msg);

@@ -111,6 +111,9 @@ struct target {
 /* A format: its checks and how it makes or reopens a target. */
 struct target_format_ops {
 	const char *name;
+	/* How this format makes an incremental: by updating the chain's last
+	 * backup in place (raw), or as a new file over it (qcow2). */
+	bool incremental_in_place;
 	/* Format-specific checks of a resolved spec (gates open). */
 	int (*check)(const struct target_spec *spec, char *err, size_t errlen);
 	/* A new target to be published as spec->resolved, written under the
