@@ -21,21 +21,11 @@
 #     bench/bitmaps.sh            SIZE=512M RUNTIME=5 REPS=1 bench/bitmaps.sh
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
-FLEECEFS=${FLEECEFS:-$top/build/fleecefs}
+FLEECEFS=${FLEECEFS:-$top/build-check/fleecefs}
 WORK=${WORK:-/tmp/fleecefs-bench-bitmaps}
 SIZE=${SIZE:-2G} RUNTIME=${RUNTIME:-10} REPS=${REPS:-3} DIRTY_PCT=${DIRTY_PCT:-1}
-mkdir -p "$WORK/src" "$WORK/mnt" "$WORK/out"
-img=$WORK/src/disk.raw
-want=$(numfmt --from=iec "$SIZE")
-[ -f "$img" ] && [ "$(stat -c %s "$img")" = "$want" ] || head -c "$want" /dev/urandom > "$img"
+. "$top/bench/lib.sh"
 rm -rf "$WORK/src/.fleecefs"     # bitmaps left by an interrupted run
-pid=
-cleanup() { mountpoint -q "$WORK/mnt" && fusermount3 -u "$WORK/mnt"; [ -n "$pid" ] && wait "$pid" 2>/dev/null; rm -rf "$WORK/out"; }
-trap cleanup EXIT
-
-mount_fs() { "$FLEECEFS" -f "$@" "$WORK/src" "$WORK/mnt" 2>>"$WORK/daemon.log" & pid=$!
-	     for _ in $(seq 100); do [ -e "$WORK/mnt/.fleece/ctl" ] && return; sleep 0.05; done; exit 1; }
-umount_fs() { fusermount3 -u "$WORK/mnt"; wait "$pid" || true; pid=; }
 ctl() { echo "$1" > "$WORK/mnt/.fleece/ctl"; }
 key() { sed -n "s/^$2=//p" "$WORK/mnt/.fleece/jobs/$1/status"; }
 # job_seconds ID: waits for the job; prints finished - started, or fails.
@@ -46,11 +36,6 @@ job_seconds() {
 	awk -v a="$(key "$1" started)" -v b="$(key "$1" finished)" 'BEGIN { printf "%.3f\n", b - a }'
 }
 drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
-fio_run() {
-	fio --name=w --filename="$WORK/mnt/disk.raw" --rw=randwrite --bs=4k --iodepth=16 --ioengine=libaio \
-	    --direct=1 --runtime="$RUNTIME" --time_based --randrepeat=0 --norandommap --output-format=json 2>/dev/null |
-		jq -r '.jobs[0].write | "\(.iops) \(.clat_ns.percentile["99.000000"] / 1000)"'
-}
 
 for rep in $(seq "$REPS"); do
 	mount_fs

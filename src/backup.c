@@ -832,23 +832,24 @@ fail:
 
 /* ---- prepare: at the point in time ------------------------------------------ */
 
-int backup_prepare(struct job *job, const struct backup_params *p, char *err, size_t errlen)
+/* Where T is read from: a snapshot view (frozen already), a private frozen
+ * image (fleecing), or the image itself, protected by our own copy-before-
+ * write hook. The image's gate is closed: this is T. Sets b->source; the
+ * size at T in *size. */
+static int choose_source(struct backup *b, const struct backup_params *p, uint64_t *size, char *err, size_t errlen)
 {
-	struct backup *b = to_backup(job);
 	const struct ctl_backup *cmd = p->cmd;
 	int rc;
 
-	/* Where T is read from: a snapshot view (frozen already), a private
-	 * frozen image (fleecing), or the image itself, protected by our own
-	 * copy-before-write hook. The image's gate is closed: this is T. */
-	uint64_t size;
 	if (p->view) {
 		job_get(p->snapshot);
 		b->snapshot = p->snapshot;
 		snapshot_use(p->snapshot, b->job.id, true);
 		b->source = &p->view->source;
-		size = p->view->size;
-	} else if (cmd->fleecing) {
+		*size = p->view->size;
+		return 0;
+	}
+	if (cmd->fleecing) {
 		char store[4200], msg[300];
 		snprintf(store, sizeof(store), "%s/fleecing", p->state_dir);
 		mkdir(store, 0700);
@@ -862,25 +863,23 @@ int backup_prepare(struct job *job, const struct backup_params *p, char *err, si
 		b->fleece.fail_guest = b->on_cbw_error == CBW_BREAK_GUEST_WRITE;
 		b->fleece.bc.cbw_write_through = b->fleece.fail_guest;
 		b->source = &b->fleece.source;
-		size = b->fleece.size;
-	} else {
-		int64_t now = image_size(p->image);
-		if (now < 0)
-			return set_error(err, errlen, (int)-now, "backup %s: cannot read the image: %s", cmd->image,
-					 error_text((int)-now));
-		b->source = &p->image->source;
-		size = (uint64_t)now;
+		*size = b->fleece.size;
+		return 0;
 	}
-	if ((rc = target_set_size(b->target, size, err, errlen)) ||
-	    (b->manifest && (rc = manifest_set_size(b->manifest, size, err, errlen))))
-		return rc;
-	if (cmd->bitmap) {
-		char msg[300];
-		b->bitmap_mode = cmd->bitmap_mode;
-		snprintf(b->bitmap_name, sizeof(b->bitmap_name), "%s", cmd->bitmap);
-		if ((rc = bitmap_job_begin(p->image, cmd->bitmap, b->job.id, &b->bitmap, msg, sizeof(msg))))
-			return set_error(err, errlen, -rc, "backup %s: %s", cmd->image, msg);
-	}
+	int64_t now = image_size(p->image);
+	if (now < 0)
+		return set_error(err, errlen, (int)-now, "backup %s: cannot read the image: %s", cmd->image,
+				 error_text((int)-now));
+	b->source = &p->image->source;
+	*size = (uint64_t)now;
+	return 0;
+}
+
+/* The copy engine for `size` bytes at T, and what it has to copy. */
+static int build_engine(struct backup *b, const struct ctl_backup *cmd, uint64_t size, char *err, size_t errlen)
+{
+	int rc;
+
 	if ((rc = blockcopy_init(&b->bc, b->source, b->target, b->manifest, size, b->copy_unit, &backup_copy_ops, b)))
 		return set_error(err, errlen, -rc, "backup %s: out of memory for %" PRIu64 " clusters", cmd->image,
 				 div_round_up(size, b->copy_unit));
@@ -890,6 +889,28 @@ int backup_prepare(struct job *job, const struct backup_params *p, char *err, si
 		atomic_store(&b->bytes_total, blockcopy_restrict(&b->bc, &b->bitmap->frozen, b->bitmap->gran_bits));
 	else
 		atomic_store(&b->bytes_total, size);   /* sync=top: less once the holes are known */
+	return 0;
+}
+
+int backup_prepare(struct job *job, const struct backup_params *p, char *err, size_t errlen)
+{
+	struct backup *b = to_backup(job);
+	const struct ctl_backup *cmd = p->cmd;
+	uint64_t size;
+	int rc;
+
+	if ((rc = choose_source(b, p, &size, err, errlen)) || (rc = target_set_size(b->target, size, err, errlen)) ||
+	    (b->manifest && (rc = manifest_set_size(b->manifest, size, err, errlen))))
+		return rc;
+	if (cmd->bitmap) {
+		char msg[300];
+		b->bitmap_mode = cmd->bitmap_mode;
+		snprintf(b->bitmap_name, sizeof(b->bitmap_name), "%s", cmd->bitmap);
+		if ((rc = bitmap_job_begin(p->image, cmd->bitmap, b->job.id, &b->bitmap, msg, sizeof(msg))))
+			return set_error(err, errlen, -rc, "backup %s: %s", cmd->image, msg);
+	}
+	if ((rc = build_engine(b, cmd, size, err, errlen)))
+		return rc;
 	if (!p->view && !cmd->fleecing) {
 		if ((rc = image_attach_locked(p->image, &b->hook, false)))
 			return set_error(err, errlen, -rc, "backup %s: out of memory", cmd->image);
