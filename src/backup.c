@@ -45,7 +45,7 @@ struct backup {
 	bool names_claimed;
 	struct pending *record;         /* pending.h: what a crash must finish or undo */
 	enum backup_sync sync;
-	enum target_format format;
+	enum target_format format, source_format;
 	bool checksum;
 	enum error_policy on_source_error, on_target_error;
 	enum cbw_policy on_cbw_error;
@@ -628,7 +628,8 @@ static void backup_status(struct job *job, struct strbuf *out)
 	strbuf_printf(out, "image=%s\ntarget=%s\nsync=%s\nformat=%s\nchecksum=%s\ncluster_size=%" PRIu32 "\n",
 		      b->image_path, b->target_path, ctl_sync_name(b->sync), ctl_format_name(b->format),
 		      b->checksum ? "xxh3" : "none", b->bc.cluster_size);
-	strbuf_printf(out, "fleecing=%s\n", b->fleecing ? "on" : "off");
+	strbuf_printf(out, "source_format=%s\nfleecing=%s\n", ctl_format_name(b->source_format),
+		      b->fleecing ? "on" : "off");
 	if (b->bitmap_name[0])
 		strbuf_printf(out, "bitmap=%s\nbitmap_mode=%s\n", b->bitmap_name,
 			      b->bitmap_mode == BITMAP_MODE_ALWAYS ? "always" :
@@ -774,6 +775,8 @@ static int stage_files(struct backup *b, const struct backup_params *p, char *er
 		rc = b->in_place ? manifest_open_update(manifest_name(data, mpath, sizeof(mpath)), mtemp, b->copy_unit,
 							&b->manifest, err, errlen)
 				 : manifest_create(mtemp, b->copy_unit, &b->manifest, err, errlen);
+		if (!rc)
+			manifest_set_format(b->manifest, ctl_format_name(b->format));
 		if (rc && !b->in_place)
 			/* Named as the user will see it. */
 			set_error(err, errlen, -rc, "manifest %s: cannot create: %s", manifest_name(b->target_path, mpath,
@@ -797,7 +800,8 @@ int backup_stage(const struct backup_params *p, struct job **out, char *err, siz
 	}
 	b->hook.before_write = backup_before_write;
 	b->sync = cmd->sync;
-	b->format = cmd->format;
+	b->format = p->target->format;
+	b->source_format = p->source_format;
 	b->checksum = cmd->checksum;
 	b->on_source_error = cmd->on_source_error;
 	b->on_target_error = cmd->on_target_error;

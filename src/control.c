@@ -285,6 +285,7 @@ static int parse_backup_option(const struct where *w, enum backup_key key, const
 	case BK_FORMAT:
 		rc = parse_choice(w, k, v, format_choices, &choice);
 		b->format = (enum target_format)choice;
+		b->format_given = true;
 		break;
 	case BK_BITMAP:
 		rc = parse_name_option(w, "bitmap", v, &b->bitmap);
@@ -348,14 +349,24 @@ static int check_backup_options(const struct where *w, const struct ctl_backup *
 		return fail(w, "bitmap-mode needs bitmap=NAME");
 	if (b->sync == SYNC_NONE && b->bitmap)
 		return fail(w, "sync=none cannot use a bitmap");
-	if (b->compress != COMPRESS_NONE && b->format != FORMAT_QCOW2)
-		return fail(w, "compress needs format=qcow2 (raw targets are not compressed)");
-	if (b->backing && !(b->format == FORMAT_QCOW2 && b->sync == SYNC_INCREMENTAL))
-		return fail(w, "backing= applies only to sync=incremental with format=qcow2");
 	if ((seen & (1ull << BK_MAX_STORE)) && !b->fleecing)
 		return fail(w, "max-store applies only with fleecing=on");
 	if (b->fleecing && b->sync == SYNC_NONE)
 		return fail(w, "fleecing=on needs a background copy (sync=none has none)");
+	char why[256];
+	return ctl_backup_check_format(b, b->format, why, sizeof(why)) ? fail(w, "%s", why) : 0;
+}
+
+int ctl_backup_check_format(const struct ctl_backup *b, enum target_format format, char *err, size_t errlen)
+{
+	if (b->compress != COMPRESS_NONE && format != FORMAT_QCOW2)
+		return set_error(err, errlen, EINVAL, "compress needs format=qcow2 (raw targets are not compressed)");
+	if (b->backing && !(format == FORMAT_QCOW2 && b->sync == SYNC_INCREMENTAL))
+		return set_error(err, errlen, EINVAL, "backing= applies only to sync=incremental with format=qcow2");
+	if (format == FORMAT_QCOW2 && b->sync == SYNC_NONE)
+		return set_error(err, errlen, EINVAL,
+				 "sync=none cannot write qcow2 (it copies only what guests overwrite; use a raw target, or "
+				 "fleecing=on with sync=full)");
 	return 0;
 }
 

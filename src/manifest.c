@@ -171,6 +171,7 @@ void manifest_forget(struct manifest *m, const struct cbitmap *left)
 }
 
 void manifest_set_partial(struct manifest *m, bool partial) { m->partial = partial; }
+void manifest_set_format(struct manifest *m, const char *format) { m->format = format; }
 
 /* The checksum of `len` zero bytes. */
 static uint64_t zero_hash(uint64_t len)
@@ -195,9 +196,9 @@ int manifest_write(struct manifest *m)
 	if (!f)
 		return -errno;
 	m->fd = -1;
-	fprintf(f, "fleecefs-manifest 1\nalgorithm=xxh3-64\n%ssize=%" PRIu64 "\ncluster_size=%" PRIu32
-		   "\nclusters=%" PRIu64 "\n", m->partial ? "state=partial\n" : "", m->size, m->cluster_size,
-		m->nclusters);
+	fprintf(f, "fleecefs-manifest 1\nalgorithm=xxh3-64\nformat=%s\n%ssize=%" PRIu64 "\ncluster_size=%" PRIu32
+		   "\nclusters=%" PRIu64 "\n", m->format ? m->format : "raw", m->partial ? "state=partial\n" : "",
+		m->size, m->cluster_size, m->nclusters);
 	for (uint64_t c = 0; c < m->nclusters; c++) {
 		uint64_t h = cbitmap_test(&m->hashed, c) ? m->hashes[c] : c + 1 == m->nclusters ? zero_last : zero_full;
 		fprintf(f, "%016" PRIx64 "\n", h);

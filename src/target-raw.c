@@ -33,7 +33,6 @@ struct raw_target {
 	 * clusters need no write (target.h, the zero rule). */
 	bool fresh;
 	int fd;
-	bool published;          /* RAW_NEW: the file has its final name */
 	struct journal *journal; /* RAW_IN_PLACE */
 };
 
@@ -157,25 +156,6 @@ static int raw_forget(struct target *t, const struct cbitmap *left, unsigned clu
 	return rc;
 }
 
-static int raw_publish(struct target *t, const char *name, char *err, size_t errlen)
-{
-	struct raw_target *r = raw(t);
-
-	if (strcmp(t->path, name) == 0)
-		return 0;
-	int rc = rename_noreplace(t->path, name);
-	if (rc)
-		return set_error(err, errlen, -rc, "target %s: cannot rename it to %s: %s", t->path, name,
-				 error_text(-rc));
-	char *copy = strdup(name);
-	if (copy) {
-		free(t->path);
-		t->path = copy;
-	}
-	r->published = true;
-	return 0;
-}
-
 static int raw_close(struct target *t, bool keep)
 {
 	struct raw_target *r = raw(t);
@@ -192,7 +172,7 @@ static int raw_close(struct target *t, bool keep)
 	if (r->fd >= 0 && close(r->fd) < 0 && !rc && keep)
 		rc = -errno;
 	r->fd = -1;
-	if (!keep && (r->kind == RAW_SCRATCH || (r->kind == RAW_NEW && !r->published))) {
+	if (!keep && (r->kind == RAW_SCRATCH || (r->kind == RAW_NEW && !t->published))) {
 		unlink(t->path);
 		fsync_parent_dir(t->path);
 	}
@@ -220,7 +200,7 @@ static const struct target_ops raw_ops = {
 	.set_size = raw_set_size,
 	.flush = raw_flush,
 	.forget = raw_forget,
-	.publish = raw_publish,
+	.publish = target_rename_file,
 	.close = raw_close,
 	.free = raw_free,
 };
@@ -235,7 +215,7 @@ static const struct target_ops raw_scratch_ops = {
 	.set_size = raw_set_size,
 	.flush = raw_flush,
 	.forget = raw_forget,
-	.publish = raw_publish,
+	.publish = target_rename_file,
 	.close = raw_close,
 	.free = raw_free,
 };
@@ -256,23 +236,9 @@ static struct raw_target *new_raw(const char *path, const struct target_ops *ops
 
 static int create_file(struct raw_target *r, char *err, size_t errlen, const char *shown)
 {
-	struct stat st;
-
-	/* Backups hold whole disks: readable by the owner only. */
-	r->fd = open(r->base.path, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
-	if (r->fd < 0 || fstat(r->fd, &st) < 0) {
-		int e = errno;
-		if (r->fd >= 0) {
-			close(r->fd);
-			unlink(r->base.path);
-		}
-		r->fd = -1;
-		return set_error(err, errlen, e, "target %s: cannot create: %s", shown, error_text(e));
-	}
-	r->base.dev = st.st_dev;
-	r->base.ino = st.st_ino;
-	r->fresh = true;
-	return 0;
+	int rc = target_create_file(&r->base, shown, &r->fd, err, errlen);
+	r->fresh = rc == 0;
+	return rc;
 }
 
 int target_raw_create(const char *final_path, const char *temp_path, struct target **out, char *err, size_t errlen)

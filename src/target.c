@@ -75,6 +75,43 @@ int rename_noreplace(const char *from, const char *to)
 	return fsync_parent_dir(to);
 }
 
+int target_create_file(struct target *t, const char *shown, int *fd, char *err, size_t errlen)
+{
+	struct stat st;
+
+	/* Backups hold whole disks: readable by the owner only. */
+	*fd = open(t->path, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+	if (*fd < 0 || fstat(*fd, &st) < 0) {
+		int e = errno;
+		if (*fd >= 0) {
+			close(*fd);
+			unlink(t->path);
+		}
+		*fd = -1;
+		return set_error(err, errlen, e, "target %s: cannot create: %s", shown, error_text(e));
+	}
+	t->dev = st.st_dev;
+	t->ino = st.st_ino;
+	return 0;
+}
+
+int target_rename_file(struct target *t, const char *name, char *err, size_t errlen)
+{
+	if (strcmp(t->path, name) == 0)
+		return 0;
+	int rc = rename_noreplace(t->path, name);
+	if (rc)
+		return set_error(err, errlen, -rc, "target %s: cannot rename it to %s: %s", t->path, name,
+				 error_text(-rc));
+	char *copy = strdup(name);
+	if (copy) {
+		free(t->path);
+		t->path = copy;
+	}
+	t->published = true;
+	return 0;
+}
+
 /* ---- names in use ---------------------------------------------------------- */
 
 static pthread_mutex_t names_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -143,10 +180,17 @@ bool target_name_taken(const char *path)
 /* ---- formats and checks ------------------------------------------------------ */
 
 extern const struct target_format_ops target_raw_format;
+extern const struct target_format_ops target_qcow2_format;
 
 const struct target_format_ops *target_format(enum target_format format)
 {
-	return format == FORMAT_RAW ? &target_raw_format : NULL;
+	switch (format) {
+	case FORMAT_RAW:
+		return &target_raw_format;
+	case FORMAT_QCOW2:
+		return &target_qcow2_format;
+	}
+	return NULL;
 }
 
 const char *target_error_text(struct target *t, int err)
@@ -163,8 +207,7 @@ int target_check(struct target_spec *spec, const struct target_limits *limits, c
 	struct stat st;
 
 	if (!format)
-		return set_error(err, errlen, EOPNOTSUPP, "target %s: format=qcow2 is not supported by this version",
-				 target);
+		return set_error(err, errlen, EOPNOTSUPP, "target %s: a format this version cannot write", target);
 	if (!slash || !strcmp(slash + 1, "") || !strcmp(slash + 1, ".") || !strcmp(slash + 1, ".."))
 		return set_error(err, errlen, EINVAL, "target %s: must name a file", target);
 	snprintf(dir, sizeof(dir), "%.*s", slash == target ? 1 : (int)(slash - target), target);

@@ -18,8 +18,10 @@
 #include "fleecefs/daemon.h"
 #include "fleecefs/image.h"
 #include "fleecefs/job.h"
+#include "fleecefs/qcow2.h"
 #include "fleecefs/snapshot.h"
 #include "fleecefs/snapstore.h"
+#include "fleecefs/source.h"
 #include "fleecefs/target.h"
 #include "fleecefs/transaction.h"
 #include "fleecefs/util.h"
@@ -32,6 +34,8 @@ static pthread_mutex_t control_mutex = PTHREAD_MUTEX_INITIALIZER;
 /* What a backup line needs beyond the others (allocated for those only:
  * a transaction may have many lines). */
 struct backup_line {
+	enum target_format source_format; /* what the image's bytes are */
+	enum target_format format;        /* what TARGET will be */
 	struct target_spec target; /* TARGET, checked and resolved */
 	struct chain_info chain;  /* sync=incremental: the bitmap's chain record */
 	struct backup_params params; /* kept from stage to prepare */
@@ -257,6 +261,12 @@ static int check_backup_bitmap(struct txn_state *s, unsigned i)
 				 "line %u: backup: an incremental with bitmap %s continues its last backup %s%s%s, not %s",
 				 c->line, b->bitmap, chain->final, chain->partial ? " (kept partial as " : "",
 				 chain->partial ? chain->target : "", target);
+	const char *chain_format = chain->format[0] ? chain->format : "raw";
+	const struct target_format_ops *format = target_format(s->res[i].backup->format);
+	if (format && format->incremental_in_place && strcmp(chain_format, format->name) != 0)
+		return set_error(s->err, sizeof(s->err), EINVAL,
+				 "line %u: backup: %s is a %s backup: a %s incremental updates its backup in place and "
+				 "would destroy it", c->line, chain->target, chain_format, format->name);
 	if (!chain->dev && !chain->ino)
 		return set_error(s->err, sizeof(s->err), EINVAL,
 				 "line %u: backup: the chain record of bitmap %s does not say which file %s is (written "
@@ -271,7 +281,8 @@ static int check_backup_bitmap(struct txn_state *s, unsigned i)
 				 c->line, chain->final);
 	if (chain->partial) {
 		/* Completed, it gets TARGET's name: nothing may be there. */
-		struct target_spec final = { .format = b->format, .location = chain->final, .checksum = b->checksum };
+		struct target_spec final = { .format = s->res[i].backup->format, .location = chain->final,
+					     .checksum = b->checksum, .cluster_size = s->d->cluster_size };
 		char msg[ERR_MAX - 32];
 		if ((rc = target_check(&final, &s->limits, msg, sizeof(msg))))
 			return set_error(s->err, sizeof(s->err), -rc, "line %u: %s", c->line, msg);
@@ -305,6 +316,32 @@ static int check_bitmap(struct txn_state *s, unsigned i)
 	return rc;
 }
 
+/* What the source is: a qcow2 file (its magic) is already an image QEMU
+ * boots, so its backup is a byte copy (raw) whatever TARGET's suffix says;
+ * wrapping it as the disk of another qcow2 happens only when asked for. */
+static int choose_format(struct txn_state *s, unsigned i)
+{
+	const struct ctl_command *c = &s->parsed.cmds[i];
+	const struct ctl_backup *b = &c->u.backup;
+	struct backup_line *bl = s->res[i].backup;
+	unsigned char magic[4];
+	char msg[256];
+	bool got;
+
+	if (s->res[i].view)
+		got = s->res[i].view->size >= sizeof(magic) &&
+		      source_read(&s->res[i].view->source, magic, 0, sizeof(magic)) == 0;
+	else
+		got = image_pread(s->res[i].image, magic, sizeof(magic), 0) == (ssize_t)sizeof(magic);
+	bl->source_format = got && qcow2_has_magic(magic, sizeof(magic)) ? FORMAT_QCOW2 : FORMAT_RAW;
+	bl->format = bl->source_format == FORMAT_QCOW2 && !b->format_given ? FORMAT_RAW : b->format;
+	if (bl->format != b->format && ctl_backup_check_format(b, bl->format, msg, sizeof(msg)))
+		return set_error(s->err, sizeof(s->err), EINVAL,
+				 "line %u: backup: %s is a qcow2 image, backed up byte for byte (format=raw) unless "
+				 "format=qcow2 is given: %s", c->line, b->image, msg);
+	return 0;
+}
+
 static int check_backup(struct txn_state *s, unsigned i)
 {
 	const struct ctl_command *c = &s->parsed.cmds[i];
@@ -316,12 +353,24 @@ static int check_backup(struct txn_state *s, unsigned i)
 		return rc;
 	if (!(s->res[i].backup = calloc(1, sizeof(*s->res[i].backup))))
 		return set_error(s->err, sizeof(s->err), ENOMEM, "line %u: out of memory", line);
+	if (strncmp(b->image, VIEW_PREFIX, strlen(VIEW_PREFIX)) == 0) {
+		if (b->bitmap)
+			return set_error(s->err, sizeof(s->err), EINVAL,
+					 "line %u: backup: bitmaps belong to images, not to snapshot views", line);
+		rc = resolve_view(s, i);
+	} else {
+		rc = resolve_image(s, line, b->image, &s->res[i].image);
+	}
+	if (rc || (rc = choose_format(s, i)))
+		return rc;
 	/* The format says what an incremental is (raw: the chain's last backup
 	 * updated in place). */
-	const struct target_format_ops *format = target_format(b->format);
-	struct target_spec *spec = &s->res[i].backup->target;
-	*spec = (struct target_spec){ .format = b->format, .location = b->target, .checksum = b->checksum,
+	struct backup_line *bl = s->res[i].backup;
+	const struct target_format_ops *format = target_format(bl->format);
+	struct target_spec *spec = &bl->target;
+	*spec = (struct target_spec){ .format = bl->format, .location = b->target, .checksum = b->checksum,
 				      .in_place = b->sync == SYNC_INCREMENTAL && format && format->incremental_in_place,
+				      .incremental = b->sync == SYNC_INCREMENTAL, .cluster_size = s->d->cluster_size,
 				      .backing = b->backing, .compress = (int)b->compress };
 	char msg[ERR_MAX - 32];
 	if ((rc = target_check(spec, &s->limits, msg, sizeof(msg))))
@@ -330,14 +379,6 @@ static int check_backup(struct txn_state *s, unsigned i)
 		if (s->parsed.cmds[j].verb == CTL_BACKUP && strcmp(s->res[j].backup->target.resolved, spec->resolved) == 0)
 			return set_error(s->err, sizeof(s->err), EEXIST,
 					 "line %u: backup: target %s is used twice in this transaction", line, spec->resolved);
-	if (strncmp(b->image, VIEW_PREFIX, strlen(VIEW_PREFIX)) == 0) {
-		if (b->bitmap)
-			return set_error(s->err, sizeof(s->err), EINVAL,
-					 "line %u: backup: bitmaps belong to images, not to snapshot views", line);
-		return resolve_view(s, i);
-	}
-	if ((rc = resolve_image(s, line, b->image, &s->res[i].image)))
-		return rc;
 	return b->bitmap ? check_backup_bitmap(s, i) : 0;
 }
 
@@ -544,6 +585,7 @@ static int stage_backup(struct txn_state *s, unsigned i)
 		.chain = c->u.backup.sync == SYNC_INCREMENTAL ? &bl->chain : NULL,
 		.cluster_size = s->d->cluster_size,
 		.copy_workers = s->d->copy_workers,
+		.source_format = bl->source_format,
 	};
 	int rc = backup_stage(&bl->params, &s->res[i].prepared, msg, sizeof(msg));
 	if (rc)

@@ -47,19 +47,21 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "fleecefs/target.h"
+
 struct chain_info;
 struct ctl_backup;
 struct image;
 struct job;
 struct job_group;
 struct snapstore;
-struct target_spec;
 
 struct backup_params {
 	const struct ctl_backup *cmd;
 	struct image *image;       /* the image, or the one under the view */
 	const char *image_path;    /* as the user named it, for status */
-	const struct target_spec *target;  /* checked and resolved */
+	const struct target_spec *target;  /* checked and resolved; its format is the job's */
+	enum target_format source_format;  /* what the image's bytes are (status) */
 	/* sync=incremental: the bitmap's chain record (the file updated in
 	 * place and the name it ends up with). */
 	const struct chain_info *chain;

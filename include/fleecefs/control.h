@@ -40,7 +40,8 @@ enum bitmap_op { BITMAP_ADD, BITMAP_REMOVE, BITMAP_CLEAR, BITMAP_ENABLE, BITMAP_
 struct ctl_backup {
 	const char *image, *target;
 	enum backup_sync sync;
-	enum target_format format;
+	enum target_format format;   /* format=, else from TARGET's suffix */
+	bool format_given;
 	const char *bitmap;          /* NULL: none */
 	enum bitmap_mode bitmap_mode;
 	bool bitmap_mode_given;
@@ -112,6 +113,10 @@ void ctl_txn_free(struct ctl_txn *txn);
 const char *ctl_verb_name(enum ctl_verb verb);
 const char *ctl_sync_name(enum backup_sync sync);
 const char *ctl_format_name(enum target_format format);
+/* The options that depend on the target's format, for `format` (the one
+ * parsed, or the one a transaction settles on for the source). EINVAL with
+ * a message (no "line N:"). */
+int ctl_backup_check_format(const struct ctl_backup *b, enum target_format format, char *err, size_t errlen);
 
 /* IMAGE paths: relative, no empty, "." or ".." components. */
 bool ctl_image_path_is_valid(const char *path);

@@ -3,6 +3,8 @@
  * Text, so that it can be read with standard tools:
  *     fleecefs-manifest 1
  *     algorithm=xxh3-64
+ *     format=raw|qcow2         how to read the file (a raw copy of a qcow2
+ *                              image is raw); absent: raw
  *     [state=partial]          a partial backup (bitmap-mode=always)
  *     size=<bytes of the image at the point in time>
  *     cluster_size=<bytes>
@@ -44,6 +46,7 @@ struct manifest {
 	uint64_t *old;              /* in-place update: the checksums it had */
 	uint64_t old_size;
 	bool partial;
+	const char *format;         /* a static name; NULL: raw */
 };
 
 /* A new manifest, created empty under temp_path (O_EXCL); sized at T. */
@@ -59,6 +62,8 @@ void manifest_set(struct manifest *m, uint64_t cluster, const void *data, size_t
  * their old checksums (update) or read as zeroes again (new file). */
 void manifest_forget(struct manifest *m, const struct cbitmap *left);
 void manifest_set_partial(struct manifest *m, bool partial);
+/* How TARGET is read to get the content summed ("raw", "qcow2"; static). */
+void manifest_set_format(struct manifest *m, const char *format);
 /* Writes the temporary file and makes it durable. */
 int manifest_write(struct manifest *m);
 /* Renames it to `name` (replacing an older manifest only when `replace`). */

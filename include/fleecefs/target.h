@@ -1,6 +1,6 @@
 /* target: where a backup's clusters go.
  *
- * A registry of formats (target_format: raw now; qcow2 and NBD later), each
+ * A registry of formats (target_format: raw and qcow2; NBD later), each
  * with its checks and how it creates a new target or reopens an earlier
  * backup; one place that checks what a command asks for (target_check: the
  * location resolved and judged, names free); the operations every target
@@ -46,6 +46,8 @@ struct target_spec {
 	enum target_format format;
 	const char *location;        /* as given: an absolute path */
 	bool in_place;               /* update the chain's last backup */
+	bool incremental;            /* only the clusters of a bitmap */
+	uint32_t cluster_size;       /* the job's copy cluster */
 	bool checksum;               /* a manifest beside it */
 	const char *backing;         /* qcow2: the previous backup (not yet) */
 	int compress;                /* enum compress_kind (not yet) */
@@ -101,6 +103,7 @@ struct target {
 	/* Writes must cover whole units of this many bytes, aligned (a
 	 * compressed qcow2 cluster is written whole); 0: any. */
 	uint32_t write_unit;
+	bool published;      /* a new file has its final name (target_rename_file) */
 	dev_t dev;           /* of the file, once open */
 	ino_t ino;
 	/* The last error a format can say more about than errno (a server's
@@ -187,6 +190,13 @@ static inline int target_publish(struct target *t, const char *name, char *err, 
 }
 static inline int target_close(struct target *t, bool keep) { return t->ops->close(t, keep); }
 void target_free(struct target *t);
+
+/* For the formats: creates t->path (O_EXCL, mode 0600, never following a
+ * symlink), fills t->dev and t->ino; `shown` names it in the message. */
+int target_create_file(struct target *t, const char *shown, int *fd, char *err, size_t errlen);
+/* The formats' publish: renames the file to `name` (rename_noreplace), makes
+ * t->path follow and sets t->published. */
+int target_rename_file(struct target *t, const char *name, char *err, size_t errlen);
 
 /* fsync the directory that holds path (so a new entry survives a crash). */
 int fsync_parent_dir(const char *path);

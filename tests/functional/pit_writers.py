@@ -20,11 +20,24 @@ Exit status 0 on success; prints what differs otherwise.
 import argparse
 import os
 import random
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 
 STRIPE = 3000
+
+
+def qcow2_content(path):
+    """What qemu-img reads from a qcow2 file (after qemu-img check found it clean)."""
+    check = subprocess.run(["qemu-img", "check", "-f", "qcow2", path], capture_output=True, text=True)
+    if check.returncode != 0:
+        print("qemu-img check:", check.returncode, check.stdout.strip(), check.stderr.strip())
+        return None
+    with tempfile.NamedTemporaryFile(dir=os.path.dirname(path), suffix=".raw") as raw:
+        subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", path, raw.name], check=True)
+        return open(raw.name, "rb").read()
 
 
 def data_for(writer, seq, length):
@@ -113,6 +126,8 @@ def main():
     ap.add_argument("--tail", type=float, default=2.0, help="seconds of writing after the job ends")
     ap.add_argument("--options", default="", help="extra backup options")
     ap.add_argument("--timeout", type=float, default=120)
+    ap.add_argument("--qcow2", action="store_true",
+                    help="the target is qcow2: qemu-img check must pass, and its content is read through qemu-img")
     ap.add_argument("--pace", type=float, default=0.002, help="pause of the small writers between writes")
     ap.add_argument("--big-pace", type=float, default=0.05, help="pause of the big writer between writes")
     args = ap.parse_args()
@@ -176,7 +191,12 @@ def main():
         return 1
 
     # 2. The target is a consistent cut.
-    target = open(args.target, "rb").read()
+    if args.qcow2:
+        target = qcow2_content(args.target)
+        if target is None:
+            return 1
+    else:
+        target = open(args.target, "rb").read()
     if len(target) != size:
         print(f"target size {len(target)} != {size}")
         return 1

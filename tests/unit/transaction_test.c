@@ -149,7 +149,7 @@ Test(transaction, errnos_and_answers)
 		{ "backup a.img %s/../mnt/x.raw", -EINVAL, "inside the mount" },
 		{ "backup a.img %s/nodir/x.raw", -ENOENT, "nodir" },
 		{ "cancel nosuchjob%s", -ENOENT, "no job nosuchjob" },
-		{ "backup a.img %s/x.raw format=qcow2", -EOPNOTSUPP, "qcow2" },
+		{ "backup a.img %s/x.qcow2 sync=none", -EINVAL, "sync=none cannot write qcow2" },
 	};
 	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
 		snprintf(text, sizeof(text), cases[i].line, i == 3 ? "" : out_dir);

@@ -1,0 +1,472 @@
+/* target-qcow2: a new qcow2 (version 3) file that qemu-img and QEMU read.
+ *
+ * Layout, written in this order: data clusters, appended as they come from
+ * any number of threads (one atomic cursor, so a run of clusters stays one
+ * write); at flush the L2 tables, the L1 table and the refcount blocks and
+ * table after them; last the header in cluster 0. Until flush the file has
+ * no header at all, which is harmless: it has a hidden name until publish
+ * (target.h), and a crash leaves it to be removed.
+ *
+ * The cluster map lives in memory until flush: one table of entries per L1
+ * slot, made when the first cluster in its range is written (8 bytes per
+ * guest cluster of that range). Refcounts are not kept as the job goes but
+ * counted from the map at flush, so a cluster written twice (a retried
+ * write) or dropped (forget, zeroes over data) leaves free space and never a
+ * leak that `qemu-img check` would report. A flush may run more than once
+ * (a partial backup is flushed again after forget): each writes a fresh
+ * copy of the metadata after everything else, the old one becomes free.
+ *
+ * Zero clusters follow the target's zero rule: without a backing file an
+ * unallocated cluster reads as zeroes, so nothing is written; over a backing
+ * file a zero cluster (the v3 zero flag) masks it.
+ *
+ * Locking: writes to disjoint clusters run concurrently; an L2 table is
+ * installed with a compare-and-swap, each entry has one writer (the copy
+ * engine claims clusters, blockcopy.h); set_size, flush, forget and close run
+ * alone (target.h).
+ * Errors: 0 or -errno.
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "fleecefs/cbitmap.h"
+#include "fleecefs/qcow2.h"
+#include "fleecefs/target.h"
+#include "fleecefs/util.h"
+
+struct qcow2_target {
+	struct target base;
+	int fd;
+	unsigned cluster_bits;
+	uint64_t cluster_size;
+	struct qcow2_header header;    /* backing file and compression; the rest at flush */
+	uint64_t l1_entries;
+	_Atomic(uint64_t *) *l2;       /* per L1 slot: entries in host byte order, or NULL */
+	atomic_uint_fast64_t next_host; /* the first free byte of the file, cluster aligned */
+};
+
+static struct qcow2_target *q2(struct target *t) { return (struct qcow2_target *)t; }
+
+static bool is_data(uint64_t entry)
+{
+	return !(entry & QCOW2_OFLAG_COMPRESSED) && (entry & QCOW2_OFFSET_MASK);
+}
+
+/* The entry of guest cluster `c`; NULL when its table does not exist and
+ * `create` is false, or cannot be made. */
+static _Atomic uint64_t *entry_of(struct qcow2_target *q, uint64_t c, bool create)
+{
+	uint64_t per = qcow2_l2_entries(q->cluster_bits);
+	_Atomic(uint64_t *) *slot = &q->l2[c / per];
+	uint64_t *table = atomic_load_explicit(slot, memory_order_acquire);
+
+	if (!table && create) {
+		uint64_t *fresh = calloc(per, sizeof(*fresh));
+		if (!fresh)
+			return NULL;
+		if (atomic_compare_exchange_strong_explicit(slot, &table, fresh, memory_order_acq_rel,
+							    memory_order_acquire))
+			table = fresh;
+		else
+			free(fresh);   /* another thread installed one: `table` is it */
+	}
+	return table ? (_Atomic uint64_t *)&table[c % per] : NULL;
+}
+
+/* Writes go whole clusters at a time; the last may end at the disk's end. */
+static bool whole_clusters(const struct qcow2_target *q, uint64_t off, uint64_t len)
+{
+	uint64_t mask = q->cluster_size - 1;
+	return !(off & mask) && (!((off + len) & mask) || off + len >= q->base.size) && off + len <= q->base.size;
+}
+
+static int q2_write(struct target *t, uint64_t off, const void *buf, size_t len)
+{
+	struct qcow2_target *q = q2(t);
+	uint64_t first = off >> q->cluster_bits, n = div_round_up(len, q->cluster_size);
+	bool fresh = true;
+
+	if (!len)
+		return 0;
+	if (!whole_clusters(q, off, len))
+		return -EINVAL;
+	for (uint64_t i = 0; i < n; i++) {
+		_Atomic uint64_t *e = entry_of(q, first + i, true);
+		if (!e)
+			return -ENOMEM;
+		if (is_data(atomic_load_explicit(e, memory_order_relaxed)))
+			fresh = false;
+	}
+	if (fresh) {
+		/* The common case: new clusters, side by side in the file. */
+		uint64_t host = atomic_fetch_add(&q->next_host, n << q->cluster_bits);
+		ssize_t w = pwrite_full(q->fd, buf, len, host);
+		if (w < 0)
+			return (int)w;   /* the space stays unreferenced: free, not leaked */
+		for (uint64_t i = 0; i < n; i++)
+			atomic_store_explicit(entry_of(q, first + i, false), host + (i << q->cluster_bits),
+					      memory_order_relaxed);
+		return 0;
+	}
+	/* Some clusters were written before (a retry): those in place. */
+	for (uint64_t i = 0; i < n; i++) {
+		_Atomic uint64_t *e = entry_of(q, first + i, false);
+		uint64_t entry = atomic_load_explicit(e, memory_order_relaxed);
+		uint64_t pos = i << q->cluster_bits, clen = min_u64(q->cluster_size, len - pos);
+		uint64_t host = is_data(entry) ? entry & QCOW2_OFFSET_MASK
+					       : atomic_fetch_add(&q->next_host, q->cluster_size);
+		ssize_t w = pwrite_full(q->fd, (const char *)buf + pos, (size_t)clen, host);
+		if (w < 0)
+			return (int)w;
+		atomic_store_explicit(e, host, memory_order_relaxed);
+	}
+	return 0;
+}
+
+static int q2_write_zeroes(struct target *t, uint64_t off, uint64_t len)
+{
+	struct qcow2_target *q = q2(t);
+	bool backing = q->header.backing_file[0] != '\0';
+
+	if (!len)
+		return 0;
+	if (!whole_clusters(q, off, len))
+		return -EINVAL;
+	for (uint64_t c = off >> q->cluster_bits, end = div_round_up(off + len, q->cluster_size); c < end; c++) {
+		_Atomic uint64_t *e = entry_of(q, c, backing);
+		if (backing && !e)
+			return -ENOMEM;
+		if (e)   /* data written here before becomes free space */
+			atomic_store_explicit(e, backing ? QCOW2_OFLAG_ZERO : 0, memory_order_relaxed);
+	}
+	return 0;
+}
+
+static void q2_start_writeback(struct target *t)
+{
+	posix_fadvise(q2(t)->fd, 0, 0, POSIX_FADV_DONTNEED);
+}
+
+static int q2_set_size(struct target *t, uint64_t size, char *err, size_t errlen)
+{
+	struct qcow2_target *q = q2(t);
+	/* QEMU counts a disk in 512-byte sectors and cuts a qcow2 size down to
+	 * them: a size that is no multiple of 512 is rounded up, the rest of
+	 * its last sector reads as zeroes (as for a raw file in QEMU). */
+	uint64_t virtual_size = (size + 511) & ~511ull;
+	uint64_t entries = qcow2_l1_entries(virtual_size, q->cluster_bits);
+
+	if (entries * 8 > QCOW2_MAX_L1_BYTES)
+		return set_error(err, errlen, EFBIG,
+				 "target %s: a %llu-byte disk needs an L1 table larger than QEMU reads with %llu-byte "
+				 "clusters: use a larger cluster_size", t->path, (unsigned long long)size,
+				 (unsigned long long)q->cluster_size);
+	_Atomic(uint64_t *) *l2 = calloc(entries ? entries : 1, sizeof(*l2));
+	if (!l2)
+		return set_error(err, errlen, ENOMEM, "target %s: out of memory for the cluster map", t->path);
+	free(q->l2);
+	q->l2 = l2;
+	q->l1_entries = entries;
+	t->size = size;
+	q->header.size = virtual_size;
+	return 0;
+}
+
+/* ---- flush: the metadata, after the data ----------------------------------- */
+
+struct q2_layout {
+	uint64_t l2_tables;      /* how many are written */
+	uint64_t l2_first;       /* host cluster of the first */
+	uint64_t l1_first, l1_clusters;
+	struct qcow2_refcount_layout rc;
+};
+
+static bool table_used(const uint64_t *table, uint64_t per)
+{
+	for (uint64_t i = 0; i < per; i++)
+		if (table[i])
+			return true;
+	return false;
+}
+
+static uint64_t *table_at(struct qcow2_target *q, uint64_t i)
+{
+	return atomic_load_explicit(&q->l2[i], memory_order_acquire);
+}
+
+static void plan(struct qcow2_target *q, struct q2_layout *l)
+{
+	uint64_t per = qcow2_l2_entries(q->cluster_bits);
+
+	l->l2_tables = 0;
+	for (uint64_t i = 0; i < q->l1_entries; i++)
+		if (table_at(q, i) && table_used(table_at(q, i), per))
+			l->l2_tables++;
+	l->l2_first = div_round_up(atomic_load(&q->next_host), q->cluster_size);
+	l->l1_first = l->l2_first + l->l2_tables;
+	l->l1_clusters = div_round_up(q->l1_entries * 8, q->cluster_size);
+	qcow2_refcount_layout(q->cluster_bits, l->l1_first + l->l1_clusters, &l->rc);
+}
+
+static int count_ref(uint16_t *refs, uint64_t nclusters, uint64_t cluster)
+{
+	if (cluster >= nclusters || refs[cluster] == UINT16_MAX)
+		return -EIO;   /* a map entry past the file: our own bug, never written out */
+	refs[cluster]++;
+	return 0;
+}
+
+/* Each host cluster's refcount: how many entries and structures use it. */
+static int count_refs(struct qcow2_target *q, const struct q2_layout *l, uint16_t *refs)
+{
+	uint64_t per = qcow2_l2_entries(q->cluster_bits), n = l->rc.end_cluster;
+	int rc = count_ref(refs, n, 0);
+
+	for (uint64_t i = 0; i < q->l1_entries && !rc; i++) {
+		const uint64_t *table = table_at(q, i);
+		for (uint64_t j = 0; table && j < per && !rc; j++) {
+			uint64_t e = table[j];
+			if (is_data(e)) {
+				rc = count_ref(refs, n, (e & QCOW2_OFFSET_MASK) >> q->cluster_bits);
+			} else if (e & QCOW2_OFLAG_COMPRESSED) {
+				uint64_t off, len;
+				qcow2_compressed_range(q->cluster_bits, e, &off, &len);
+				for (uint64_t c = off >> q->cluster_bits; c <= (off + len - 1) >> q->cluster_bits && !rc; c++)
+					rc = count_ref(refs, n, c);
+			}
+		}
+	}
+	for (uint64_t c = l->l2_first; c < l->rc.end_cluster && !rc; c++)
+		rc = count_ref(refs, n, c);
+	return rc;
+}
+
+static int write_l2_tables(struct qcow2_target *q, const struct q2_layout *l, const uint16_t *refs, uint64_t *l1)
+{
+	uint64_t per = qcow2_l2_entries(q->cluster_bits), host = l->l2_first << q->cluster_bits;
+	uint8_t *buf = malloc(q->cluster_size);
+	int rc = 0;
+
+	if (!buf)
+		return -ENOMEM;
+	for (uint64_t i = 0; i < q->l1_entries && !rc; i++) {
+		const uint64_t *table = table_at(q, i);
+		if (!table || !table_used(table, per))
+			continue;
+		for (uint64_t j = 0; j < per; j++) {
+			uint64_t e = table[j];
+			if (is_data(e) && refs[(e & QCOW2_OFFSET_MASK) >> q->cluster_bits] == 1)
+				e |= QCOW2_OFLAG_COPIED;
+			qcow2_put_be64(buf + j * 8, e);
+		}
+		ssize_t w = pwrite_full(q->fd, buf, q->cluster_size, host);
+		rc = w < 0 ? (int)w : 0;
+		l1[i] = host | QCOW2_OFLAG_COPIED;
+		host += q->cluster_size;
+	}
+	free(buf);
+	return rc;
+}
+
+static int write_buffer(int fd, const void *buf, size_t len, uint64_t off)
+{
+	ssize_t w = pwrite_full(fd, buf, len, off);
+	return w < 0 ? (int)w : 0;
+}
+
+static int write_l1(struct qcow2_target *q, const struct q2_layout *l, const uint64_t *l1)
+{
+	size_t len = (size_t)(l->l1_clusters << q->cluster_bits);
+	if (!len)
+		return 0;
+	uint8_t *buf = calloc(1, len);
+	if (!buf)
+		return -ENOMEM;
+	for (uint64_t i = 0; i < q->l1_entries; i++)
+		qcow2_put_be64(buf + i * 8, l1[i]);
+	int rc = write_buffer(q->fd, buf, len, l->l1_first << q->cluster_bits);
+	free(buf);
+	return rc;
+}
+
+static int write_refcounts(struct qcow2_target *q, const struct q2_layout *l, const uint16_t *refs)
+{
+	uint64_t per_block = q->cluster_size / 2, n = l->rc.end_cluster;
+	size_t table_len = (size_t)l->rc.table_clusters << q->cluster_bits;
+	uint8_t *block = malloc(q->cluster_size), *table = calloc(1, table_len);
+	int rc = block && table ? 0 : -ENOMEM;
+
+	for (uint64_t b = 0; b < l->rc.nblocks && !rc; b++) {
+		memset(block, 0, q->cluster_size);
+		for (uint64_t j = 0; j < per_block && b * per_block + j < n; j++)
+			qcow2_put_be16(block + j * 2, refs[b * per_block + j]);
+		uint64_t at = l->rc.blocks_offset + (b << q->cluster_bits);
+		rc = write_buffer(q->fd, block, q->cluster_size, at);
+		qcow2_put_be64(table + b * 8, at);
+	}
+	if (!rc)
+		rc = write_buffer(q->fd, table, table_len, l->rc.table_offset);
+	free(block);
+	free(table);
+	return rc;
+}
+
+static int write_header(struct qcow2_target *q, const struct q2_layout *l)
+{
+	uint8_t *buf = malloc(q->cluster_size);
+	if (!buf)
+		return -ENOMEM;
+	q->header.cluster_bits = q->cluster_bits;
+	q->header.l1_size = (uint32_t)q->l1_entries;
+	q->header.l1_offset = l->l1_clusters ? l->l1_first << q->cluster_bits : 0;
+	q->header.refcount_table_offset = l->rc.table_offset;
+	q->header.refcount_table_clusters = l->rc.table_clusters;
+	int rc = qcow2_header_encode(&q->header, buf, q->cluster_size);
+	if (!rc)
+		rc = write_buffer(q->fd, buf, q->cluster_size, 0);
+	free(buf);
+	return rc;
+}
+
+static int q2_flush(struct target *t)
+{
+	struct qcow2_target *q = q2(t);
+	struct q2_layout l;
+
+	plan(q, &l);
+	uint16_t *refs = calloc(l.rc.end_cluster, sizeof(*refs));
+	uint64_t *l1 = calloc(q->l1_entries ? q->l1_entries : 1, sizeof(*l1));
+	int rc = refs && l1 ? count_refs(q, &l, refs) : -ENOMEM;
+
+	if (!rc)
+		rc = write_l2_tables(q, &l, refs, l1);
+	if (!rc)
+		rc = write_l1(q, &l, l1);
+	if (!rc)
+		rc = write_refcounts(q, &l, refs);
+	free(refs);
+	free(l1);
+	/* The header points at the new metadata only once it is durable. */
+	if (!rc && fdatasync(q->fd) < 0)
+		rc = -errno;
+	if (!rc)
+		rc = write_header(q, &l);
+	if (!rc && fdatasync(q->fd) < 0)
+		rc = -errno;
+	/* Whatever comes after goes behind this copy of the metadata. */
+	atomic_store(&q->next_host, max_u64(atomic_load(&q->next_host), l.rc.end_cluster << q->cluster_bits));
+	if (!rc)
+		posix_fadvise(q->fd, 0, 0, POSIX_FADV_DONTNEED);
+	return rc;
+}
+
+static int q2_forget(struct target *t, const struct cbitmap *left, unsigned cluster_bits)
+{
+	struct qcow2_target *q = q2(t);
+
+	/* Unallocated: what the cluster read as before the job (zeroes, or the
+	 * backing file's content). */
+	for (uint64_t c = cbitmap_next_set(left, 0); c < left->nbits; c = cbitmap_next_set(left, c + 1)) {
+		uint64_t from = (c << cluster_bits) >> q->cluster_bits;
+		uint64_t to = min_u64(div_round_up((c + 1) << cluster_bits, q->cluster_size),
+				      div_round_up(t->size, q->cluster_size));
+		for (uint64_t g = from; g < to; g++) {
+			_Atomic uint64_t *e = entry_of(q, g, false);
+			if (e)
+				atomic_store_explicit(e, 0, memory_order_relaxed);
+		}
+	}
+	return 0;
+}
+
+static int q2_close(struct target *t, bool keep)
+{
+	struct qcow2_target *q = q2(t);
+	int rc = 0;
+
+	if (q->fd >= 0 && close(q->fd) < 0 && keep)
+		rc = -errno;
+	q->fd = -1;
+	if (!keep && !t->published) {
+		unlink(t->path);
+		fsync_parent_dir(t->path);
+	}
+	return rc;
+}
+
+static void q2_free(struct target *t)
+{
+	struct qcow2_target *q = q2(t);
+
+	if (q->fd >= 0)
+		close(q->fd);
+	for (uint64_t i = 0; q->l2 && i < q->l1_entries; i++)
+		free(table_at(q, i));
+	free(q->l2);
+	free(t->path);
+	free(q);
+}
+
+static const struct target_ops qcow2_ops = {
+	.write = q2_write,
+	.write_zeroes = q2_write_zeroes,
+	.start_writeback = q2_start_writeback,
+	.set_size = q2_set_size,
+	.flush = q2_flush,
+	.forget = q2_forget,
+	.publish = target_rename_file,
+	.close = q2_close,
+	.free = q2_free,
+};
+
+static int q2_create(const struct target_spec *spec, const char *temp, struct target **out, char *err, size_t errlen)
+{
+	struct qcow2_target *q = calloc(1, sizeof(*q));
+	int rc;
+
+	if (!q || !(q->base.path = strdup(temp))) {
+		free(q);
+		return set_error(err, errlen, ENOMEM, "target %s: out of memory", spec->resolved);
+	}
+	q->base.ops = &qcow2_ops;
+	q->fd = -1;
+	/* One qcow2 cluster per job cluster, up to the 2 MiB QEMU reads; a
+	 * larger job cluster spans several. */
+	q->cluster_bits = (unsigned)min_u64(log2_u64(spec->cluster_size), QCOW2_MAX_CLUSTER_BITS);
+	q->cluster_size = 1ull << q->cluster_bits;
+	q->base.write_unit = (uint32_t)q->cluster_size;
+	atomic_init(&q->next_host, q->cluster_size);   /* cluster 0 is the header */
+	if ((rc = target_create_file(&q->base, spec->resolved, &q->fd, err, errlen))) {
+		q2_free(&q->base);
+		return rc;
+	}
+	*out = &q->base;
+	return 0;
+}
+
+static int q2_check(const struct target_spec *spec, char *err, size_t errlen)
+{
+	if (spec->cluster_size < (1u << QCOW2_MIN_CLUSTER_BITS))
+		return set_error(err, errlen, EINVAL, "target %s: qcow2 needs a cluster size of at least 4K",
+				 spec->location);
+	if (spec->incremental)
+		return set_error(err, errlen, EOPNOTSUPP,
+				 "target %s: sync=incremental into qcow2 is not supported by this version", spec->location);
+	if (spec->compress)
+		return set_error(err, errlen, EOPNOTSUPP, "target %s: compress= is not supported by this version",
+				 spec->location);
+	return 0;
+}
+
+const struct target_format_ops target_qcow2_format = {
+	.name = "qcow2",
+	.incremental_in_place = false,
+	.check = q2_check,
+	.create = q2_create,
+};
