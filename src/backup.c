@@ -772,12 +772,14 @@ static int stage_files(struct backup *b, const struct backup_params *p, char *er
 		return set_error(err, errlen, -rc, "backup %s: cannot write to the state directory: %s", cmd->image,
 				 error_text(-rc));
 	if (cmd->checksum) {
-		rc = b->in_place ? manifest_open_update(manifest_name(data, mpath, sizeof(mpath)), mtemp, b->copy_unit,
-							&b->manifest, err, errlen)
+		/* An incremental starts from the checksums of the chain's last
+		 * backup (updated in place, or under the new file). */
+		rc = p->chain ? manifest_open_update(manifest_name(p->chain->target, mpath, sizeof(mpath)), mtemp,
+						     b->copy_unit, &b->manifest, err, errlen)
 				 : manifest_create(mtemp, b->copy_unit, &b->manifest, err, errlen);
 		if (!rc)
 			manifest_set_format(b->manifest, ctl_format_name(b->format));
-		if (rc && !b->in_place)
+		if (rc && !p->chain)
 			/* Named as the user will see it. */
 			set_error(err, errlen, -rc, "manifest %s: cannot create: %s", manifest_name(b->target_path, mpath,
 				  sizeof(mpath)), error_text(-rc));

@@ -31,6 +31,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stdatomic.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -46,6 +47,7 @@ struct qcow2_target {
 	unsigned cluster_bits;
 	uint64_t cluster_size;
 	struct qcow2_header header;    /* backing file and compression; the rest at flush */
+	uint64_t backing_size;         /* the backing file's virtual size */
 	uint64_t l1_entries;
 	_Atomic(uint64_t *) *l2;       /* per L1 slot: entries in host byte order, or NULL */
 	atomic_uint_fast64_t next_host; /* the first free byte of the file, cluster aligned */
@@ -161,6 +163,12 @@ static int q2_set_size(struct target *t, uint64_t size, char *err, size_t errlen
 	 * its last sector reads as zeroes (as for a raw file in QEMU). */
 	uint64_t virtual_size = (size + 511) & ~511ull;
 	uint64_t entries = qcow2_l1_entries(virtual_size, q->cluster_bits);
+
+	if (q->header.backing_file[0] && virtual_size != ((q->backing_size + 511) & ~511ull))
+		return set_error(err, errlen, EINVAL,
+				 "target %s: the image is %llu bytes at the point in time, its backing file %s %llu: take "
+				 "a new full backup", t->path, (unsigned long long)size, q->header.backing_file,
+				 (unsigned long long)q->backing_size);
 
 	if (entries * 8 > QCOW2_MAX_L1_BYTES)
 		return set_error(err, errlen, EFBIG,
@@ -425,6 +433,26 @@ static const struct target_ops qcow2_ops = {
 	.free = q2_free,
 };
 
+/* The backing file is named relative to the new file when both share a
+ * directory, so that a backup directory can be moved or copied elsewhere
+ * whole (QEMU resolves a relative name from the image's directory). */
+static int set_backing(struct qcow2_target *q, const struct target_spec *spec, char *err, size_t errlen)
+{
+	const char *b = spec->backing_resolved, *slash = strrchr(b, '/'), *tslash = strrchr(spec->resolved, '/');
+	bool same_dir = slash && tslash && slash - b == tslash - spec->resolved &&
+			strncmp(b, spec->resolved, (size_t)(slash - b)) == 0;
+	const char *name = same_dir ? slash + 1 : b;
+
+	if (strlen(name) > QCOW2_MAX_BACKING_NAME)
+		return set_error(err, errlen, ENAMETOOLONG, "target %s: backing file name %s is longer than qcow2 allows",
+				 spec->resolved, name);
+	snprintf(q->header.backing_file, sizeof(q->header.backing_file), "%s", name);
+	snprintf(q->header.backing_format, sizeof(q->header.backing_format), "%s",
+		 spec->backing_format == FORMAT_QCOW2 ? "qcow2" : "raw");
+	q->backing_size = spec->backing_size;
+	return 0;
+}
+
 static int q2_create(const struct target_spec *spec, const char *temp, struct target **out, char *err, size_t errlen)
 {
 	struct qcow2_target *q = calloc(1, sizeof(*q));
@@ -442,6 +470,10 @@ static int q2_create(const struct target_spec *spec, const char *temp, struct ta
 	q->cluster_size = 1ull << q->cluster_bits;
 	q->base.write_unit = (uint32_t)q->cluster_size;
 	atomic_init(&q->next_host, q->cluster_size);   /* cluster 0 is the header */
+	if (spec->backing_resolved[0] && (rc = set_backing(q, spec, err, errlen))) {
+		q2_free(&q->base);
+		return rc;
+	}
 	if ((rc = target_create_file(&q->base, spec->resolved, &q->fd, err, errlen))) {
 		q2_free(&q->base);
 		return rc;
@@ -455,9 +487,6 @@ static int q2_check(const struct target_spec *spec, char *err, size_t errlen)
 	if (spec->cluster_size < (1u << QCOW2_MIN_CLUSTER_BITS))
 		return set_error(err, errlen, EINVAL, "target %s: qcow2 needs a cluster size of at least 4K",
 				 spec->location);
-	if (spec->incremental)
-		return set_error(err, errlen, EOPNOTSUPP,
-				 "target %s: sync=incremental into qcow2 is not supported by this version", spec->location);
 	if (spec->compress)
 		return set_error(err, errlen, EOPNOTSUPP, "target %s: compress= is not supported by this version",
 				 spec->location);

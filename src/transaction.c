@@ -235,6 +235,59 @@ static int bitmap_used_twice(struct txn_state *s, unsigned i, const char *name)
 	return 0;
 }
 
+/* An incremental into a new file reads through the chain's last backup:
+ * backing= (default: the chain's) must be that very file, of the image's
+ * size. */
+static int resolve_backing(struct txn_state *s, unsigned i, const struct chain_info *chain, const char *chain_format)
+{
+	const struct ctl_command *c = &s->parsed.cmds[i];
+	const struct ctl_backup *b = &c->u.backup;
+	struct target_spec *spec = &s->res[i].backup->target;
+	const char *path = b->backing ? b->backing : chain->target;
+	struct qcow2_header h;
+	char msg[200];
+	struct stat st;
+	int e;
+
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0 || fstat(fd, &st) < 0 || !realpath(path, spec->backing_resolved)) {
+		e = errno;
+		if (fd >= 0)
+			close(fd);
+		return set_error(s->err, sizeof(s->err), e, "line %u: backup: backing %s: %s", c->line, path, error_text(e));
+	}
+	if ((uint64_t)st.st_dev != chain->dev || (uint64_t)st.st_ino != chain->ino) {
+		close(fd);
+		return set_error(s->err, sizeof(s->err), EINVAL,
+				 "line %u: backup: backing %s is not the last backup of bitmap %s (%s): an incremental "
+				 "holds only what changed since that one", c->line, path, b->bitmap, chain->target);
+	}
+	spec->backing_format = strcmp(chain_format, "qcow2") == 0 ? FORMAT_QCOW2 : FORMAT_RAW;
+	spec->backing_size = (uint64_t)st.st_size;
+	if (spec->backing_format == FORMAT_QCOW2) {
+		const size_t len = 65536;   /* the header and the backing file name */
+		uint8_t *first = malloc(len);
+		ssize_t n = first ? pread(fd, first, len, 0) : -1;
+		int bad = qcow2_header_decode(first, n > 0 ? (size_t)n : 0, &h, msg, sizeof(msg));
+		free(first);
+		if (bad) {
+			close(fd);
+			return set_error(s->err, sizeof(s->err), EINVAL, "line %u: backup: backing %s: %s", c->line, path,
+					 msg);
+		}
+		spec->backing_size = h.size;
+	}
+	close(fd);
+	/* Both as QEMU sees them: in whole 512-byte sectors. */
+	uint64_t now = (uint64_t)image_size(s->res[i].image);
+	if ((spec->backing_size + 511) / 512 != (now + 511) / 512)
+		return set_error(s->err, sizeof(s->err), EINVAL,
+				 "line %u: backup: backing %s holds a %llu-byte disk, %s is %llu bytes now: take a new full "
+				 "backup", c->line, path, (unsigned long long)spec->backing_size, b->image,
+				 (unsigned long long)now);
+	return 0;
+}
+
 static int check_backup_bitmap(struct txn_state *s, unsigned i)
 {
 	const struct ctl_command *c = &s->parsed.cmds[i];
@@ -256,14 +309,15 @@ static int check_backup_bitmap(struct txn_state *s, unsigned i)
 				 "line %u: backup: bitmap %s has no full backup yet (start its chain with sync=full "
 				 "bitmap=%s)", c->line, b->bitmap, b->bitmap);
 	const char *target = s->res[i].backup->target.resolved;
-	if (strcmp(target, chain->final) != 0)
+	const char *chain_format = chain->format[0] ? chain->format : "raw";
+	const struct target_format_ops *format = target_format(s->res[i].backup->format);
+	bool in_place = s->res[i].backup->target.in_place;
+	if (in_place && strcmp(target, chain->final) != 0)
 		return set_error(s->err, sizeof(s->err), EINVAL,
 				 "line %u: backup: an incremental with bitmap %s continues its last backup %s%s%s, not %s",
 				 c->line, b->bitmap, chain->final, chain->partial ? " (kept partial as " : "",
 				 chain->partial ? chain->target : "", target);
-	const char *chain_format = chain->format[0] ? chain->format : "raw";
-	const struct target_format_ops *format = target_format(s->res[i].backup->format);
-	if (format && format->incremental_in_place && strcmp(chain_format, format->name) != 0)
+	if (in_place && strcmp(chain_format, format->name) != 0)
 		return set_error(s->err, sizeof(s->err), EINVAL,
 				 "line %u: backup: %s is a %s backup: a %s incremental updates its backup in place and "
 				 "would destroy it", c->line, chain->target, chain_format, format->name);
@@ -272,6 +326,13 @@ static int check_backup_bitmap(struct txn_state *s, unsigned i)
 				 "line %u: backup: the chain record of bitmap %s does not say which file %s is (written "
 				 "by an older fleecefs): take a new full backup with bitmap=%s", c->line, b->bitmap,
 				 chain->target, b->bitmap);
+	if (!in_place && chain->partial)
+		return set_error(s->err, sizeof(s->err), EOPNOTSUPP,
+				 "line %u: backup: the last backup of bitmap %s is the partial %s: completing it with a "
+				 "%s incremental is not supported by this version", c->line, b->bitmap, chain->target,
+				 format->name);
+	if (!in_place && (rc = resolve_backing(s, i, chain, chain_format)))
+		return rc;
 	if (!chain->checksum && b->checksum)
 		return set_error(s->err, sizeof(s->err), EINVAL,
 				 "line %u: backup: %s has no manifest (taken with checksum=none): use checksum=none, or "

@@ -49,9 +49,14 @@ struct target_spec {
 	bool incremental;            /* only the clusters of a bitmap */
 	uint32_t cluster_size;       /* the job's copy cluster */
 	bool checksum;               /* a manifest beside it */
-	const char *backing;         /* qcow2: the previous backup (not yet) */
+	const char *backing;         /* backing= as given (NULL: the chain's) */
 	int compress;                /* enum compress_kind (not yet) */
 	char resolved[PATH_MAX];     /* where it really is */
+	/* A qcow2 incremental: the chain's last backup, which the new file
+	 * reads through for every cluster it does not hold. */
+	char backing_resolved[PATH_MAX];  /* "": none */
+	enum target_format backing_format;
+	uint64_t backing_size;       /* its virtual size */
 };
 
 /* Where a target may not be: inside the daemon's own mount. */

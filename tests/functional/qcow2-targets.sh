@@ -105,7 +105,7 @@ expect_refused EINVAL "sync=none cannot write qcow2" "backup vm.img $OUT/x.raw f
 expect_refused EINVAL "compress=zstd:99" "backup vm.img $OUT/x.qcow2 compress=zstd:99 id=bad"
 expect_refused EINVAL "compress needs format=qcow2" "backup vm.img $OUT/x.raw compress=zstd id=bad"
 expect_refused EINVAL "format=banana" "backup vm.img $OUT/x.qcow2 format=banana id=bad"
-expect_refused ENOTSUP "incremental into qcow2 is not supported" \
+expect_refused EINVAL "bitmap b has no full backup yet" \
 	"bitmap add vm.img b
 backup vm.img $OUT/x.qcow2 sync=incremental bitmap=b id=bad"
 expect_refused ENOTSUP "compress= is not supported" "backup vm.img $OUT/x.qcow2 compress=zstd id=bad"
