@@ -100,6 +100,26 @@ ctl_expect() {
 	printf '%s\n' "$out"
 }
 
+# refused ERRNO REGEX COMMAND: the write fails with ERRNO, its message matches
+# REGEX, and nothing is left: no file in $OUT that was not there, no job "bad".
+refused() {
+	local before out
+	before=$(ls -A "$OUT")
+	out=$(ctl_expect "$1" "$3")
+	want_match "'$3' message" "$out" "$2"
+	want_eq "'$3' left files" "$(ls -A "$OUT")" "$before"
+	[ ! -e "$MNT/.fleece/jobs/bad" ] || fail "'$3' left a job"
+}
+
+# qinfo FILE EXPR: a field of qemu-img info's JSON, e.g. "['virtual-size']".
+qinfo() { qemu-img info --output=json "$1" | "$PY" -c "import json, sys; print(json.load(sys.stdin)$2)"; }
+# qcow2_clean FILE: qemu-img check finds no errors and no leaks.
+qcow2_clean() {
+	local out
+	out=$(qemu-img check -f qcow2 "$1" 2>&1) || fail "qemu-img check $1: $out"
+	grep -q "No errors were found" <<<"$out" || fail "qemu-img check $1: $out"
+}
+
 # status ID KEY: one key of a job's status.
 status() { sed -n "s/^$2=//p" "$MNT/.fleece/jobs/$1/status"; }
 

@@ -23,12 +23,6 @@ export FLEECE_VM_CACHE=${FLEECE_VM_CACHE:-$T/vm-cache}
 PATTERN=$FLEECE_VM_CACHE/root/bin/pattern
 
 K=1024 M=$((1024 * 1024)) SIZE=$((16 * 1024 * 1024))
-info() { qemu-img info --output=json "$1" | "$PY" -c "import json, sys; print(json.load(sys.stdin)$2)"; }
-clean() {
-	local out
-	out=$(qemu-img check -f qcow2 "$1" 2>&1) || fail "qemu-img check $1: $out"
-	grep -q "No errors were found" <<<"$out" || fail "qemu-img check $1: $out"
-}
 # zeroes IMAGE OFF LEN: a guest write of zero bytes (not a hole) through the mount.
 zeroes() {
 	"$PY" -c "import os, sys; fd = os.open(sys.argv[1], os.O_WRONLY); os.pwrite(fd, bytes(int(sys.argv[3])), int(sys.argv[2]))" \
@@ -39,10 +33,10 @@ pat() { "$PATTERN" write "$MNT/vm.img" "$1" "$2" "$3" 4096 || fail "pattern writ
 # point FILE REF BACKING_NAME BACKING_FORMAT: one point of a chain, judged.
 point() {
 	local file=$1 ref=$2 backing=$3 bformat=$4 flat
-	clean "$file"
-	want_eq "$(basename "$file") backing" "$(info "$file" ".get('backing-filename', '')")" "$backing"
-	[ -z "$backing" ] || want_eq "$(basename "$file") backing format" "$(info "$file" "['backing-filename-format']")" "$bformat"
-	want_eq "$(basename "$file") virtual size" "$(info "$file" "['virtual-size']")" $SIZE
+	qcow2_clean "$file"
+	want_eq "$(basename "$file") backing" "$(qinfo "$file" ".get('backing-filename', '')")" "$backing"
+	[ -z "$backing" ] || want_eq "$(basename "$file") backing format" "$(qinfo "$file" "['backing-filename-format']")" "$bformat"
+	want_eq "$(basename "$file") virtual size" "$(qinfo "$file" "['virtual-size']")" $SIZE
 	qemu-img compare -q -f raw -F qcow2 "$ref" "$file" || fail "$(basename "$file") differs from its point in time"
 	flat=$T/flat.raw
 	qemu-img convert -f qcow2 -O raw "$file" "$flat" || fail "qemu-img convert $file"
@@ -98,25 +92,17 @@ point "$OUT/inc1.qcow2" "$T/ref1" full.qcow2 qcow2
 point "$OUT/full.qcow2" "$T/ref0" "" ""
 
 log "bad backing= and a resized image are refused whole"
-expect_refused() {   # ERRNO WORDS COMMAND
-	local before out
-	before=$(ls -A "$OUT")
-	out=$(ctl_expect "$1" "$3")
-	want_match "'$3' message" "$out" "$2"
-	want_eq "'$3' left files" "$(ls -A "$OUT")" "$before"
-	[ ! -e "$MNT/.fleece/jobs/bad" ] || fail "'$3' left a job"
-}
-expect_refused EINVAL "backing .*inc2.qcow2 is not the last backup of bitmap b" \
+refused EINVAL "backing .*inc2.qcow2 is not the last backup of bitmap b" \
 	"backup vm.img $OUT/inc4.qcow2 sync=incremental bitmap=b backing=$OUT/inc2.qcow2 id=bad"
-expect_refused ENOENT "backing .*nosuch.qcow2" \
+refused ENOENT "backing .*nosuch.qcow2" \
 	"backup vm.img $OUT/inc4.qcow2 sync=incremental bitmap=b backing=$OUT/nosuch.qcow2 id=bad"
-expect_refused EEXIST "already exists" "backup vm.img $OUT/inc3.qcow2 sync=incremental bitmap=b id=bad"
-expect_refused EINVAL "backing= applies only to sync=incremental" "backup vm.img $OUT/x.qcow2 backing=$OUT/inc3.qcow2 id=bad"
+refused EEXIST "already exists" "backup vm.img $OUT/inc3.qcow2 sync=incremental bitmap=b id=bad"
+refused EINVAL "backing= applies only to sync=incremental" "backup vm.img $OUT/x.qcow2 backing=$OUT/inc3.qcow2 id=bad"
 cp "$OUT/inc3.qcow2" "$T/inc3-copy"
-expect_refused EINVAL "inc3-copy is not the last backup" \
+refused EINVAL "inc3-copy is not the last backup" \
 	"backup vm.img $OUT/inc4.qcow2 sync=incremental bitmap=b backing=$T/inc3-copy id=bad"
 truncate -s $((SIZE + M)) "$MNT/vm.img"
-expect_refused EINVAL "holds a $SIZE-byte disk, vm.img is $((SIZE + M)) bytes" \
+refused EINVAL "holds a $SIZE-byte disk, vm.img is $((SIZE + M)) bytes" \
 	"backup vm.img $OUT/inc4.qcow2 sync=incremental bitmap=b id=bad"
 truncate -s $SIZE "$MNT/vm.img"
 
@@ -151,7 +137,7 @@ run_ok rinc1 "backup vm.img $OUT/rinc1.qcow2 sync=incremental bitmap=r id=rinc1"
 point "$OUT/rinc1.qcow2" "$T/rref1" rfull.raw raw
 same "the raw full backup under its incremental" "$T/rref0" "$OUT/rfull.raw"
 # Its chain is qcow2 now: a raw incremental would update rinc1.qcow2 in place.
-expect_refused EINVAL "rinc1.qcow2 is a qcow2 backup: a raw incremental" \
+refused EINVAL "rinc1.qcow2 is a qcow2 backup: a raw incremental" \
 	"backup vm.img $OUT/rinc1.qcow2 sync=incremental bitmap=r format=raw id=bad"
 
 log "a qcow2 incremental that fails leaves nothing; the next one is exact"

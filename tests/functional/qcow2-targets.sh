@@ -10,12 +10,6 @@
 
 command -v qemu-img >/dev/null || fail "qemu-img is needed (apt-get install qemu-utils)"
 
-info() { qemu-img info --output=json "$1" | "$PY" -c "import json, sys; print(json.load(sys.stdin)$2)"; }
-clean() {
-	local out
-	out=$(qemu-img check -f qcow2 "$1" 2>&1) || fail "qemu-img check $1: $out"
-	grep -q "No errors were found" <<<"$out" || fail "qemu-img check $1: $out"
-}
 
 pit() {   # pit LABEL CLUSTER QCOW2_CLUSTER OPTIONS
 	local label=$1 cs=$2 want=$3 opts=$4
@@ -35,11 +29,11 @@ pit() {   # pit LABEL CLUSTER QCOW2_CLUSTER OPTIONS
 	"$PY" "$TESTS_DIR/pit_writers.py" --mnt "$MNT" --base "$T/base" --target "$OUT/vm.qcow2" --qcow2 \
 		--writers 4 --lead 0.5 --tail 0.5 --options "speed=12M $opts" >"$T/pit.out" 2>&1 ||
 		fail "$label: $(tr '\n' '|' <"$T/pit.out")"
-	want_eq "$label: format" "$(info "$OUT/vm.qcow2" "['format']")" qcow2
-	want_eq "$label: virtual size" "$(info "$OUT/vm.qcow2" "['virtual-size']")" $((32 << 20))
-	want_eq "$label: cluster size" "$(info "$OUT/vm.qcow2" "['cluster-size']")" "$want"
-	want_eq "$label: backing" "$(info "$OUT/vm.qcow2" ".get('backing-filename', '')")" ""
-	want_eq "$label: compat" "$(info "$OUT/vm.qcow2" "['format-specific']['data']['compat']")" 1.1
+	want_eq "$label: format" "$(qinfo "$OUT/vm.qcow2" "['format']")" qcow2
+	want_eq "$label: virtual size" "$(qinfo "$OUT/vm.qcow2" "['virtual-size']")" $((32 << 20))
+	want_eq "$label: cluster size" "$(qinfo "$OUT/vm.qcow2" "['cluster-size']")" "$want"
+	want_eq "$label: backing" "$(qinfo "$OUT/vm.qcow2" ".get('backing-filename', '')")" ""
+	want_eq "$label: compat" "$(qinfo "$OUT/vm.qcow2" "['format-specific']['data']['compat']")" 1.1
 	manifest_ok "$OUT/vm.qcow2" "$label"
 	want_eq "$label: manifest format" "$(sed -n 's/^format=//p' "$OUT/vm.qcow2.xxh3")" qcow2
 	want_eq "$label: status format" "$(status pit format)" qcow2
@@ -68,7 +62,7 @@ backup empty.img $OUT/empty.qcow2 id=e") || fail "refused: $out"
 want_eq "answer" "$out" "ok id=z id=o id=e"
 for j in z o e; do [ "$(wait_job $j)" = completed ] || fail "$j: $(status $j error)"; done
 for f in sparse odd empty; do
-	clean "$OUT/$f.qcow2"
+	qcow2_clean "$OUT/$f.qcow2"
 	qemu-img compare -q -f raw -F qcow2 "$SRC/$f.img" "$OUT/$f.qcow2" || fail "$f.qcow2 differs from $f.img"
 	manifest_ok "$OUT/$f.qcow2" "$f"
 done
@@ -78,8 +72,8 @@ data=$(qemu-img map -f qcow2 --output=json "$OUT/sparse.qcow2" |
 [ "$data" -le $((6 * 65536)) ] || fail "sparse.qcow2 maps $data bytes of data: zero clusters were allocated"
 [ "$(stat -c %s "$OUT/sparse.qcow2")" -le $((12 * 65536)) ] || fail "sparse.qcow2 is $(stat -c %s "$OUT/sparse.qcow2") bytes"
 # QEMU counts whole 512-byte sectors: an odd size is rounded up, the rest zeroes.
-want_eq "odd virtual size" "$(info "$OUT/odd.qcow2" "['virtual-size']")" $(((3 * 1048576 + 12345 + 511) / 512 * 512))
-want_eq "empty virtual size" "$(info "$OUT/empty.qcow2" "['virtual-size']")" 0
+want_eq "odd virtual size" "$(qinfo "$OUT/odd.qcow2" "['virtual-size']")" $(((3 * 1048576 + 12345 + 511) / 512 * 512))
+want_eq "empty virtual size" "$(qinfo "$OUT/empty.qcow2" "['virtual-size']")" 0
 
 log "a target error halfway: the job fails, nothing under TARGET, nothing hidden"
 random_image "$SRC/vm.img" 16M
@@ -92,28 +86,20 @@ inject clear
 [ -z "$(hidden_files "$OUT")" ] || fail "hidden files left: $(hidden_files "$OUT")"
 
 log "bad input is refused whole"
-expect_refused() {   # ERRNO WORDS COMMAND
-	local before out
-	before=$(ls -A "$OUT")
-	out=$(ctl_expect "$1" "$3")
-	want_match "'$3' message" "$out" "$2"
-	want_eq "'$3' left files" "$(ls -A "$OUT")" "$before"
-	[ ! -e "$MNT/.fleece/jobs/bad" ] || fail "'$3' left a job"
-}
-expect_refused EINVAL "sync=none cannot write qcow2" "backup vm.img $OUT/x.qcow2 sync=none id=bad"
-expect_refused EINVAL "sync=none cannot write qcow2" "backup vm.img $OUT/x.raw format=qcow2 sync=none id=bad"
-expect_refused EINVAL "compress=zstd:99" "backup vm.img $OUT/x.qcow2 compress=zstd:99 id=bad"
-expect_refused EINVAL "compress needs format=qcow2" "backup vm.img $OUT/x.raw compress=zstd id=bad"
-expect_refused EINVAL "format=banana" "backup vm.img $OUT/x.qcow2 format=banana id=bad"
-expect_refused EINVAL "bitmap b has no full backup yet" \
+refused EINVAL "sync=none cannot write qcow2" "backup vm.img $OUT/x.qcow2 sync=none id=bad"
+refused EINVAL "sync=none cannot write qcow2" "backup vm.img $OUT/x.raw format=qcow2 sync=none id=bad"
+refused EINVAL "compress=zstd:99" "backup vm.img $OUT/x.qcow2 compress=zstd:99 id=bad"
+refused EINVAL "compress needs format=qcow2" "backup vm.img $OUT/x.raw compress=zstd id=bad"
+refused EINVAL "format=banana" "backup vm.img $OUT/x.qcow2 format=banana id=bad"
+refused EINVAL "bitmap b has no full backup yet" \
 	"bitmap add vm.img b
 backup vm.img $OUT/x.qcow2 sync=incremental bitmap=b id=bad"
-expect_refused ENOTSUP "compress= is not supported" "backup vm.img $OUT/x.qcow2 compress=zstd id=bad"
+refused ENOTSUP "compress= is not supported" "backup vm.img $OUT/x.qcow2 compress=zstd id=bad"
 [ ! -e "$MNT/.fleece/bitmaps/vm.img/b" ] || fail "the refused transaction added its bitmap"
 ctl "bitmap add vm.img b" >/dev/null || fail "bitmap add refused"
 run_ok full "backup vm.img $OUT/chain.qcow2 bitmap=b id=full"
 cp "$OUT/chain.qcow2" "$T/chain-before"
-expect_refused EINVAL "chain.qcow2 is a qcow2 backup: a raw incremental .* would destroy it" \
+refused EINVAL "chain.qcow2 is a qcow2 backup: a raw incremental .* would destroy it" \
 	"backup vm.img $OUT/chain.qcow2 sync=incremental bitmap=b format=raw id=bad"
 same "the chain's qcow2 backup after a refused raw incremental" "$T/chain-before" "$OUT/chain.qcow2"
 rm -f "$OUT"/chain.qcow2*
@@ -131,7 +117,7 @@ mount_fleece
 [ ! -e "$OUT/killed.qcow2" ] && [ ! -e "$OUT/killed.qcow2.xxh3" ] || fail "killed.qcow2 appeared at the next mount"
 [ -z "$(hidden_files "$OUT")" ] || fail "the next mount left hidden files: $(hidden_files "$OUT")"
 run_ok k2 "backup vm.img $OUT/killed.qcow2 id=k2"
-clean "$OUT/killed.qcow2"
+qcow2_clean "$OUT/killed.qcow2"
 qemu-img compare -q -f raw -F qcow2 "$SRC/vm.img" "$OUT/killed.qcow2" || fail "the backup after the remount differs"
 
 log "a qcow2 source: a byte copy unless format=qcow2 is given"
@@ -142,16 +128,16 @@ run_ok q1 "backup vm.qcow2 $OUT/copy.qcow2 id=q1"
 want_eq "q1 format" "$(status q1 format)" raw
 want_eq "q1 source_format" "$(status q1 source_format)" qcow2
 same "byte copy of a qcow2 source" "$SRC/vm.qcow2" "$OUT/copy.qcow2"
-clean "$OUT/copy.qcow2"
+qcow2_clean "$OUT/copy.qcow2"
 qemu-img compare -q -f raw -F qcow2 "$T/disk.raw" "$OUT/copy.qcow2" || fail "the copy's disk differs"
 manifest_ok "$OUT/copy.qcow2" "byte copy"
 want_eq "byte copy manifest format" "$(sed -n 's/^format=//p' "$OUT/copy.qcow2.xxh3")" raw
 run_ok q2 "backup vm.qcow2 $OUT/wrapped.qcow2 id=q2 format=qcow2"
 want_eq "q2 format" "$(status q2 format)" qcow2
-clean "$OUT/wrapped.qcow2"
+qcow2_clean "$OUT/wrapped.qcow2"
 qemu-img compare -q -f raw -F qcow2 "$SRC/vm.qcow2" "$OUT/wrapped.qcow2" || fail "the wrapped container differs"
 want_eq "a raw image's source_format" "$(status k2 source_format)" raw
-expect_refused EINVAL "vm.qcow2 is a qcow2 image.*compress needs format=qcow2" \
+refused EINVAL "vm.qcow2 is a qcow2 image.*compress needs format=qcow2" \
 	"backup vm.qcow2 $OUT/x.qcow2 compress=zstd id=bad"
 
 end_test
