@@ -33,10 +33,12 @@
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/stat.h>
 #include <string.h>
 #include <unistd.h>
 
 #include "fleecefs/cbitmap.h"
+#include "fleecefs/journal.h"
 #include "fleecefs/qcow2.h"
 #include "fleecefs/target.h"
 #include "fleecefs/util.h"
@@ -50,6 +52,14 @@ struct qcow2_target {
 	uint64_t backing_size;         /* the backing file's virtual size */
 	uint64_t l1_entries;
 	_Atomic(uint64_t *) *l2;       /* per L1 slot: entries in host byte order, or NULL */
+	/* Updated in place (completing a partial backup): the map as it was,
+	 * nothing below `immutable_below` is ever overwritten, and the header
+	 * is journaled before it changes, so the file can be put back. */
+	uint64_t **orig_l2;
+	uint64_t immutable_below;
+	uint64_t orig_file_size;
+	struct journal *journal;
+	bool in_place;
 	atomic_uint_fast64_t next_host; /* the first free byte of the file, cluster aligned */
 };
 
@@ -58,6 +68,12 @@ static struct qcow2_target *q2(struct target *t) { return (struct qcow2_target *
 static bool is_data(uint64_t entry)
 {
 	return !(entry & QCOW2_OFLAG_COMPRESSED) && (entry & QCOW2_OFFSET_MASK);
+}
+
+/* A data cluster this job wrote (and may write again in place). */
+static bool is_own_data(const struct qcow2_target *q, uint64_t entry)
+{
+	return is_data(entry) && (entry & QCOW2_OFFSET_MASK) >= q->immutable_below;
 }
 
 /* The entry of guest cluster `c`; NULL when its table does not exist and
@@ -102,7 +118,7 @@ static int q2_write(struct target *t, uint64_t off, const void *buf, size_t len)
 		_Atomic uint64_t *e = entry_of(q, first + i, true);
 		if (!e)
 			return -ENOMEM;
-		if (is_data(atomic_load_explicit(e, memory_order_relaxed)))
+		if (is_own_data(q, atomic_load_explicit(e, memory_order_relaxed)))
 			fresh = false;
 	}
 	if (fresh) {
@@ -121,8 +137,8 @@ static int q2_write(struct target *t, uint64_t off, const void *buf, size_t len)
 		_Atomic uint64_t *e = entry_of(q, first + i, false);
 		uint64_t entry = atomic_load_explicit(e, memory_order_relaxed);
 		uint64_t pos = i << q->cluster_bits, clen = min_u64(q->cluster_size, len - pos);
-		uint64_t host = is_data(entry) ? entry & QCOW2_OFFSET_MASK
-					       : atomic_fetch_add(&q->next_host, q->cluster_size);
+		uint64_t host = is_own_data(q, entry) ? entry & QCOW2_OFFSET_MASK
+						      : atomic_fetch_add(&q->next_host, q->cluster_size);
 		ssize_t w = pwrite_full(q->fd, (const char *)buf + pos, (size_t)clen, host);
 		if (w < 0)
 			return (int)w;
@@ -164,6 +180,14 @@ static int q2_set_size(struct target *t, uint64_t size, char *err, size_t errlen
 	uint64_t virtual_size = (size + 511) & ~511ull;
 	uint64_t entries = qcow2_l1_entries(virtual_size, q->cluster_bits);
 
+	if (q->in_place) {
+		if (virtual_size != q->header.size)
+			return set_error(err, errlen, EINVAL,
+					 "target %s: holds a %llu-byte disk, the image is %llu bytes: take a new full backup",
+					 t->path, (unsigned long long)q->header.size, (unsigned long long)size);
+		t->size = size;
+		return 0;
+	}
 	if (q->header.backing_file[0] && virtual_size != ((q->backing_size + 511) & ~511ull))
 		return set_error(err, errlen, EINVAL,
 				 "target %s: the image is %llu bytes at the point in time, its backing file %s %llu: take "
@@ -363,6 +387,10 @@ static int q2_flush(struct target *t)
 	/* The header points at the new metadata only once it is durable. */
 	if (!rc && fdatasync(q->fd) < 0)
 		rc = -errno;
+	if (!rc && q->journal) {
+		struct journal_range header = { 0, q->cluster_size };
+		rc = journal_protect(q->journal, &header, 1);
+	}
 	if (!rc)
 		rc = write_header(q, &l);
 	if (!rc && fdatasync(q->fd) < 0)
@@ -378,16 +406,18 @@ static int q2_forget(struct target *t, const struct cbitmap *left, unsigned clus
 {
 	struct qcow2_target *q = q2(t);
 
-	/* Unallocated: what the cluster read as before the job (zeroes, or the
-	 * backing file's content). */
+	/* What the cluster read as before the job: its old entry in a file
+	 * updated in place, else unallocated (zeroes, or the backing file). */
 	for (uint64_t c = cbitmap_next_set(left, 0); c < left->nbits; c = cbitmap_next_set(left, c + 1)) {
 		uint64_t from = (c << cluster_bits) >> q->cluster_bits;
 		uint64_t to = min_u64(div_round_up((c + 1) << cluster_bits, q->cluster_size),
 				      div_round_up(t->size, q->cluster_size));
+		uint64_t per = qcow2_l2_entries(q->cluster_bits);
 		for (uint64_t g = from; g < to; g++) {
 			_Atomic uint64_t *e = entry_of(q, g, false);
+			const uint64_t *orig = q->orig_l2 ? q->orig_l2[g / per] : NULL;
 			if (e)
-				atomic_store_explicit(e, 0, memory_order_relaxed);
+				atomic_store_explicit(e, orig ? orig[g % per] : 0, memory_order_relaxed);
 		}
 	}
 	return 0;
@@ -398,25 +428,43 @@ static int q2_close(struct target *t, bool keep)
 	struct qcow2_target *q = q2(t);
 	int rc = 0;
 
-	if (q->fd >= 0 && close(q->fd) < 0 && keep)
+	if (q->journal) {
+		/* The old header back: the old map and data were never touched. */
+		if (!keep && (rc = journal_rollback(q->journal, NULL)) == 0 &&
+		    ftruncate(q->fd, (off_t)q->orig_file_size) == 0)
+			fdatasync(q->fd);
+		/* A journal that could not be applied stays for the next mount. */
+		int rc2 = journal_close(q->journal, rc == 0);
+		rc = rc ? rc : rc2;
+		q->journal = NULL;
+	}
+	if (q->fd >= 0 && close(q->fd) < 0 && keep && !rc)
 		rc = -errno;
 	q->fd = -1;
-	if (!keep && !t->published) {
+	if (!keep && !q->in_place && !t->published) {
 		unlink(t->path);
 		fsync_parent_dir(t->path);
 	}
 	return rc;
 }
 
+static void free_tables(uint64_t **tables, uint64_t n, bool atomic_slots)
+{
+	for (uint64_t i = 0; tables && i < n; i++)
+		free(atomic_slots ? atomic_load((_Atomic(uint64_t *) *)&tables[i]) : tables[i]);
+	free(tables);
+}
+
 static void q2_free(struct target *t)
 {
 	struct qcow2_target *q = q2(t);
 
+	if (q->journal)
+		journal_close(q->journal, false);
 	if (q->fd >= 0)
 		close(q->fd);
-	for (uint64_t i = 0; q->l2 && i < q->l1_entries; i++)
-		free(table_at(q, i));
-	free(q->l2);
+	free_tables((uint64_t **)q->l2, q->l1_entries, true);
+	free_tables(q->orig_l2, q->l1_entries, false);
 	free(t->path);
 	free(q);
 }
@@ -482,6 +530,108 @@ static int q2_create(const struct target_spec *spec, const char *temp, struct ta
 	return 0;
 }
 
+/* ---- an earlier backup, updated in place ------------------------------------ */
+
+static int read_at(int fd, void *buf, size_t len, uint64_t off)
+{
+	ssize_t n = pread_full(fd, buf, len, off);
+	return n < 0 ? (int)n : (size_t)n == len ? 0 : -EIO;
+}
+
+/* The cluster map of the file into memory, twice: the one the job changes
+ * and the one forget goes back to. */
+static int load_map(struct qcow2_target *q, uint64_t file_size, char *err, size_t errlen)
+{
+	uint64_t per = qcow2_l2_entries(q->cluster_bits), n = q->l1_entries;
+	size_t l1_len = (size_t)n * 8;
+	uint8_t *l1 = malloc(l1_len ? l1_len : 1), *raw = malloc(q->cluster_size);
+	int rc = 0;
+
+	q->l2 = calloc(n ? n : 1, sizeof(*q->l2));
+	q->orig_l2 = calloc(n ? n : 1, sizeof(*q->orig_l2));
+	if (!l1 || !raw || !q->l2 || !q->orig_l2)
+		rc = set_error(err, errlen, ENOMEM, "target %s: out of memory for its cluster map", q->base.path);
+	else if (l1_len && (rc = read_at(q->fd, l1, l1_len, q->header.l1_offset)))
+		set_error(err, errlen, -rc, "target %s: cannot read its L1 table: %s", q->base.path, error_text(-rc));
+	for (uint64_t i = 0; i < n && !rc; i++) {
+		uint64_t at = qcow2_be64(l1 + i * 8) & QCOW2_OFFSET_MASK;
+		if (!at)
+			continue;
+		uint64_t *table = malloc(q->cluster_size), *orig = malloc(q->cluster_size);
+		q->orig_l2[i] = orig;
+		atomic_store(&q->l2[i], table);
+		if (!table || !orig) {
+			rc = set_error(err, errlen, ENOMEM, "target %s: out of memory for its cluster map", q->base.path);
+		} else if (at + q->cluster_size > file_size || (rc = read_at(q->fd, raw, q->cluster_size, at))) {
+			rc = set_error(err, errlen, rc ? -rc : EINVAL, "target %s: its L2 table at %llu cannot be read",
+				       q->base.path, (unsigned long long)at);
+		} else {
+			for (uint64_t j = 0; j < per; j++)
+				orig[j] = table[j] = qcow2_be64(raw + j * 8) & ~QCOW2_OFLAG_COPIED;
+		}
+	}
+	free(l1);
+	free(raw);
+	return rc;
+}
+
+/* A partial qcow2 backup this daemon wrote (bitmap-mode=always), completed
+ * by the next incremental: new clusters and metadata go after everything
+ * in it, and only the header is overwritten, journaled first. */
+static int q2_open_existing(const char *path, dev_t dev, ino_t ino, const char *journal_path, uint32_t cluster_size,
+			    struct target **out, char *err, size_t errlen)
+{
+	struct qcow2_target *q = calloc(1, sizeof(*q));
+	uint8_t *first = malloc(1u << QCOW2_MAX_CLUSTER_BITS);
+	struct stat st;
+	char why[200];
+	int rc;
+
+	if (!q || !first || !(q->base.path = strdup(path))) {
+		free(q);
+		free(first);
+		return set_error(err, errlen, ENOMEM, "target %s: out of memory", path);
+	}
+	q->base.ops = &qcow2_ops;
+	q->in_place = true;
+	q->cluster_bits = (unsigned)min_u64(log2_u64(cluster_size), QCOW2_MAX_CLUSTER_BITS);
+	q->cluster_size = 1ull << q->cluster_bits;
+	q->base.write_unit = (uint32_t)q->cluster_size;
+	if ((rc = target_open_recorded(path, dev, ino, &q->fd, &st, err, errlen)))
+		goto fail;
+	ssize_t n = pread_full(q->fd, first, 1u << QCOW2_MAX_CLUSTER_BITS, 0);
+	if ((rc = qcow2_header_decode(first, n > 0 ? (size_t)n : 0, &q->header, why, sizeof(why)))) {
+		rc = set_error(err, errlen, EINVAL, "target %s: %s", path, why);
+		goto fail;
+	}
+	q->l1_entries = qcow2_l1_entries(q->header.size, q->cluster_bits);
+	if (q->header.version != 3 || q->header.cluster_bits != q->cluster_bits || q->header.nb_snapshots ||
+	    q->header.refcount_order != QCOW2_REFCOUNT_ORDER || q->header.l1_size != q->l1_entries ||
+	    (q->header.incompatible & (QCOW2_INCOMPAT_DIRTY | QCOW2_INCOMPAT_CORRUPT))) {
+		rc = set_error(err, errlen, EINVAL,
+			       "target %s: not a qcow2 backup of this daemon's cluster size (%llu) as fleecefs writes them",
+			       path, (unsigned long long)q->cluster_size);
+		goto fail;
+	}
+	q->base.dev = st.st_dev;
+	q->base.ino = st.st_ino;
+	q->base.size = q->header.size;
+	q->orig_file_size = (uint64_t)st.st_size;
+	q->immutable_below = div_round_up(q->orig_file_size, q->cluster_size) << q->cluster_bits;
+	atomic_init(&q->next_host, q->immutable_below);
+	if ((rc = load_map(q, q->orig_file_size, err, errlen)) ||
+	    (rc = journal_create(journal_path, q->fd, q->orig_file_size, (uint32_t)q->cluster_size, &q->journal, err,
+				 errlen)))
+		goto fail;
+	free(first);
+	*out = &q->base;
+	return 0;
+fail:
+	free(first);
+	q2_free(&q->base);
+	return rc;
+}
+
 static int q2_check(const struct target_spec *spec, char *err, size_t errlen)
 {
 	if (spec->cluster_size < (1u << QCOW2_MIN_CLUSTER_BITS))
@@ -498,4 +648,5 @@ const struct target_format_ops target_qcow2_format = {
 	.incremental_in_place = false,
 	.check = q2_check,
 	.create = q2_create,
+	.open_existing = q2_open_existing,
 };

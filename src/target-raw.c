@@ -281,33 +281,8 @@ int target_raw_open_in_place(const char *path, dev_t dev, ino_t ino, const char 
 
 	if (!r)
 		return set_error(err, errlen, ENOMEM, "target %s: out of memory", path);
-	r->fd = open(path, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
-	if (r->fd < 0 || fstat(r->fd, &st) < 0) {
-		int e = errno;
-		rc = set_error(err, errlen, e, "target %s: cannot update it: %s%s", path, error_text(e),
-			       e == ELOOP ? " (a symlink; the chain's backup is a regular file)" : "");
+	if ((rc = target_open_recorded(path, dev, ino, &r->fd, &st, err, errlen)))
 		goto fail;
-	}
-	/* Only the very file the chain recorded, and nothing that another name
-	 * (a hard link into SOURCE_DIR, a cp -al rotation) could make live. */
-	if (!S_ISREG(st.st_mode)) {
-		rc = set_error(err, errlen, EINVAL, "target %s: not a regular file", path);
-		goto fail;
-	}
-	if (st.st_dev != dev || st.st_ino != ino) {
-		rc = set_error(err, errlen, EINVAL,
-			       "target %s: is not the file the chain's last backup was written to (inode %llu, recorded "
-			       "%llu): take a new full backup", path, (unsigned long long)st.st_ino,
-			       (unsigned long long)ino);
-		goto fail;
-	}
-	if (st.st_nlink != 1) {
-		rc = set_error(err, errlen, EMLINK,
-			       "target %s: has %llu links: an incremental updates a backup in place and would change "
-			       "every other name of it (hard-link rotation?); take a new full backup",
-			       path, (unsigned long long)st.st_nlink);
-		goto fail;
-	}
 	r->base.dev = st.st_dev;
 	r->base.ino = st.st_ino;
 	r->base.size = (uint64_t)st.st_size;

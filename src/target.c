@@ -95,6 +95,31 @@ int target_create_file(struct target *t, const char *shown, int *fd, char *err, 
 	return 0;
 }
 
+int target_open_recorded(const char *path, dev_t dev, ino_t ino, int *fd, struct stat *st, char *err, size_t errlen)
+{
+	*fd = open(path, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
+	if (*fd < 0 || fstat(*fd, st) < 0) {
+		int e = errno;
+		return set_error(err, errlen, e, "target %s: cannot update it: %s%s", path, error_text(e),
+				 e == ELOOP ? " (a symlink; the chain's backup is a regular file)" : "");
+	}
+	/* Only the very file the chain recorded, and nothing that another name
+	 * (a hard link into SOURCE_DIR, a cp -al rotation) could make live. */
+	if (!S_ISREG(st->st_mode))
+		return set_error(err, errlen, EINVAL, "target %s: not a regular file", path);
+	if (st->st_dev != dev || st->st_ino != ino)
+		return set_error(err, errlen, EINVAL,
+				 "target %s: is not the file the chain's last backup was written to (inode %llu, recorded "
+				 "%llu): take a new full backup", path, (unsigned long long)st->st_ino,
+				 (unsigned long long)ino);
+	if (st->st_nlink != 1)
+		return set_error(err, errlen, EMLINK,
+				 "target %s: has %llu links: an incremental updates a backup in place and would change "
+				 "every other name of it (hard-link rotation?); take a new full backup",
+				 path, (unsigned long long)st->st_nlink);
+	return 0;
+}
+
 int target_rename_file(struct target *t, const char *name, char *err, size_t errlen)
 {
 	if (strcmp(t->path, name) == 0)

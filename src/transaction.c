@@ -311,7 +311,15 @@ static int check_backup_bitmap(struct txn_state *s, unsigned i)
 	const char *target = s->res[i].backup->target.resolved;
 	const char *chain_format = chain->format[0] ? chain->format : "raw";
 	const struct target_format_ops *format = target_format(s->res[i].backup->format);
+	/* A partial backup is completed where it is, whatever the format: the
+	 * clusters it lacks are in the bitmap. */
+	if (chain->partial && strcmp(chain_format, format->name) == 0)
+		s->res[i].backup->target.in_place = true;
 	bool in_place = s->res[i].backup->target.in_place;
+	if (chain->partial && b->backing)
+		return set_error(s->err, sizeof(s->err), EINVAL,
+				 "line %u: backup: the last backup of bitmap %s is the partial %s, which this incremental "
+				 "completes with the backing file it has: no backing=", c->line, b->bitmap, chain->target);
 	if (in_place && strcmp(target, chain->final) != 0)
 		return set_error(s->err, sizeof(s->err), EINVAL,
 				 "line %u: backup: an incremental with bitmap %s continues its last backup %s%s%s, not %s",
@@ -327,10 +335,10 @@ static int check_backup_bitmap(struct txn_state *s, unsigned i)
 				 "by an older fleecefs): take a new full backup with bitmap=%s", c->line, b->bitmap,
 				 chain->target, b->bitmap);
 	if (!in_place && chain->partial)
-		return set_error(s->err, sizeof(s->err), EOPNOTSUPP,
-				 "line %u: backup: the last backup of bitmap %s is the partial %s: completing it with a "
-				 "%s incremental is not supported by this version", c->line, b->bitmap, chain->target,
-				 format->name);
+		return set_error(s->err, sizeof(s->err), EINVAL,
+				 "line %u: backup: the last backup of bitmap %s is the partial %s backup %s: complete it "
+				 "with a %s incremental (format=%s)", c->line, b->bitmap, chain_format, chain->target,
+				 chain_format, chain_format);
 	if (!in_place && (rc = resolve_backing(s, i, chain, chain_format)))
 		return rc;
 	if (!chain->checksum && b->checksum)

@@ -199,6 +199,12 @@ void target_free(struct target *t);
 /* For the formats: creates t->path (O_EXCL, mode 0600, never following a
  * symlink), fills t->dev and t->ino; `shown` names it in the message. */
 int target_create_file(struct target *t, const char *shown, int *fd, char *err, size_t errlen);
+/* For the formats' open_existing: opens the chain's backup at `path` for
+ * writing (never following a symlink) and checks that it is the recorded
+ * file (dev, ino), regular, with no other link (EINVAL, EMLINK). On error
+ * *fd may be open (the caller closes it). */
+struct stat;
+int target_open_recorded(const char *path, dev_t dev, ino_t ino, int *fd, struct stat *st, char *err, size_t errlen);
 /* The formats' publish: renames the file to `name` (rename_noreplace), makes
  * t->path follow and sets t->published. */
 int target_rename_file(struct target *t, const char *name, char *err, size_t errlen);
