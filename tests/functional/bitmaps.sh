@@ -394,10 +394,7 @@ crash() {
 		sleep 0.3
 		[ "$(status crinc state)" = running ] || fail "crinc is not running at the kill";;
 	esac
-	kill -9 "$DAEMON_PID"
-	wait "$DAEMON_PID" 2>/dev/null || true
-	DAEMON_PID=
-	fusermount3 -uz "$MNT"
+	kill_daemon
 	wait "$w" || true
 	mount_fleece
 }

@@ -165,10 +165,7 @@ done
 for name in "${names[@]}"; do
 	[ "$(status "$name-j" state)" = running ] || fail "$name-j is $(status "$name-j" state) at the kill"
 done
-kill -9 "$DAEMON_PID"
-wait "$DAEMON_PID" 2>/dev/null || true
-DAEMON_PID=
-fusermount3 -uz "$MNT"
+kill_daemon
 # Before the next mount the hidden files are still there; it removes them.
 [ -n "$(hidden_files "$OUT")" ] || fail "no hidden files after the kill (nothing to recover?)"
 mount_fleece

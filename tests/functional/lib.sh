@@ -67,6 +67,14 @@ unmount_fleece() {
 	DAEMON_PID=
 }
 
+# kill_daemon: SIGKILL for the daemon (a crash), its mount detached.
+kill_daemon() {
+	kill -9 "$DAEMON_PID"
+	wait "$DAEMON_PID" 2>/dev/null || true
+	DAEMON_PID=
+	fusermount3 -uz "$MNT" 2>/dev/null || true
+}
+
 # ctl COMMAND...: one write to .fleece/ctl (one transaction; pass several
 # lines in one argument). Prints the answer read back; returns 0 iff the
 # write succeeded. CTL_ERRNO holds the errno name the write failed with.

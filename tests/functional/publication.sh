@@ -25,13 +25,6 @@ random_image "$SRC/vm.img" 32M
 random_image "$SRC/vm2.img" 8M
 mount_fleece
 
-kill_daemon() {
-	kill -9 "$DAEMON_PID"
-	wait "$DAEMON_PID" 2>/dev/null || true
-	DAEMON_PID=
-	fusermount3 -uz "$MNT"
-}
-
 # =============================================================================
 log "1. hidden while running; a SIGKILL leaves nothing under TARGET's name"
 start k1 "backup vm.img $OUT/k1.raw speed=2M id=k1"

@@ -159,10 +159,7 @@ inject "target-write from=1 delay=3000"
 start ki "backup vm.img $OUT/rinc3.qcow2 sync=incremental bitmap=r id=ki"
 sleep 0.5
 want_eq "ki while it writes" "$(status ki state)" running
-kill -9 "$DAEMON_PID"
-wait "$DAEMON_PID" 2>/dev/null || true
-DAEMON_PID=
-fusermount3 -uz "$MNT" 2>/dev/null || true
+kill_daemon
 mount_fleece
 [ ! -e "$OUT/rinc3.qcow2" ] && [ ! -e "$OUT/rinc3.qcow2.xxh3" ] || fail "the killed incremental left its target"
 [ -z "$(hidden_files "$OUT")" ] || fail "the next mount left hidden files: $(hidden_files "$OUT")"

@@ -106,10 +106,7 @@ inject "target-write from=1 delay=3000"
 start k "backup vm.img $OUT/inc.qcow2 sync=incremental bitmap=p bitmap-mode=always id=k"
 sleep 0.5
 want_eq "k while it writes" "$(status k state)" running
-kill -9 "$DAEMON_PID"
-wait "$DAEMON_PID" 2>/dev/null || true
-DAEMON_PID=
-fusermount3 -uz "$MNT" 2>/dev/null || true
+kill_daemon
 mount_fleece
 [ ! -e "$OUT/inc.qcow2" ] || fail "the killed completion has TARGET's name"
 [ -z "$(hidden_files "$OUT")" ] || fail "the next mount left hidden files: $(hidden_files "$OUT")"

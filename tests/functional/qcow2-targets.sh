@@ -108,10 +108,7 @@ log "a killed daemon leaves nothing under TARGET; the next mount cleans up"
 inject "target-write from=1 delay=100"
 start k "backup vm.img $OUT/killed.qcow2 id=k"
 sleep 0.5
-kill -9 "$DAEMON_PID"
-wait "$DAEMON_PID" 2>/dev/null || true
-DAEMON_PID=
-fusermount3 -uz "$MNT" 2>/dev/null || true
+kill_daemon
 [ ! -e "$OUT/killed.qcow2" ] || fail "killed.qcow2 exists after the kill"
 mount_fleece
 [ ! -e "$OUT/killed.qcow2" ] && [ ! -e "$OUT/killed.qcow2.xxh3" ] || fail "killed.qcow2 appeared at the next mount"

@@ -507,10 +507,7 @@ out=$(ctl "backup vm.img $OUT/fl.raw id=fl fleecing=on speed=1M") || fail "fleec
 "$PY" -c 'import os,sys; fd=os.open(sys.argv[1],os.O_RDWR); [os.pwrite(fd, os.urandom(4096), o) for o in range(16<<20, 32<<20, 1<<20)]' "$MNT/vm.img"
 [ "$(du -s --block-size=1 "$(store_dir s1)" | cut -f1)" -gt 0 ] || fail "the store of s1 holds nothing"
 [ -n "$(find "$SRC/.fleecefs/fleecing" -type f -size +0)" ] || fail "no fleecing store with data"
-kill -9 "$DAEMON_PID"
-wait "$DAEMON_PID" 2>/dev/null || true
-DAEMON_PID=
-fusermount3 -u -z "$MNT"
+kill_daemon
 [ -e "$(store_dir s1)" ] || fail "the store vanished with the killed daemon: nothing left to clean"
 mount_fleece
 [ ! -e "$(store_dir s1)" ] || fail "a stale snapshot store was not removed at start: $(ls -la "$(store_dir s1)")"
