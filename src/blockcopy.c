@@ -174,7 +174,7 @@ static int read_run(struct blockcopy *bc, uint64_t first, uint64_t count, void *
 /* Writes a run read by read_run: non-zero clusters as data (adjacent ones in
  * one write), zero clusters as zeroes (nothing at all on a fresh target).
  * On success the run counts as done. */
-static int write_run(struct blockcopy *bc, uint64_t first, uint64_t len, const void *buf)
+static int write_run(struct blockcopy *bc, uint64_t first, uint64_t len, const void *buf, unsigned flags)
 {
 	uint64_t off = first << bc->cluster_bits, write_from = 0, pos = 0;
 	bool in_data = false;
@@ -190,7 +190,7 @@ static int write_run(struct blockcopy *bc, uint64_t first, uint64_t len, const v
 			in_data = true;
 		} else if (zero && in_data) {
 			rc = target_write(bc->target, off + write_from, (const char *)buf + write_from,
-					  (size_t)(pos - write_from));
+					  (size_t)(pos - write_from), flags);
 			if (rc)
 				return rc;
 			atomic_fetch_add(&bc->bytes_written, pos - write_from);
@@ -201,7 +201,7 @@ static int write_run(struct blockcopy *bc, uint64_t first, uint64_t len, const v
 	}
 	if (in_data) {
 		rc = target_write(bc->target, off + write_from, (const char *)buf + write_from,
-				  (size_t)(len - write_from));
+				  (size_t)(len - write_from), flags);
 		if (rc)
 			return rc;
 		atomic_fetch_add(&bc->bytes_written, len - write_from);
@@ -288,7 +288,7 @@ static void *writer_thread(void *arg)
 				break;
 			}
 			pthread_mutex_unlock(&bc->queue_lock);
-			int rc = discard ? 0 : write_run(bc, item->first, item->len, item->buf);
+			int rc = discard ? 0 : write_run(bc, item->first, item->len, item->buf, 0);
 			/* Hand what was written to writeback as we go: dirty pages
 			 * stay bounded, and the final sync finds little to do. */
 			unwritten += item->len;
@@ -485,7 +485,7 @@ static int copy_claimed_run(struct blockcopy *bc, uint64_t run_first, uint64_t r
 		buf = NULL;
 		reserved = 0;
 	} else if (!rc) {
-		rc = write_run(bc, run_first, bytes, buf);
+		rc = write_run(bc, run_first, bytes, buf, by_guest ? TARGET_WRITE_GUEST_WAITS : 0);
 		e->target = rc != 0;
 	}
 	if (reserved)

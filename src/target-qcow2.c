@@ -30,6 +30,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -38,6 +39,8 @@
 #include <unistd.h>
 
 #include "fleecefs/cbitmap.h"
+#include "fleecefs/control.h"
+#include "fleecefs/cpool.h"
 #include "fleecefs/journal.h"
 #include "fleecefs/qcow2.h"
 #include "fleecefs/target.h"
@@ -60,6 +63,11 @@ struct qcow2_target {
 	uint64_t orig_file_size;
 	struct journal *journal;
 	bool in_place;
+	/* compress=zstd: the pool, and the area compressed clusters are packed
+	 * into (byte granular; a new area when one is full). */
+	struct cpool *pool;
+	pthread_mutex_t comp_lock;
+	uint64_t comp_next, comp_end;
 	atomic_uint_fast64_t next_host; /* the first free byte of the file, cluster aligned */
 };
 
@@ -104,7 +112,91 @@ static bool whole_clusters(const struct qcow2_target *q, uint64_t off, uint64_t 
 	return !(off & mask) && (!((off + len) & mask) || off + len >= q->base.size) && off + len <= q->base.size;
 }
 
-static int q2_write(struct target *t, uint64_t off, const void *buf, size_t len)
+static int write_buffer(int fd, const void *buf, size_t len, uint64_t off)
+{
+	ssize_t w = pwrite_full(fd, buf, len, off);
+	return w < 0 ? (int)w : 0;
+}
+
+/* Where a compressed cluster of `len` bytes (at most a cluster) goes: next
+ * to the one before, in an area of whole clusters, so that its last sector
+ * never reaches into data that is not compressed. */
+static uint64_t alloc_compressed(struct qcow2_target *q, uint64_t len)
+{
+	pthread_mutex_lock(&q->comp_lock);
+	if (q->comp_next + len > q->comp_end) {
+		uint64_t area = div_round_up(max_u64(q->cluster_size, 1u << 20), q->cluster_size) << q->cluster_bits;
+		q->comp_next = atomic_fetch_add(&q->next_host, area);
+		q->comp_end = q->comp_next + area;
+	}
+	uint64_t at = q->comp_next;
+	q->comp_next += len;
+	pthread_mutex_unlock(&q->comp_lock);
+	return at;
+}
+
+/* Clusters compressed in the pool: those that shrink packed into one write,
+ * the others stored whole, each run of them in one write. */
+static int write_compressed(struct qcow2_target *q, uint64_t first, uint64_t n, const uint8_t *buf, size_t len)
+{
+	size_t slot = cpool_slot(q->pool);
+	/* A host cluster's refcount is 16 bits: no more than 32768 clusters
+	 * may start in one. */
+	uint64_t min_len = max_u64(1, q->cluster_size >> 15);
+	uint8_t *out = malloc(n * slot), *packed = NULL;
+	size_t *lens = malloc(n * sizeof(*lens));
+	uint64_t *where = malloc(n * sizeof(*where)), packed_len = 0;
+	int rc = out && lens && where ? cpool_compress(q->pool, buf, len, out, lens) : -ENOMEM;
+
+	for (uint64_t i = 0; i < n && !rc; i++)
+		packed_len += lens[i] ? max_u64(lens[i], min_len) : 0;
+	if (!rc && packed_len && !(packed = calloc(1, packed_len)))
+		rc = -ENOMEM;
+	/* Each cluster gets its place on its own (an area's tail is used up
+	 * before the next area begins); places that follow each other in the
+	 * file are written together. */
+	uint64_t seg_start = 0, seg_at = 0, pos = 0;
+	for (uint64_t i = 0; i < n && !rc; i++) {
+		if (!lens[i])
+			continue;
+		uint64_t slot_len = max_u64(lens[i], min_len), at = alloc_compressed(q, slot_len);
+		if (pos > seg_start && at != seg_at + (pos - seg_start)) {
+			rc = write_buffer(q->fd, packed + seg_start, pos - seg_start, seg_at);
+			seg_start = pos;
+		}
+		if (pos == seg_start)
+			seg_at = at;
+		memcpy(packed + pos, out + i * slot, lens[i]);
+		where[i] = qcow2_compressed_entry(q->cluster_bits, at, lens[i]);
+		pos += slot_len;
+	}
+	if (!rc && pos > seg_start)
+		rc = write_buffer(q->fd, packed + seg_start, pos - seg_start, seg_at);
+	for (uint64_t i = 0; i < n && !rc;) {
+		if (lens[i]) {
+			i++;
+			continue;
+		}
+		uint64_t j = i;
+		while (j < n && !lens[j])
+			j++;
+		uint64_t from = i << q->cluster_bits, bytes = min_u64((j - i) << q->cluster_bits, len - from);
+		uint64_t host = atomic_fetch_add(&q->next_host, (j - i) << q->cluster_bits);
+		rc = write_buffer(q->fd, buf + from, bytes, host);
+		for (; i < j; i++)
+			where[i] = host + ((i << q->cluster_bits) - from);
+	}
+	/* The entries change only once their data is written. */
+	for (uint64_t i = 0; i < n && !rc; i++)
+		atomic_store_explicit(entry_of(q, first + i, false), where[i], memory_order_relaxed);
+	free(out);
+	free(lens);
+	free(where);
+	free(packed);
+	return rc;
+}
+
+static int q2_write(struct target *t, uint64_t off, const void *buf, size_t len, unsigned flags)
 {
 	struct qcow2_target *q = q2(t);
 	uint64_t first = off >> q->cluster_bits, n = div_round_up(len, q->cluster_size);
@@ -121,6 +213,8 @@ static int q2_write(struct target *t, uint64_t off, const void *buf, size_t len)
 		if (is_own_data(q, atomic_load_explicit(e, memory_order_relaxed)))
 			fresh = false;
 	}
+	if (q->pool && !(flags & TARGET_WRITE_GUEST_WAITS))
+		return write_compressed(q, first, n, buf, len);
 	if (fresh) {
 		/* The common case: new clusters, side by side in the file. */
 		uint64_t host = atomic_fetch_add(&q->next_host, n << q->cluster_bits);
@@ -306,12 +400,6 @@ static int write_l2_tables(struct qcow2_target *q, const struct q2_layout *l, co
 	return rc;
 }
 
-static int write_buffer(int fd, const void *buf, size_t len, uint64_t off)
-{
-	ssize_t w = pwrite_full(fd, buf, len, off);
-	return w < 0 ? (int)w : 0;
-}
-
 static int write_l1(struct qcow2_target *q, const struct q2_layout *l, const uint64_t *l1)
 {
 	size_t len = (size_t)(l->l1_clusters << q->cluster_bits);
@@ -428,6 +516,8 @@ static int q2_close(struct target *t, bool keep)
 	struct qcow2_target *q = q2(t);
 	int rc = 0;
 
+	cpool_stop(q->pool);
+	q->pool = NULL;
 	if (q->journal) {
 		/* The old header back: the old map and data were never touched. */
 		if (!keep && (rc = journal_rollback(q->journal, NULL)) == 0 &&
@@ -459,6 +549,8 @@ static void q2_free(struct target *t)
 {
 	struct qcow2_target *q = q2(t);
 
+	cpool_stop(q->pool);
+	pthread_mutex_destroy(&q->comp_lock);
 	if (q->journal)
 		journal_close(q->journal, false);
 	if (q->fd >= 0)
@@ -501,28 +593,49 @@ static int set_backing(struct qcow2_target *q, const struct target_spec *spec, c
 	return 0;
 }
 
-static int q2_create(const struct target_spec *spec, const char *temp, struct target **out, char *err, size_t errlen)
+/* A target at `path` with the daemon's cluster size: one qcow2 cluster per
+ * job cluster, up to the 2 MiB QEMU reads (a larger job cluster spans
+ * several). */
+static struct qcow2_target *new_q2(const char *path, uint32_t cluster_size)
 {
 	struct qcow2_target *q = calloc(1, sizeof(*q));
-	int rc;
 
-	if (!q || !(q->base.path = strdup(temp))) {
+	if (!q || !(q->base.path = strdup(path))) {
 		free(q);
-		return set_error(err, errlen, ENOMEM, "target %s: out of memory", spec->resolved);
+		return NULL;
 	}
 	q->base.ops = &qcow2_ops;
 	q->fd = -1;
-	/* One qcow2 cluster per job cluster, up to the 2 MiB QEMU reads; a
-	 * larger job cluster spans several. */
-	q->cluster_bits = (unsigned)min_u64(log2_u64(spec->cluster_size), QCOW2_MAX_CLUSTER_BITS);
+	pthread_mutex_init(&q->comp_lock, NULL);
+	q->cluster_bits = (unsigned)min_u64(log2_u64(cluster_size), QCOW2_MAX_CLUSTER_BITS);
 	q->cluster_size = 1ull << q->cluster_bits;
 	q->base.write_unit = (uint32_t)q->cluster_size;
+	return q;
+}
+
+/* compress=zstd: the header says so, and the pool starts. */
+static int start_compression(struct qcow2_target *q, int level, char *err, size_t errlen)
+{
+	q->header.incompatible |= QCOW2_INCOMPAT_COMPRESSION;
+	q->header.compression_type = QCOW2_COMPRESSION_ZSTD;
+	int rc = cpool_start(cpool_default_threads(), level, q->cluster_size, &q->pool);
+	if (rc)
+		return set_error(err, errlen, -rc, "target %s: cannot start compressing: %s", q->base.path,
+				 rc == -EOPNOTSUPP ? "this fleecefs was built without libzstd" : error_text(-rc));
+	return 0;
+}
+
+static int q2_create(const struct target_spec *spec, const char *temp, struct target **out, char *err, size_t errlen)
+{
+	struct qcow2_target *q = new_q2(temp, spec->cluster_size);
+	int rc;
+
+	if (!q)
+		return set_error(err, errlen, ENOMEM, "target %s: out of memory", spec->resolved);
 	atomic_init(&q->next_host, q->cluster_size);   /* cluster 0 is the header */
-	if (spec->backing_resolved[0] && (rc = set_backing(q, spec, err, errlen))) {
-		q2_free(&q->base);
-		return rc;
-	}
-	if ((rc = target_create_file(&q->base, spec->resolved, &q->fd, err, errlen))) {
+	if ((spec->backing_resolved[0] && (rc = set_backing(q, spec, err, errlen))) ||
+	    (spec->compress == COMPRESS_ZSTD && (rc = start_compression(q, spec->compress_level, err, errlen))) ||
+	    (rc = target_create_file(&q->base, spec->resolved, &q->fd, err, errlen))) {
 		q2_free(&q->base);
 		return rc;
 	}
@@ -581,22 +694,19 @@ static int load_map(struct qcow2_target *q, uint64_t file_size, char *err, size_
 static int q2_open_existing(const char *path, dev_t dev, ino_t ino, const char *journal_path, uint32_t cluster_size,
 			    struct target **out, char *err, size_t errlen)
 {
-	struct qcow2_target *q = calloc(1, sizeof(*q));
+	struct qcow2_target *q = new_q2(path, cluster_size);
 	uint8_t *first = malloc(1u << QCOW2_MAX_CLUSTER_BITS);
 	struct stat st;
 	char why[200];
 	int rc;
 
-	if (!q || !first || !(q->base.path = strdup(path))) {
-		free(q);
+	if (!q || !first) {
+		if (q)
+			q2_free(&q->base);
 		free(first);
 		return set_error(err, errlen, ENOMEM, "target %s: out of memory", path);
 	}
-	q->base.ops = &qcow2_ops;
 	q->in_place = true;
-	q->cluster_bits = (unsigned)min_u64(log2_u64(cluster_size), QCOW2_MAX_CLUSTER_BITS);
-	q->cluster_size = 1ull << q->cluster_bits;
-	q->base.write_unit = (uint32_t)q->cluster_size;
 	if ((rc = target_open_recorded(path, dev, ino, &q->fd, &st, err, errlen)))
 		goto fail;
 	ssize_t n = pread_full(q->fd, first, 1u << QCOW2_MAX_CLUSTER_BITS, 0);
@@ -619,7 +729,10 @@ static int q2_open_existing(const char *path, dev_t dev, ino_t ino, const char *
 	q->orig_file_size = (uint64_t)st.st_size;
 	q->immutable_below = div_round_up(q->orig_file_size, q->cluster_size) << q->cluster_bits;
 	atomic_init(&q->next_host, q->immutable_below);
+	/* Completed as it was begun: compressed if it is. */
 	if ((rc = load_map(q, q->orig_file_size, err, errlen)) ||
+	    ((q->header.incompatible & QCOW2_INCOMPAT_COMPRESSION) &&
+	     (rc = start_compression(q, 0, err, errlen))) ||
 	    (rc = journal_create(journal_path, q->fd, q->orig_file_size, (uint32_t)q->cluster_size, &q->journal, err,
 				 errlen)))
 		goto fail;
@@ -637,9 +750,10 @@ static int q2_check(const struct target_spec *spec, char *err, size_t errlen)
 	if (spec->cluster_size < (1u << QCOW2_MIN_CLUSTER_BITS))
 		return set_error(err, errlen, EINVAL, "target %s: qcow2 needs a cluster size of at least 4K",
 				 spec->location);
-	if (spec->compress)
-		return set_error(err, errlen, EOPNOTSUPP, "target %s: compress= is not supported by this version",
-				 spec->location);
+	if (spec->compress == COMPRESS_ZSTD && !cpool_available())
+		return set_error(err, errlen, EOPNOTSUPP,
+				 "target %s: compress=zstd: this fleecefs was built without libzstd (install libzstd-dev and "
+				 "build it again)", spec->location);
 	return 0;
 }
 

@@ -47,8 +47,9 @@ static int protect(struct raw_target *r, uint64_t off, uint64_t len)
 	return journal_protect(r->journal, &range, 1);
 }
 
-static int raw_write(struct target *t, uint64_t off, const void *buf, size_t len)
+static int raw_write(struct target *t, uint64_t off, const void *buf, size_t len, unsigned flags)
 {
+	(void)flags;
 	struct raw_target *r = raw(t);
 	int rc = protect(r, off, len);
 	if (rc)

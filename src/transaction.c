@@ -440,7 +440,8 @@ static int check_backup(struct txn_state *s, unsigned i)
 	*spec = (struct target_spec){ .format = bl->format, .location = b->target, .checksum = b->checksum,
 				      .in_place = b->sync == SYNC_INCREMENTAL && format && format->incremental_in_place,
 				      .incremental = b->sync == SYNC_INCREMENTAL, .cluster_size = s->d->cluster_size,
-				      .backing = b->backing, .compress = (int)b->compress };
+				      .backing = b->backing, .compress = (int)b->compress,
+				      .compress_level = b->compress_level };
 	char msg[ERR_MAX - 32];
 	if ((rc = target_check(spec, &s->limits, msg, sizeof(msg))))
 		return set_error(s->err, sizeof(s->err), -rc, "line %u: %s", line, msg);

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # run-all.sh: the whole test suite from a fresh Debian 12 machine.
 # Installs what is missing, builds, and runs `make check`: a normal build
-# with -Werror, then a build with -fsanitize=address,undefined, then the
-# daemon built with -fsanitize=thread under the tests that stress its threads.
+# with -Werror, a build without libzstd under its compression test, a build
+# with -fsanitize=address,undefined, then the daemon built with
+# -fsanitize=thread under the tests that stress its threads.
 # Needs root (FUSE mounts, test mounts of tmpfs, apt-get).
 #   SKIP_ASAN=1 tests/run-all.sh    only the normal pass (and distcheck)
 #   SKIP_DISTCHECK=1                 no make distcheck (the release tarball
@@ -94,9 +95,12 @@ pass() {  # NAME CONFIGURE-ARGS...
 	fi
 }
 
-TSAN_TESTS="tests/functional/backup-pit.sh tests/functional/job-control.sh tests/functional/transactions.sh tests/functional/stop-resume.sh tests/functional/shutdown.sh tests/functional/ctl-begin-commit.sh tests/functional/publication.sh"
+TSAN_TESTS="tests/functional/backup-pit.sh tests/functional/job-control.sh tests/functional/transactions.sh tests/functional/stop-resume.sh tests/functional/shutdown.sh tests/functional/ctl-begin-commit.sh tests/functional/publication.sh tests/functional/qcow2-targets.sh tests/functional/qcow2-compress.sh"
 start=$(date +%s)
 pass build-check --enable-werror
+# A daemon built without libzstd refuses compress=zstd, saying why (the
+# test checks either way).
+TESTS=tests/functional/qcow2-compress.sh pass build-nozstd --enable-werror --without-zstd
 if [ "${SKIP_ASAN:-0}" != 1 ]; then
 	export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:halt_on_error=1
 	export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1

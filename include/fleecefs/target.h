@@ -50,7 +50,8 @@ struct target_spec {
 	uint32_t cluster_size;       /* the job's copy cluster */
 	bool checksum;               /* a manifest beside it */
 	const char *backing;         /* backing= as given (NULL: the chain's) */
-	int compress;                /* enum compress_kind (not yet) */
+	int compress;                /* enum compress_kind */
+	int compress_level;          /* 0: zstd's default */
 	char resolved[PATH_MAX];     /* where it really is */
 	/* A qcow2 incremental: the chain's last backup, which the new file
 	 * reads through for every cluster it does not hold. */
@@ -65,8 +66,11 @@ struct target_limits {
 	dev_t mount_dev;             /* 0 if unknown */
 };
 
+/* Flags of a write. */
+#define TARGET_WRITE_GUEST_WAITS 1u  /* a guest write waits for this one: do the least work (no compression) */
+
 struct target_ops {
-	int (*write)(struct target *t, uint64_t off, const void *buf, size_t len);
+	int (*write)(struct target *t, uint64_t off, const void *buf, size_t len, unsigned flags);
 	/* Make [off, off + len) read as zeroes (a hole where possible). */
 	int (*write_zeroes)(struct target *t, uint64_t off, uint64_t len);
 	/* Give back the space of [off, off + len) (its content is not needed
@@ -159,9 +163,9 @@ int target_raw_create_scratch(const char *path, uint64_t size, struct target **o
 int target_raw_open_in_place(const char *path, dev_t dev, ino_t ino, const char *journal_path, uint32_t cluster_size,
 			     struct target **out, char *err, size_t errlen);
 
-static inline int target_write(struct target *t, uint64_t off, const void *buf, size_t len)
+static inline int target_write(struct target *t, uint64_t off, const void *buf, size_t len, unsigned flags)
 {
-	return t->ops->write(t, off, buf, len);
+	return t->ops->write(t, off, buf, len, flags);
 }
 static inline int target_write_zeroes(struct target *t, uint64_t off, uint64_t len)
 {

@@ -224,8 +224,6 @@ refuse EEXIST "$(printf 'backup vm.img %s id=tx1\nbackup pool/a.img %s id=tx2' "
 # Not implemented yet: refused with EOPNOTSUPP (which python, and so ctl,
 # names ENOTSUP: the same number on Linux), nothing left.
 refuse ENOENT "backup vm.img $t sync=incremental bitmap=b1" "$t" >/dev/null
-refuse ENOTSUP "backup vm.img $t format=qcow2 compress=zstd" "$t" >/dev/null
-refuse ENOTSUP "backup vm.img $OUT/t.qcow2 compress=zstd:3" "$OUT/t.qcow2" >/dev/null
 refuse ENOTSUP "mirror vm.img $OUT/m.raw" "$OUT/m.raw" >/dev/null
 refuse ENOENT "release s1" >/dev/null
 refuse ENOENT "bitmap remove vm.img b1" >/dev/null

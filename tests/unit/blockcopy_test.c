@@ -115,8 +115,9 @@ struct mem_target {
 
 static struct mem_target tgt;
 
-static int mem_write(struct target *t, uint64_t off, const void *buf, size_t len)
+static int mem_write(struct target *t, uint64_t off, const void *buf, size_t len, unsigned flags)
 {
+	(void)flags;
 	struct mem_target *m = (struct mem_target *)t;
 	pthread_mutex_lock(&m->lock);
 	while (m->block_writes)

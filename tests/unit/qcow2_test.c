@@ -185,7 +185,7 @@ static void *write_clusters(void *arg)
 {
 	struct writer *w = arg;
 	for (uint64_t c = w->first; c < w->clusters; c += w->step)
-		cr_assert_eq(target_write(w->t, c * w->cluster, w->image + c * w->cluster, w->cluster), 0);
+		cr_assert_eq(target_write(w->t, c * w->cluster, w->image + c * w->cluster, w->cluster, 0), 0);
 	return NULL;
 }
 
@@ -224,12 +224,12 @@ Test(qcow2_target, rewrites_zeroes_forget_and_reflush)
 	for (uint64_t i = 0; i < size; i++)
 		data[i] = (uint8_t)(i % 251 + 1);
 	struct target *t = new_target("rw.qcow2", cluster, size);
-	cr_assert_eq(target_write(t, 0, data, 10 * cluster), 0);            /* clusters 0-9 */
-	cr_assert_eq(target_write(t, 4 * cluster, data + 4 * cluster, 2 * cluster), 0);   /* 4-5 again */
+	cr_assert_eq(target_write(t, 0, data, 10 * cluster, 0), 0);            /* clusters 0-9 */
+	cr_assert_eq(target_write(t, 4 * cluster, data + 4 * cluster, 2 * cluster, 0), 0);   /* 4-5 again */
 	cr_assert_eq(target_write_zeroes(t, 8 * cluster, 2 * cluster), 0);   /* 8-9 back to zeroes */
-	cr_assert_eq(target_write(t, 39 * cluster, data + 39 * cluster, size - 39 * cluster), 0);  /* the tail */
-	cr_assert_eq(target_write(t, 20 * cluster, data + 20 * cluster, 5 * cluster), 0);
-	cr_assert_eq(target_write(t, 3 * cluster, data, cluster / 2), -EINVAL, "half a cluster");
+	cr_assert_eq(target_write(t, 39 * cluster, data + 39 * cluster, size - 39 * cluster, 0), 0);  /* the tail */
+	cr_assert_eq(target_write(t, 20 * cluster, data + 20 * cluster, 5 * cluster, 0), 0);
+	cr_assert_eq(target_write(t, 3 * cluster, data, cluster / 2, 0), -EINVAL, "half a cluster");
 	cr_assert_eq(target_flush(t), 0);
 	/* A partial backup: clusters 20-24 did not durably arrive. */
 	cr_assert_eq(cbitmap_init(&left, 41, false), 0);
@@ -258,9 +258,79 @@ Test(qcow2_target, not_kept_is_removed)
 	struct target *t = new_target("gone.qcow2", 65536, 1 << 20);
 	static uint8_t buf[65536] = { 1 };
 
-	cr_assert_eq(target_write(t, 0, buf, sizeof(buf)), 0);
+	cr_assert_eq(target_write(t, 0, buf, sizeof(buf), 0), 0);
 	cr_assert_eq(target_close(t, false), 0);
 	target_free(t);
 	snprintf(path, sizeof(path), "%s/gone.qcow2", dir);
 	cr_assert_eq(access(path, F_OK), -1);
 }
+
+/* ---- the compression pool ---------------------------------------------------- */
+
+#ifdef HAVE_ZSTD
+#include <zstd.h>
+
+#include "fleecefs/cpool.h"
+
+struct pool_caller {
+	struct cpool *pool;
+	const uint8_t *data;
+	size_t len;
+};
+
+/* Compresses `len` bytes of `data` in the pool and checks every cluster
+ * against what zstd gives back: compressed ones decompress to the data
+ * (padded with zeroes), the others were incompressible. */
+static void *compress_and_check(void *arg)
+{
+	struct pool_caller *c = arg;
+	const size_t cluster = 65536;
+	size_t n = (c->len + cluster - 1) / cluster, slot = cpool_slot(c->pool);
+	uint8_t *out = malloc(n * slot), *back = malloc(cluster);
+	size_t *lens = calloc(n, sizeof(*lens));
+
+	cr_assert_eq(cpool_compress(c->pool, c->data, c->len, out, lens), 0);
+	for (size_t i = 0; i < n; i++) {
+		size_t len = c->len - i * cluster < cluster ? c->len - i * cluster : cluster;
+		if (!lens[i]) {
+			/* Stored whole: it must really not have shrunk by a sector. */
+			size_t r = ZSTD_compress(back, cluster, c->data + i * cluster, len, 3);
+			cr_assert(ZSTD_isError(r) || r + 512 > len, "cluster %zu was compressible (%zu)", i, r);
+			continue;
+		}
+		cr_assert_leq(lens[i], slot);
+		size_t r = ZSTD_decompress(back, cluster, out + i * slot, lens[i]);
+		cr_assert_eq(r, cluster, "cluster %zu: %s", i, ZSTD_isError(r) ? ZSTD_getErrorName(r) : "short");
+		cr_assert_eq(memcmp(back, c->data + i * cluster, len), 0, "cluster %zu", i);
+		for (size_t j = len; j < cluster; j++)
+			cr_assert_eq(back[j], 0, "cluster %zu: padding", i);
+	}
+	free(out);
+	free(back);
+	free(lens);
+	return NULL;
+}
+
+Test(cpool, clusters_compress_alone_and_in_parallel)
+{
+	const size_t cluster = 65536, len = 40 * cluster + 1234;   /* a short last cluster */
+	uint8_t *data = malloc(len);
+	struct cpool *pool;
+	pthread_t th[3];
+	struct pool_caller callers[3];
+
+	/* Text-like clusters and random ones, alternating in runs. */
+	for (size_t i = 0; i < len; i++)
+		data[i] = (i / cluster) % 3 == 2 ? (uint8_t)(rand() & 0xff) : (uint8_t)("fleece backup "[i % 14]);
+	cr_assert_eq(cpool_start(2, 0, cluster, &pool), 0);
+	for (int i = 0; i < 3; i++) {
+		/* Three callers at once: one has the pool, the others go alone. */
+		callers[i] = (struct pool_caller){ pool, data, len - (size_t)i * cluster };
+		pthread_create(&th[i], NULL, compress_and_check, &callers[i]);
+	}
+	for (int i = 0; i < 3; i++)
+		pthread_join(th[i], NULL);
+	cpool_stop(pool);
+	free(data);
+}
+#endif
