@@ -26,16 +26,6 @@ WORK=${WORK:-/tmp/fleecefs-bench-bitmaps}
 SIZE=${SIZE:-2G} RUNTIME=${RUNTIME:-10} REPS=${REPS:-3} DIRTY_PCT=${DIRTY_PCT:-1}
 . "$top/bench/lib.sh"
 rm -rf "$WORK/src/.fleecefs"     # bitmaps left by an interrupted run
-ctl() { echo "$1" > "$WORK/mnt/.fleece/ctl"; }
-key() { sed -n "s/^$2=//p" "$WORK/mnt/.fleece/jobs/$1/status"; }
-# job_seconds ID: waits for the job; prints finished - started, or fails.
-job_seconds() {
-	local s
-	until s=$(key "$1" state); [[ $s =~ ^(completed|failed|cancelled)$ ]]; do sleep 0.02; done
-	[ "$s" = completed ] || { echo "job $1 $s: $(key "$1" error)" >&2; exit 1; }
-	awk -v a="$(key "$1" started)" -v b="$(key "$1" finished)" 'BEGIN { printf "%.3f\n", b - a }'
-}
-drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 
 for rep in $(seq "$REPS"); do
 	mount_fs

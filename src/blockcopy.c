@@ -24,6 +24,9 @@ struct writebehind_item {
 };
 
 static void *writer_thread(void *arg);
+/* Items a single writer takes at once: their old content is journaled
+ * together by an in-place target (one sync instead of one per item). */
+#define WRITER_BATCH 64
 
 /* ---- the daemon's write-behind budget -------------------------------------- */
 
@@ -97,7 +100,9 @@ int blockcopy_init(struct blockcopy *bc, struct copy_source *source, struct targ
 	pthread_mutex_init(&bc->queue_lock, NULL);
 	pthread_cond_init(&bc->queue_changed, NULL);
 	/* Without writer threads every copy writes the target itself. */
-	for (unsigned i = 0; i < BLOCKCOPY_WRITERS; i++)
+	unsigned want = target->writers > 1 ? (unsigned)min_u64(target->writers, BLOCKCOPY_MAX_WRITERS) : 1;
+	bc->writer_batch = want > 1 ? 1 : WRITER_BATCH;
+	for (unsigned i = 0; i < want; i++)
 		if (pthread_create(&bc->writers[bc->nwriters], NULL, writer_thread, bc) == 0)
 			bc->nwriters++;
 	if (bc->nwriters) {
@@ -144,30 +149,39 @@ void blockcopy_destroy(struct blockcopy *bc)
 }
 
 /* Reads the claimed run [first, first + count) into buf and checksums each
- * cluster. The background copy asks for holes first (they need no read); a
- * guest write does not: on a file system with few holes the extra lseek only
- * competes with the guest's own I/O for the inode. */
-static int read_run(struct blockcopy *bc, uint64_t first, uint64_t count, void *buf, bool probe_holes,
-		    uint64_t *read_bytes)
+ * cluster. */
+static int read_run(struct blockcopy *bc, uint64_t first, uint64_t count, void *buf, uint64_t *read_bytes)
 {
 	uint64_t off = first << bc->cluster_bits;
 	uint64_t len = min_u64(count << bc->cluster_bits, bc->size - off);
-	bool data = !probe_holes || source_has_data(bc->source, off, len);
+	int rc = inject_check(INJECT_SOURCE_READ, off, len);
 
-	if (data) {
-		int rc = inject_check(INJECT_SOURCE_READ, off, len);
-		if (!rc)
-			rc = source_read(bc->source, buf, off, len);
-		if (rc)
-			return rc;
-		*read_bytes += len;
-	} else {
-		memset(buf, 0, (size_t)len);
-	}
+	if (!rc)
+		rc = source_read(bc->source, buf, off, len);
+	if (rc)
+		return rc;
+	*read_bytes += len;
 	if (bc->manifest)
 		for (uint64_t i = 0, pos = 0; i < count; i++, pos += bc->cluster_size)
 			manifest_set(bc->manifest, first + i, (const char *)buf + pos,
 				     (size_t)min_u64(bc->cluster_size, len - pos));
+	return 0;
+}
+
+/* A run that is a hole at T: nothing to read, hash or queue; the target
+ * makes it read as zeroes (nothing at all on a fresh target). */
+static int copy_hole(struct blockcopy *bc, uint64_t first, uint64_t count, uint64_t len)
+{
+	uint64_t off = first << bc->cluster_bits;
+	int rc = inject_check((enum inject_point)bc->write_inject_point, off, len);
+
+	if (!rc)
+		rc = target_write_zeroes(bc->target, off, len);
+	if (rc)
+		return rc;
+	if (bc->manifest)
+		manifest_set_zeroes(bc->manifest, first, count);
+	atomic_fetch_add(&bc->bytes_done, len);
 	return 0;
 }
 
@@ -223,9 +237,6 @@ static void append_locked(struct blockcopy *bc, struct writebehind_item *item)
 	bc->queue_tail = item;
 }
 
-/* Items a writer takes at once: their old content is journaled together
- * by an in-place target (one sync instead of one per item). */
-#define WRITER_BATCH 64
 
 /* Queue lock held: puts items back at the head, in their order. */
 static void push_front_locked(struct blockcopy *bc, struct writebehind_item *items)
@@ -257,7 +268,7 @@ static void *writer_thread(void *arg)
 		struct journal_range ranges[WRITER_BATCH];
 		unsigned n = 1;
 		ranges[0] = (struct journal_range){ batch->first << bc->cluster_bits, batch->len };
-		while (n < WRITER_BATCH && last->next) {
+		while (n < bc->writer_batch && last->next) {
 			last = last->next;
 			ranges[n++] = (struct journal_range){ last->first << bc->cluster_bits, last->len };
 		}
@@ -473,13 +484,24 @@ static int copy_claimed_run(struct blockcopy *bc, uint64_t run_first, uint64_t r
 	int rc;
 
 	*e = (struct blockcopy_error){ .offset = run_first << bc->cluster_bits, .copied = e->copied };
+	/* The background copy looks for holes first (a guest write does not:
+	 * on a file system with few holes the lseek only competes with the
+	 * guest's own I/O for the inode). */
+	if (!by_guest && !source_has_data(bc->source, run_first << bc->cluster_bits, bytes)) {
+		rc = copy_hole(bc, run_first, run_count, bytes);
+		e->target = rc != 0;
+		if (reserved)
+			unreserve_room(bc, reserved);
+		inflight_release(&bc->inflight, &bc->pending, run_first, run_count, rc == 0);
+		return e->err = rc;
+	}
 	if (posix_memalign(&buf, 4096, (size_t)((bytes + 4095) & ~4095ull))) {
 		inflight_release(&bc->inflight, &bc->pending, run_first, run_count, false);
 		if (reserved)
 			unreserve_room(bc, reserved);
 		return e->err = -ENOMEM;
 	}
-	rc = read_run(bc, run_first, run_count, buf, !by_guest, read_bytes);
+	rc = read_run(bc, run_first, run_count, buf, read_bytes);
 	if (!rc && !(by_guest && bc->cbw_write_through) &&
 	    enqueue_run(bc, run_first, run_count, bytes, buf, by_guest ? 0 : reserved)) {
 		buf = NULL;

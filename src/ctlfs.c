@@ -16,7 +16,7 @@
 
 #include "fleecefs/bitmap.h"
 #include "fleecefs/control.h"
-#include "fleecefs/cpool.h"
+#include "fleecefs/compress.h"
 #include "fleecefs/ctlfs.h"
 #include "fleecefs/events.h"
 #include "fleecefs/inject.h"
@@ -431,7 +431,7 @@ static char *version_text(void)
 	strbuf_printf(&sb, "version=%s\nfeatures=backup sync-full sync-top sync-none format-raw format-qcow2 backing "
 			   "checksum-xxh3 events pause error-policies groups inject snapshot fleecing bitmaps "
 			   "sync-incremental%s\ncluster_size=%" PRIu32 "\nctl_max_write=%zu\n", PACKAGE_VERSION,
-		      cpool_available() ? " compress-zstd" : "", daemon_ctx->cluster_size, ctlfs_write_limit());
+		      compress_available() ? " compress-zstd" : "", daemon_ctx->cluster_size, ctlfs_write_limit());
 	return strbuf_steal(&sb);
 }
 

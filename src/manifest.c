@@ -52,50 +52,105 @@ int manifest_create(const char *temp_path, uint32_t cluster_size, struct manifes
 	return 0;
 }
 
-/* Reads a manifest: its header and checksums (malloc'd into *hashes). */
+int manifest_load(const char *path, struct manifest_file *out, char *err, size_t errlen)
+{
+	char line[128];
+	unsigned lineno = 1;
+	uint64_t n = 0, c = 0;
+	bool have_size = false, have_cs = false, have_n = false, have_algorithm = false;
+	FILE *f = fopen(path, "re");
+
+	*out = (struct manifest_file){ 0 };
+	snprintf(out->format, sizeof(out->format), "raw");
+	if (!f)
+		return set_error(err, errlen, errno, "manifest %s: %s", path, error_text(errno));
+#define BAD(...) do { fclose(f); manifest_file_free(out); \
+		return set_error(err, errlen, EINVAL, "manifest " __VA_ARGS__); } while (0)
+	if (!fgets(line, sizeof(line), f) || strcmp(line, "fleecefs-manifest 1\n"))
+		BAD("%s: line 1: not a fleecefs manifest", path);
+	/* key=value up to the first checksum; keys we do not know are skipped. */
+	bool in_header = true;
+	while (fgets(line, sizeof(line), f)) {
+		lineno++;
+		size_t len = strlen(line);
+		if (!len || line[len - 1] != '\n')
+			BAD("%s: line %u: cut short or too long", path, lineno);
+		line[--len] = '\0';
+		char *eq = strchr(line, '=');
+		if (in_header && eq) {
+			*eq = '\0';
+			const char *v = eq + 1;
+			if (!strcmp(line, "algorithm")) {
+				if (strcmp(v, "xxh3-64"))
+					BAD("%s: line %u: algorithm %s (only xxh3-64 is known)", path, lineno, v);
+				have_algorithm = true;
+			} else if (!strcmp(line, "size")) {
+				have_size = !parse_u64(v, &out->size);
+			} else if (!strcmp(line, "cluster_size")) {
+				uint64_t cs;
+				have_cs = !parse_u64(v, &cs) && cs && cs <= (1u << 30);
+				out->cluster_size = (uint32_t)cs;
+			} else if (!strcmp(line, "clusters")) {
+				have_n = !parse_u64(v, &n);
+			} else if (!strcmp(line, "state")) {
+				out->partial = !strcmp(v, "partial");
+			} else if (!strcmp(line, "format")) {
+				snprintf(out->format, sizeof(out->format), "%s", v);
+			}
+			continue;
+		}
+		if (in_header) {
+			in_header = false;
+			if (!have_algorithm || !have_size || !have_cs || !have_n ||
+			    n != div_round_up(out->size, out->cluster_size))
+				BAD("%s: its header lacks algorithm, size, cluster_size or clusters, or they disagree", path);
+			if (!(out->hashes = calloc(n ? n : 1, sizeof(*out->hashes))))
+				BAD("%s: out of memory for %" PRIu64 " checksums", path, n);
+		}
+		char *end;
+		if (len != 16 || c >= n || (out->hashes[c] = strtoull(line, &end, 16), *end))
+			BAD("%s: line %u: %s", path, lineno, c >= n ? "more checksums than clusters" : "not a checksum");
+		c++;
+	}
+	if (in_header && have_n && !n && have_algorithm && have_size && have_cs && !out->size)
+		out->hashes = calloc(1, sizeof(*out->hashes));
+	else if (c != n || in_header)
+		BAD("%s: %" PRIu64 " checksums for %" PRIu64 " clusters", path, c, n);
+#undef BAD
+	fclose(f);
+	out->nclusters = n;
+	return 0;
+}
+
+void manifest_file_free(struct manifest_file *f)
+{
+	free(f->hashes);
+	f->hashes = NULL;
+}
+
+/* Reads the manifest an update starts from (malloc'd into *hashes). */
 static int read_manifest(const char *path, uint32_t cluster_size, uint64_t *size, uint64_t **hashes, char *err,
 			 size_t errlen)
 {
-	char line[128];
-	uint64_t n = 0, fcs = 0;
-	bool have_n = false;
-	FILE *f = fopen(path, "re");
+	struct manifest_file mf;
+	char why[300];
+	int rc = manifest_load(path, &mf, why, sizeof(why));
 
 	*hashes = NULL;
-	if (!f)
-		return set_error(err, errlen, errno == ENOENT ? EINVAL : errno,
+	if (rc == -ENOENT)
+		return set_error(err, errlen, EINVAL,
 				 "manifest %s: %s (an incremental with checksum=xxh3 updates the full backup's manifest; "
-				 "use checksum=none, or take a new full backup)", path, error_text(errno));
-	bool ok = fgets(line, sizeof(line), f) && !strcmp(line, "fleecefs-manifest 1\n");
-	while (ok && fgets(line, sizeof(line), f)) {
-		if (!strchr(line, '=')) {
-			/* The first checksum: the header is over. */
-			ok = have_n && (*hashes = calloc(n ? n : 1, sizeof(**hashes))) &&
-			     sscanf(line, "%" SCNx64, &(*hashes)[0]) == 1;
-			break;
-		}
-		if (!strncmp(line, "size=", 5))
-			*size = strtoull(line + 5, NULL, 10);
-		else if (!strncmp(line, "cluster_size=", 13))
-			fcs = strtoull(line + 13, NULL, 10);
-		else if (!strncmp(line, "algorithm=", 10))
-			ok = !strcmp(line + 10, "xxh3-64\n");
-		else if (!strncmp(line, "clusters=", 9)) {
-			n = strtoull(line + 9, NULL, 10);
-			have_n = true;
-		}
-	}
-	ok = ok && *hashes && fcs == cluster_size && n == div_round_up(*size, cluster_size);
-	for (uint64_t c = 1; ok && c < n; c++)
-		ok = fgets(line, sizeof(line), f) && sscanf(line, "%" SCNx64, &(*hashes)[c]) == 1;
-	fclose(f);
-	if (!ok) {
-		free(*hashes);
-		*hashes = NULL;
+				 "use checksum=none, or take a new full backup)", path, error_text(ENOENT));
+	if (rc)
+		return set_error(err, errlen, -rc, "%s", why);
+	if (mf.cluster_size != cluster_size) {
+		manifest_file_free(&mf);
 		return set_error(err, errlen, EINVAL,
 				 "manifest %s: does not describe a backup with cluster_size=%" PRIu32
 				 " (use checksum=none, or take a new full backup)", path, cluster_size);
 	}
+	*size = mf.size;
+	*hashes = mf.hashes;
 	return 0;
 }
 
@@ -159,13 +214,20 @@ void manifest_set(struct manifest *m, uint64_t cluster, const void *data, size_t
 		cbitmap_set(&m->hashed, cluster);
 }
 
+void manifest_set_zeroes(struct manifest *m, uint64_t first, uint64_t count)
+{
+	/* Not hashed reads as zeroes (the zero checksum, computed once). */
+	cbitmap_clear_range(&m->hashed, first, count);
+}
+
 void manifest_forget(struct manifest *m, const struct cbitmap *left)
 {
 	for (uint64_t c = cbitmap_next_set(left, 0); c < left->nbits && c < m->nclusters;
 	     c = cbitmap_next_set(left, c + 1)) {
-		if (m->old)
+		if (m->old) {
 			m->hashes[c] = m->old[c];
-		else
+			cbitmap_set(&m->hashed, c);
+		} else
 			cbitmap_clear(&m->hashed, c);
 	}
 }

@@ -92,7 +92,7 @@ int qcow2_header_decode(const void *buf, size_t len, struct qcow2_header *h, cha
 		return set_error(err, errlen, EINVAL, "not a qcow2 image (no QFI\\xfb magic)");
 	h->version = qcow2_be32(b + 4);
 	if (h->version != 2 && h->version != 3)
-		return set_error(err, errlen, EINVAL, "qcow2 version %u (only 2 and 3 are known)", h->version);
+		return set_error(err, errlen, EOPNOTSUPP, "qcow2 version %u (only 2 and 3 are known)", h->version);
 	uint64_t backing_offset = qcow2_be64(b + 8);
 	uint32_t backing_len = qcow2_be32(b + 16);
 	h->cluster_bits = qcow2_be32(b + 20);
@@ -122,19 +122,19 @@ int qcow2_header_decode(const void *buf, size_t len, struct qcow2_header *h, cha
 	if (h->cluster_bits < 9 || h->cluster_bits > QCOW2_MAX_CLUSTER_BITS)
 		return set_error(err, errlen, EINVAL, "qcow2 cluster_bits %u (9 to 21 are valid)", h->cluster_bits);
 	if (h->crypt_method)
-		return set_error(err, errlen, EINVAL, "an encrypted qcow2 image (crypt_method %u)", h->crypt_method);
+		return set_error(err, errlen, EOPNOTSUPP, "an encrypted qcow2 image (crypt_method %u)", h->crypt_method);
 	uint64_t known = QCOW2_INCOMPAT_DIRTY | QCOW2_INCOMPAT_CORRUPT | QCOW2_INCOMPAT_COMPRESSION;
 	if (h->incompatible & QCOW2_INCOMPAT_DATA_FILE)
-		return set_error(err, errlen, EINVAL, "a qcow2 image with an external data file");
+		return set_error(err, errlen, EOPNOTSUPP, "a qcow2 image with an external data file");
 	if (h->incompatible & QCOW2_INCOMPAT_EXTL2)
-		return set_error(err, errlen, EINVAL, "a qcow2 image with extended L2 entries (subclusters)");
+		return set_error(err, errlen, EOPNOTSUPP, "a qcow2 image with extended L2 entries (subclusters)");
 	if (h->incompatible & ~known)
-		return set_error(err, errlen, EINVAL, "unknown qcow2 incompatible features 0x%llx",
+		return set_error(err, errlen, EOPNOTSUPP, "unknown qcow2 incompatible features 0x%llx",
 				 (unsigned long long)(h->incompatible & ~known));
 	if (!(h->incompatible & QCOW2_INCOMPAT_COMPRESSION))
 		h->compression_type = QCOW2_COMPRESSION_ZLIB;
 	else if (h->compression_type != QCOW2_COMPRESSION_ZSTD)
-		return set_error(err, errlen, EINVAL, "qcow2 compression type %u", h->compression_type);
+		return set_error(err, errlen, EOPNOTSUPP, "qcow2 compression type %u", h->compression_type);
 	if (h->refcount_order > 6)
 		return set_error(err, errlen, EINVAL, "qcow2 refcount_order %u", h->refcount_order);
 	if (qcow2_l1_entries(h->size, h->cluster_bits) > h->l1_size)

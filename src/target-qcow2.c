@@ -40,7 +40,7 @@
 
 #include "fleecefs/cbitmap.h"
 #include "fleecefs/control.h"
-#include "fleecefs/cpool.h"
+#include "fleecefs/compress.h"
 #include "fleecefs/journal.h"
 #include "fleecefs/qcow2.h"
 #include "fleecefs/target.h"
@@ -63,9 +63,10 @@ struct qcow2_target {
 	uint64_t orig_file_size;
 	struct journal *journal;
 	bool in_place;
-	/* compress=zstd: the pool, and the area compressed clusters are packed
-	 * into (byte granular; a new area when one is full). */
-	struct cpool *pool;
+	/* compress=zstd: its level, and the area compressed clusters are
+	 * packed into (byte granular; a new area when one is full). */
+	bool compress;
+	int compress_level;
 	pthread_mutex_t comp_lock;
 	uint64_t comp_next, comp_end;
 	atomic_uint_fast64_t next_host; /* the first free byte of the file, cluster aligned */
@@ -135,23 +136,25 @@ static uint64_t alloc_compressed(struct qcow2_target *q, uint64_t len)
 	return at;
 }
 
-/* Clusters compressed in the pool: those that shrink packed into one write,
- * the others stored whole, each run of them in one write. */
+/* Clusters compressed by the calling thread (one of the engine's writers,
+ * compress.h): those that shrink packed side by side, the others stored
+ * whole, each run of them in one write. */
 static int write_compressed(struct qcow2_target *q, uint64_t first, uint64_t n, const uint8_t *buf, size_t len)
 {
-	size_t slot = cpool_slot(q->pool);
+	size_t slot = compress_slot(q->cluster_size);
 	/* A host cluster's refcount is 16 bits: no more than 32768 clusters
 	 * may start in one. */
 	uint64_t min_len = max_u64(1, q->cluster_size >> 15);
-	uint8_t *out = malloc(n * slot), *packed = NULL;
-	size_t *lens = malloc(n * sizeof(*lens));
-	uint64_t *where = malloc(n * sizeof(*where)), packed_len = 0;
-	int rc = out && lens && where ? cpool_compress(q->pool, buf, len, out, lens) : -ENOMEM;
+	/* One buffer per writer thread, kept: the compressed clusters, the same
+	 * packed, their lengths and their entries. */
+	uint8_t *out = thread_buffer(THREAD_BUFFER_COMPRESS, n * (2 * slot + sizeof(size_t) + sizeof(uint64_t)));
+	if (!out)
+		return -ENOMEM;
+	uint8_t *packed = out + n * slot;
+	size_t *lens = (size_t *)(packed + n * slot);
+	uint64_t *where = (uint64_t *)(lens + n);
+	int rc = compress_clusters(q->compress_level, q->cluster_size, buf, len, out, lens);
 
-	for (uint64_t i = 0; i < n && !rc; i++)
-		packed_len += lens[i] ? max_u64(lens[i], min_len) : 0;
-	if (!rc && packed_len && !(packed = calloc(1, packed_len)))
-		rc = -ENOMEM;
 	/* Each cluster gets its place on its own (an area's tail is used up
 	 * before the next area begins); places that follow each other in the
 	 * file are written together. */
@@ -167,6 +170,7 @@ static int write_compressed(struct qcow2_target *q, uint64_t first, uint64_t n, 
 		if (pos == seg_start)
 			seg_at = at;
 		memcpy(packed + pos, out + i * slot, lens[i]);
+		memset(packed + pos + lens[i], 0, slot_len - lens[i]);
 		where[i] = qcow2_compressed_entry(q->cluster_bits, at, lens[i]);
 		pos += slot_len;
 	}
@@ -189,10 +193,6 @@ static int write_compressed(struct qcow2_target *q, uint64_t first, uint64_t n, 
 	/* The entries change only once their data is written. */
 	for (uint64_t i = 0; i < n && !rc; i++)
 		atomic_store_explicit(entry_of(q, first + i, false), where[i], memory_order_relaxed);
-	free(out);
-	free(lens);
-	free(where);
-	free(packed);
 	return rc;
 }
 
@@ -213,7 +213,7 @@ static int q2_write(struct target *t, uint64_t off, const void *buf, size_t len,
 		if (is_own_data(q, atomic_load_explicit(e, memory_order_relaxed)))
 			fresh = false;
 	}
-	if (q->pool && !(flags & TARGET_WRITE_GUEST_WAITS))
+	if (q->compress && !(flags & TARGET_WRITE_GUEST_WAITS))
 		return write_compressed(q, first, n, buf, len);
 	if (fresh) {
 		/* The common case: new clusters, side by side in the file. */
@@ -516,8 +516,7 @@ static int q2_close(struct target *t, bool keep)
 	struct qcow2_target *q = q2(t);
 	int rc = 0;
 
-	cpool_stop(q->pool);
-	q->pool = NULL;
+
 	if (q->journal) {
 		/* The old header back: the old map and data were never touched. */
 		if (!keep && (rc = journal_rollback(q->journal, NULL)) == 0 &&
@@ -549,7 +548,6 @@ static void q2_free(struct target *t)
 {
 	struct qcow2_target *q = q2(t);
 
-	cpool_stop(q->pool);
 	pthread_mutex_destroy(&q->comp_lock);
 	if (q->journal)
 		journal_close(q->journal, false);
@@ -613,15 +611,17 @@ static struct qcow2_target *new_q2(const char *path, uint32_t cluster_size)
 	return q;
 }
 
-/* compress=zstd: the header says so, and the pool starts. */
+/* compress=zstd: the header says so, and one writer per core compresses. */
 static int start_compression(struct qcow2_target *q, int level, char *err, size_t errlen)
 {
+	if (!compress_available())
+		return set_error(err, errlen, EOPNOTSUPP, "target %s: this fleecefs was built without libzstd",
+				 q->base.path);
 	q->header.incompatible |= QCOW2_INCOMPAT_COMPRESSION;
 	q->header.compression_type = QCOW2_COMPRESSION_ZSTD;
-	int rc = cpool_start(cpool_default_threads(), level, q->cluster_size, &q->pool);
-	if (rc)
-		return set_error(err, errlen, -rc, "target %s: cannot start compressing: %s", q->base.path,
-				 rc == -EOPNOTSUPP ? "this fleecefs was built without libzstd" : error_text(-rc));
+	q->compress = true;
+	q->compress_level = level;
+	q->base.writers = compress_threads();
 	return 0;
 }
 
@@ -750,7 +750,7 @@ static int q2_check(const struct target_spec *spec, char *err, size_t errlen)
 	if (spec->cluster_size < (1u << QCOW2_MIN_CLUSTER_BITS))
 		return set_error(err, errlen, EINVAL, "target %s: qcow2 needs a cluster size of at least 4K",
 				 spec->location);
-	if (spec->compress == COMPRESS_ZSTD && !cpool_available())
+	if (spec->compress == COMPRESS_ZSTD && !compress_available())
 		return set_error(err, errlen, EOPNOTSUPP,
 				 "target %s: compress=zstd: this fleecefs was built without libzstd (install libzstd-dev and "
 				 "build it again)", spec->location);

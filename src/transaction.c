@@ -403,7 +403,15 @@ static int choose_format(struct txn_state *s, unsigned i)
 	else
 		got = image_pread(s->res[i].image, magic, sizeof(magic), 0) == (ssize_t)sizeof(magic);
 	bl->source_format = got && qcow2_has_magic(magic, sizeof(magic)) ? FORMAT_QCOW2 : FORMAT_RAW;
-	bl->format = bl->source_format == FORMAT_QCOW2 && !b->format_given ? FORMAT_RAW : b->format;
+	bl->format = b->format;
+	if (bl->source_format == FORMAT_QCOW2 && !b->format_given) {
+		/* A byte copy, unless this continues a chain that was begun
+		 * as qcow2 (which took an explicit format=qcow2). */
+		bool qcow2_chain = b->sync == SYNC_INCREMENTAL && b->bitmap && s->res[i].image &&
+				   bitmap_chain_get(s->res[i].image, b->bitmap, &bl->chain) == 0 &&
+				   strcmp(bl->chain.format, "qcow2") == 0;
+		bl->format = qcow2_chain ? FORMAT_QCOW2 : FORMAT_RAW;
+	}
 	if (bl->format != b->format && ctl_backup_check_format(b, bl->format, msg, sizeof(msg)))
 		return set_error(s->err, sizeof(s->err), EINVAL,
 				 "line %u: backup: %s is a qcow2 image, backed up byte for byte (format=raw) unless "

@@ -38,7 +38,9 @@
  * by other engines. One writer keeps the target's inode lock uncontended
  * (buffered writes serialize on it anyway); it takes queued items in batches
  * and lets the target prepare them together (an in-place target journals
- * their old content with one sync, target.h).
+ * their old content with one sync, target.h). A target whose writes cost
+ * CPU (compression) asks for more writers (target.h `writers`): they then
+ * take one item at a time, each working on its own.
  * A failed queued write cannot be redone from the source (the guest has
  * overwritten it), so it is kept as the engine's error and the job fails.
  *
@@ -78,7 +80,7 @@ struct manifest;
 #define BLOCKCOPY_CBW_MAX (1u << 20)
 #define BLOCKCOPY_BUDGET (64u << 20)
 #define BLOCKCOPY_WRITEBACK_EVERY (64u << 20)
-#define BLOCKCOPY_WRITERS 1
+#define BLOCKCOPY_MAX_WRITERS 16
 
 struct writebehind_item;
 
@@ -136,8 +138,9 @@ struct blockcopy {
 	bool held;                   /* writers wait (a job stopped on error) */
 	const struct blockcopy_ops *ops;
 	void *owner;
-	pthread_t writers[BLOCKCOPY_WRITERS];
+	pthread_t writers[BLOCKCOPY_MAX_WRITERS];
 	unsigned nwriters;
+	unsigned writer_batch;       /* items a writer takes at once */
 };
 
 int blockcopy_init(struct blockcopy *bc, struct copy_source *source, struct target *target,

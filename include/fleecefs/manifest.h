@@ -58,6 +58,8 @@ int manifest_open_update(const char *existing, const char *temp_path, uint32_t c
 /* At the point in time: `size` bytes (an update must keep its size). */
 int manifest_set_size(struct manifest *m, uint64_t size, char *err, size_t errlen);
 void manifest_set(struct manifest *m, uint64_t cluster, const void *data, size_t len);
+/* Clusters that read as zeroes at T (a hole): no hashing needed. */
+void manifest_set_zeroes(struct manifest *m, uint64_t first, uint64_t count);
 /* The clusters set in `left` did not get their new content: they keep
  * their old checksums (update) or read as zeroes again (new file). */
 void manifest_forget(struct manifest *m, const struct cbitmap *left);
@@ -71,5 +73,19 @@ int manifest_publish(struct manifest *m, const char *name, bool replace);
 /* Removes the temporary file (the job did not keep its result). */
 void manifest_discard(struct manifest *m);
 void manifest_free(struct manifest *m);
+
+/* A manifest as read back (fleecectl verify, an in-place update). */
+struct manifest_file {
+	uint64_t size;
+	uint32_t cluster_size;
+	uint64_t nclusters;
+	uint64_t *hashes;
+	bool partial;
+	char format[16];            /* "raw" when the manifest does not say */
+};
+/* Reads and checks a whole manifest: -errno of the open (ENOENT: there is
+ * none), EINVAL when it is not one (the message names the line). */
+int manifest_load(const char *path, struct manifest_file *out, char *err, size_t errlen);
+void manifest_file_free(struct manifest_file *f);
 
 #endif

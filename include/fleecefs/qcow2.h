@@ -66,7 +66,9 @@ struct qcow2_header {
 int qcow2_header_encode(const struct qcow2_header *h, void *cluster, size_t len);
 /* Reads a header from the first `len` bytes of a file and checks that this
  * reader can follow it (version 2 or 3, no encryption, no external data
- * file, no extended L2 entries, sane sizes). EINVAL with a message. */
+ * file, no extended L2 entries, sane sizes): EINVAL when it is not a
+ * sane qcow2 header, EOPNOTSUPP for one this reader cannot follow; with a
+ * message. */
 int qcow2_header_decode(const void *buf, size_t len, struct qcow2_header *h, char *err, size_t errlen);
 /* Does this buffer start with the qcow2 magic? */
 bool qcow2_has_magic(const void *buf, size_t len);

@@ -112,6 +112,9 @@ struct target {
 	/* Writes must cover whole units of this many bytes, aligned (a
 	 * compressed qcow2 cluster is written whole); 0: any. */
 	uint32_t write_unit;
+	/* How many threads may write it at once to good effect (a compressing
+	 * target: one per core, each compressing its own run); 0 or 1: one. */
+	unsigned writers;
 	bool published;      /* a new file has its final name (target_rename_file) */
 	dev_t dev;           /* of the file, once open */
 	ino_t ino;

@@ -91,9 +91,10 @@ bool buffer_is_zero(const void *buf, size_t len);
 
 
 /* Per-thread, page-aligned scratch buffers that live as long as the thread:
- * the guest I/O path and the copy path each get their own, so a guest write
- * that copies before it writes needs no allocation. Returns NULL on ENOMEM. */
-enum thread_buffer_slot { THREAD_BUFFER_GUEST, THREAD_BUFFER_COPY, THREAD_BUFFER_SLOTS };
+ * the guest I/O path, the copy path and a compressing writer each get their
+ * own, so a guest write that copies before it writes, or a compressed run,
+ * needs no allocation. Returns NULL on ENOMEM. */
+enum thread_buffer_slot { THREAD_BUFFER_GUEST, THREAD_BUFFER_COPY, THREAD_BUFFER_COMPRESS, THREAD_BUFFER_SLOTS };
 void *thread_buffer(enum thread_buffer_slot slot, size_t len);
 
 #endif

@@ -128,6 +128,36 @@ qcow2_clean() {
 	grep -q "No errors were found" <<<"$out" || fail "qemu-img check $1: $out"
 }
 
+# verify_rc WANT FILE [REGEX]: fleecectl verify FILE exits WANT and what it
+# prints (stdout and stderr, also left in $VERIFY_OUT) matches REGEX.
+verify_rc() {
+	local rc=0
+	: "${FLEECECTL:?FLEECECTL must point at the fleecectl binary (run through make check)}"
+	"$FLEECECTL" verify "$2" >"$T/verify.out" 2>&1 || rc=$?
+	VERIFY_OUT=$(cat "$T/verify.out")
+	[ "$rc" = "$1" ] || fail "fleecectl verify $2: exit $rc, want $1: $VERIFY_OUT"
+	[ -z "${3:-}" ] || want_match "fleecectl verify $2" "$VERIFY_OUT" "$3"
+}
+# verify_ok FILE: FILE and every element of its chain verify clean.
+verify_ok() { verify_rc 0 "$1" "^$1: ok: "; }
+
+# vm_kit: the VM kit ($SHARED_DIR/vm; configure SHARED_DIR=..., default
+# ../shared beside the sources; tests/run-all.sh finds it for a clone
+# elsewhere), set up in this test's directory unless the caller shares a
+# cache. Sets RUN_GUEST and PATTERN (the guest's pattern tool, for the host).
+vm_kit() {
+	RUN_GUEST=${SHARED_DIR:-/nonexistent}/vm/run-guest.sh
+	if [ ! -x "$RUN_GUEST" ]; then
+		echo "SKIP: the VM kit was not found at ${SHARED_DIR:-(SHARED_DIR unset)}/vm/run-guest.sh" \
+			"(configure SHARED_DIR=DIR to point at it)"
+		exit 77
+	fi
+	command -v qemu-system-x86_64 >/dev/null || fail "qemu-system-x86_64 is needed (apt-get install qemu-system-x86)"
+	export FLEECE_VM_CACHE=${FLEECE_VM_CACHE:-$T/vm-cache}
+	"$SHARED_DIR/vm/setup.sh" "$FLEECE_VM_CACHE" >/dev/null 2>&1 || fail "VM kit setup failed"
+	PATTERN=$FLEECE_VM_CACHE/root/bin/pattern
+}
+
 # status ID KEY: one key of a job's status.
 status() { sed -n "s/^$2=//p" "$MNT/.fleece/jobs/$1/status"; }
 
@@ -179,11 +209,13 @@ PY
 )"
 }
 # manifest_ok TARGET [WHAT [STATE]]: TARGET.xxh3 describes what TARGET holds
-# (and is a complete manifest, or one of STATE, e.g. partial).
+# (and is a complete manifest, or one of STATE, e.g. partial), as an
+# independent check reads it, and fleecectl verify agrees for the chain.
 manifest_ok() {
 	local out
 	out=$("$PY" "$TESTS_DIR/manifest_check.py" "$1" "${3:-complete}" 2>&1) ||
 		fail "${2:+$2: }manifest of $1 does not match it: $out"
+	verify_ok "$1"
 }
 
 # pwrites IMAGE OFF:LEN...: random data written at each place through the mount.

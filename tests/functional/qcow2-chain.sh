@@ -12,15 +12,7 @@
 . "$TESTS_DIR/lib.sh"
 
 command -v qemu-img >/dev/null || fail "qemu-img is needed (apt-get install qemu-utils)"
-RUN_GUEST=${SHARED_DIR:-/nonexistent}/vm/run-guest.sh
-[ -x "$RUN_GUEST" ] || {
-	echo "SKIP: the VM kit was not found at ${SHARED_DIR:-(SHARED_DIR unset)}/vm/run-guest.sh" \
-		"(configure SHARED_DIR=DIR to point at it)"
-	exit 77
-}
-export FLEECE_VM_CACHE=${FLEECE_VM_CACHE:-$T/vm-cache}
-"$SHARED_DIR/vm/setup.sh" "$FLEECE_VM_CACHE" >/dev/null 2>&1 || fail "VM kit setup failed"
-PATTERN=$FLEECE_VM_CACHE/root/bin/pattern
+vm_kit
 
 K=1024 M=$((1024 * 1024)) SIZE=$((16 * 1024 * 1024))
 # zeroes IMAGE OFF LEN: a guest write of zero bytes (not a hole) through the mount.

@@ -8,19 +8,7 @@
 # the last round wrote it.
 . "$TESTS_DIR/lib.sh"
 
-# The VM kit: $SHARED_DIR/vm (configure SHARED_DIR=..., default ../shared
-# beside the sources; tests/run-all.sh finds it for a clone elsewhere).
-RUN_GUEST=${SHARED_DIR:-/nonexistent}/vm/run-guest.sh
-[ -x "$RUN_GUEST" ] || {
-	echo "SKIP: the VM kit was not found at ${SHARED_DIR:-(SHARED_DIR unset)}/vm/run-guest.sh" \
-		"(configure SHARED_DIR=DIR to point at it)"
-	exit 77
-}
-command -v qemu-system-x86_64 >/dev/null || { echo "SKIP: qemu-system-x86_64 not installed"; exit 77; }
-# The VM kit's cache: inside this test's directory unless the caller shares one.
-export FLEECE_VM_CACHE=${FLEECE_VM_CACHE:-$T/vm-cache}
-"$SHARED_DIR/vm/setup.sh" "$FLEECE_VM_CACHE" >/dev/null 2>&1 || fail "VM kit setup failed"
-PATTERN=$FLEECE_VM_CACHE/root/bin/pattern
+vm_kit
 
 SIZE=$((16 << 20)) ROUNDS=7
 truncate -s $SIZE "$SRC/vm.img"
