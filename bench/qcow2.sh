@@ -12,7 +12,10 @@
 #       2) and the sizes (target: fleecefs at most 1.05 of qemu-img's);
 #   (c) a qcow2 incremental after 1% of the 64K clusters are written, over
 #       the qcow2 full: its time / the full's (target: at most 0.05);
-#   (d) fio 4 KiB random writes, QD16, O_DIRECT, RUNTIME seconds through the
+#   (d) fleecectl verify of that chain (both files, each against its own
+#       manifest) against reading the raw image once (cat), caches dropped:
+#       verify / read (no target; it should read the chain about once);
+#   (e) fio 4 KiB random writes, QD16, O_DIRECT, RUNTIME seconds through the
 #       mount, with no job and during a compressed qcow2 backup (speed= set
 #       so that the backup outlasts fio): IOPS ratio (target: at least 0.3).
 # Every result is checked with qemu-img compare before it counts.
@@ -21,6 +24,7 @@
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 FLEECEFS=${FLEECEFS:-$top/build-check/fleecefs}
+FLEECECTL=${FLEECECTL:-$top/build-check/fleecectl}
 WORK=${WORK:-/tmp/fleecefs-bench-qcow2}
 SIZE=${SIZE:-2G} RUNTIME=${RUNTIME:-10} REPS=${REPS:-3}
 IMAGE_KIND=mixed
@@ -28,6 +32,7 @@ IMAGE_KIND=mixed
 rm -rf "$WORK/src/.fleecefs"
 same() { qemu-img compare -q -f raw -F "$2" "$img" "$1" || { echo "$1 differs from the image" >&2; exit 1; }; }
 now() { date +%s.%N; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.3f", b - a }'; }
 
 for rep in $(seq "$REPS"); do
 	mount_fs
@@ -49,8 +54,7 @@ for rep in $(seq "$REPS"); do
 	a=$(now)
 	qemu-img convert -c -f raw -O qcow2 -o compression_type=zstd "$img" "$WORK/out/q.qcow2"
 	sync "$WORK/out/q.qcow2"
-	b=$(now)
-	echo "zstd-qemu-img $(awk -v a="$a" -v b="$b" 'BEGIN { printf "%.3f", b - a }') $(stat -c %s "$WORK/out/q.qcow2")"
+	echo "zstd-qemu-img $(since "$a") $(stat -c %s "$WORK/out/q.qcow2")"
 	rm -f "$WORK/out/q.qcow2" "$WORK/out/z.qcow2"*
 	# (c) a 1% qcow2 incremental over a qcow2 full
 	rm -f "$WORK/out"/full.*
@@ -71,9 +75,18 @@ PY
 	ctl "backup disk.raw $WORK/out/chain1.qcow2 sync=incremental bitmap=b1 id=c1"
 	echo "incremental $full $(job_seconds c1)"
 	same "$WORK/out/chain1.qcow2" qcow2
+	# (d) verify the chain; read the image once
+	drop_caches
+	a=$(now)
+	"$FLEECECTL" verify "$WORK/out/chain1.qcow2" >/dev/null
+	v=$(since "$a")
+	drop_caches
+	a=$(now)
+	cat "$img" >/dev/null
+	echo "verify $v $(since "$a")"
 	ctl "bitmap remove disk.raw b1"
 	rm -f "$WORK/out"/*
-	# (d) fio with no job, and during a compressed backup that outlasts it
+	# (e) fio with no job, and during a compressed backup that outlasts it
 	for phase in $( [ $((rep % 2)) = 1 ] && echo none zstd || echo zstd none); do
 		drop_caches
 		if [ "$phase" = none ]; then
@@ -117,6 +130,8 @@ print(f"| fleecefs size / qemu-img size | {zs / qs:.3f} | ≤ 1.05 |")
 full, inc = med("incremental", 0), med("incremental", 1)
 print(f"| qcow2 full with bitmap / 1% qcow2 incremental | {full:.2f} s / {inc:.3f} s | |")
 print(f"| incremental / full | {st.median(b / a for a, b in zip(num('incremental', 0), num('incremental', 1))):.4f} | ≤ 0.05 |")
+vt, rt = med("verify", 0), med("verify", 1)
+print(f"| fleecectl verify of that chain / cat of the raw image | {vt:.2f} s / {rt:.2f} s = {vt / rt:.2f} | |")
 n0, n1 = med("fio-none", 0), med("fio-zstd", 0)
 print(f"| fio 4K randwrite QD16 O_DIRECT {sys.argv[3]} s, no job | {n0:.0f} IOPS, p99 {med('fio-none', 1) / 1000:.2f} ms | |")
 print(f"| same, during a compressed qcow2 backup | {n1:.0f} IOPS, p99 {med('fio-zstd', 1) / 1000:.2f} ms | |")

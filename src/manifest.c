@@ -64,6 +64,7 @@ int manifest_load(const char *path, struct manifest_file *out, char *err, size_t
 	snprintf(out->format, sizeof(out->format), "raw");
 	if (!f)
 		return set_error(err, errlen, errno, "manifest %s: %s", path, error_text(errno));
+#define header_ok (have_algorithm && have_size && have_cs && have_n && n == div_round_up(out->size, out->cluster_size))
 #define BAD(...) do { fclose(f); manifest_file_free(out); \
 		return set_error(err, errlen, EINVAL, "manifest " __VA_ARGS__); } while (0)
 	if (!fgets(line, sizeof(line), f) || strcmp(line, "fleecefs-manifest 1\n"))
@@ -101,8 +102,7 @@ int manifest_load(const char *path, struct manifest_file *out, char *err, size_t
 		}
 		if (in_header) {
 			in_header = false;
-			if (!have_algorithm || !have_size || !have_cs || !have_n ||
-			    n != div_round_up(out->size, out->cluster_size))
+			if (!header_ok)
 				BAD("%s: its header lacks algorithm, size, cluster_size or clusters, or they disagree", path);
 			if (!(out->hashes = calloc(n ? n : 1, sizeof(*out->hashes))))
 				BAD("%s: out of memory for %" PRIu64 " checksums", path, n);
@@ -112,11 +112,14 @@ int manifest_load(const char *path, struct manifest_file *out, char *err, size_t
 			BAD("%s: line %u: %s", path, lineno, c >= n ? "more checksums than clusters" : "not a checksum");
 		c++;
 	}
-	if (in_header && have_n && !n && have_algorithm && have_size && have_cs && !out->size)
-		out->hashes = calloc(1, sizeof(*out->hashes));
-	else if (c != n || in_header)
+	if (in_header && !header_ok)
+		BAD("%s: its header lacks algorithm, size, cluster_size or clusters, or they disagree", path);
+	if (c != n)
 		BAD("%s: %" PRIu64 " checksums for %" PRIu64 " clusters", path, c, n);
+	if (!out->hashes && !(out->hashes = calloc(1, sizeof(*out->hashes))))
+		BAD("%s: out of memory", path);
 #undef BAD
+#undef header_ok
 	fclose(f);
 	out->nclusters = n;
 	return 0;

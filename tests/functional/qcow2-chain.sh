@@ -132,14 +132,15 @@ same "the raw full backup under its incremental" "$T/rref0" "$OUT/rfull.raw"
 refused EINVAL "rinc1.qcow2 is a qcow2 backup: a raw incremental" \
 	"backup vm.img $OUT/rinc1.qcow2 sync=incremental bitmap=r format=raw id=bad"
 
-log "a qcow2 incremental that fails leaves nothing; the next one is exact"
-pat 6 $((6 * M)) $((64 * K))
-inject "target-write from=1 errno=EIO"
+log "a qcow2 incremental that fails halfway leaves nothing, the chain verifies; the next one is exact"
+pat 6 $((6 * M)) $M
+inject "target-write offset=6656K-7M from=1 errno=EIO"
 start fi "backup vm.img $OUT/rinc2.qcow2 sync=incremental bitmap=r id=fi"
 [ "$(wait_job fi)" = failed ] || fail "fi: $(status fi state)"
 inject clear
 [ ! -e "$OUT/rinc2.qcow2" ] && [ ! -e "$OUT/rinc2.qcow2.xxh3" ] || fail "the failed incremental left its target"
 [ -z "$(hidden_files "$OUT")" ] || fail "hidden files left: $(hidden_files "$OUT")"
+point "$OUT/rinc1.qcow2" "$T/rref1" rfull.raw raw
 cp "$SRC/vm.img" "$T/rref2"
 run_ok rinc2 "backup vm.img $OUT/rinc2.qcow2 sync=incremental bitmap=r id=rinc2"
 point "$OUT/rinc2.qcow2" "$T/rref2" rinc1.qcow2 qcow2

@@ -75,15 +75,24 @@ data=$(qemu-img map -f qcow2 --output=json "$OUT/sparse.qcow2" |
 want_eq "odd virtual size" "$(qinfo "$OUT/odd.qcow2" "['virtual-size']")" $(((3 * 1048576 + 12345 + 511) / 512 * 512))
 want_eq "empty virtual size" "$(qinfo "$OUT/empty.qcow2" "['virtual-size']")" 0
 
-log "a target error halfway: the job fails, nothing under TARGET, nothing hidden"
+log "a target error halfway: the job fails, nothing under TARGET, nothing hidden, the earlier backup intact"
 random_image "$SRC/vm.img" 16M
 rm -f "$OUT"/*
+run_ok e0 "backup vm.img $OUT/earlier.qcow2 id=e0"
+cp "$SRC/vm.img" "$T/earlier-ref"
+# earlier_intact: the earlier backup still verifies and equals its own time.
+earlier_intact() {
+	verify_ok "$OUT/earlier.qcow2"
+	qemu-img compare -q -f raw -F qcow2 "$T/earlier-ref" "$OUT/earlier.qcow2" || fail "earlier.qcow2 changed"
+}
+pwrites vm.img $((3 * 1048576)):200000
 inject "target-write offset=8M-9M from=1 errno=EIO"
 start f "backup vm.img $OUT/fail.qcow2 id=f"
 [ "$(wait_job f)" = failed ] || fail "f: $(status f state)"
 inject clear
 [ ! -e "$OUT/fail.qcow2" ] && [ ! -e "$OUT/fail.qcow2.xxh3" ] || fail "the failed job left its target"
 [ -z "$(hidden_files "$OUT")" ] || fail "hidden files left: $(hidden_files "$OUT")"
+earlier_intact
 
 log "bad input is refused whole"
 refused EINVAL "sync=none cannot write qcow2" "backup vm.img $OUT/x.qcow2 sync=none id=bad"
@@ -112,6 +121,7 @@ kill_daemon
 mount_fleece
 [ ! -e "$OUT/killed.qcow2" ] && [ ! -e "$OUT/killed.qcow2.xxh3" ] || fail "killed.qcow2 appeared at the next mount"
 [ -z "$(hidden_files "$OUT")" ] || fail "the next mount left hidden files: $(hidden_files "$OUT")"
+earlier_intact
 run_ok k2 "backup vm.img $OUT/killed.qcow2 id=k2"
 qcow2_clean "$OUT/killed.qcow2"
 qemu-img compare -q -f raw -F qcow2 "$SRC/vm.img" "$OUT/killed.qcow2" || fail "the backup after the remount differs"

@@ -332,3 +332,118 @@ Test(compress, clusters_each_on_its_own)
 	free(data);
 }
 #endif
+
+/* ---- reading compressed clusters and manifests ------------------------------ */
+
+#include <zlib.h>
+
+#include "fleecefs/compress.h"
+#include "fleecefs/manifest.h"
+
+/* What qemu-img writes for zlib: raw deflate with a 4 KiB window. */
+static size_t deflate_cluster(const uint8_t *in, size_t len, uint8_t *out, size_t outlen)
+{
+	z_stream z = { 0 };
+	cr_assert_eq(deflateInit2(&z, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -12, 9, Z_DEFAULT_STRATEGY), Z_OK);
+	z.next_in = (Bytef *)(uintptr_t)in;
+	z.avail_in = (uInt)len;
+	z.next_out = out;
+	z.avail_out = (uInt)outlen;
+	cr_assert_eq(deflate(&z, Z_FINISH), Z_STREAM_END);
+	size_t n = outlen - z.avail_out;
+	deflateEnd(&z);
+	return n;
+}
+
+Test(decompress, zlib_clusters_and_damage)
+{
+	const size_t cluster = 65536;
+	uint8_t *in = malloc(cluster), *packed = calloc(1, 2 * cluster), *out = malloc(cluster);
+	for (size_t i = 0; i < cluster; i++)
+		in[i] = (uint8_t)("qcow2 zlib cluster "[i % 19]);
+	size_t n = deflate_cluster(in, cluster, packed, 2 * cluster);
+	/* The descriptor's range ends on a sector: trailing bytes are fine. */
+	cr_assert_eq(decompress_cluster(QCOW2_COMPRESSION_ZLIB, packed, (n + 511) / 512 * 512, out, cluster), 0);
+	cr_assert_eq(memcmp(in, out, cluster), 0);
+	/* Cut short, or garbage: not a whole cluster. */
+	cr_assert_eq(decompress_cluster(QCOW2_COMPRESSION_ZLIB, packed, n / 2, out, cluster), -EBADMSG);
+	memset(packed, 0xff, 64);
+	cr_assert_eq(decompress_cluster(QCOW2_COMPRESSION_ZLIB, packed, n, out, cluster), -EBADMSG);
+	free(in);
+	free(packed);
+	free(out);
+}
+
+Test(decompress, zstd_clusters_round_trip)
+{
+	const size_t cluster = 65536;
+	uint8_t *in = malloc(cluster), *packed = calloc(1, cluster), *out = malloc(cluster);
+	size_t len = 0;
+	for (size_t i = 0; i < cluster; i++)
+		in[i] = (uint8_t)("zstd "[i % 5]);
+	int rc = compress_clusters(0, cluster, in, cluster, packed, &len);
+	if (!compress_available()) {
+		cr_assert_eq(rc, -EOPNOTSUPP);
+		cr_assert_eq(decompress_cluster(QCOW2_COMPRESSION_ZSTD, packed, 512, out, cluster), -EOPNOTSUPP);
+	} else {
+		cr_assert_eq(rc, 0);
+		cr_assert(len > 0 && len < cluster);
+		cr_assert_eq(decompress_cluster(QCOW2_COMPRESSION_ZSTD, packed, (len + 511) / 512 * 512, out, cluster), 0);
+		cr_assert_eq(memcmp(in, out, cluster), 0);
+		cr_assert_eq(decompress_cluster(QCOW2_COMPRESSION_ZSTD, packed, len / 2, out, cluster), -EBADMSG);
+	}
+	free(in);
+	free(packed);
+	free(out);
+}
+
+static void write_text(const char *path, const char *text)
+{
+	FILE *f = fopen(path, "w");
+	cr_assert(f);
+	fputs(text, f);
+	fclose(f);
+}
+
+Test(manifest, load_reads_and_refuses)
+{
+	char dir[] = "/tmp/fleecefs-manifest-XXXXXX", path[100], err[300];
+	struct manifest_file m;
+	cr_assert(mkdtemp(dir));
+	snprintf(path, sizeof(path), "%s/t.xxh3", dir);
+
+	write_text(path, "fleecefs-manifest 1\nalgorithm=xxh3-64\nformat=qcow2\nstate=partial\nsize=5000\n"
+			 "cluster_size=4096\nclusters=2\nfuture=1\n00000000000000aa\nffffffffffffffff\n");
+	cr_assert_eq(manifest_load(path, &m, err, sizeof(err)), 0, "%s", err);
+	cr_assert_eq(m.size, 5000);
+	cr_assert_eq(m.cluster_size, 4096);
+	cr_assert_eq(m.nclusters, 2);
+	cr_assert(m.partial);
+	cr_assert_str_eq(m.format, "qcow2");
+	cr_assert_eq(m.hashes[0], 0xaa);
+	cr_assert_eq(m.hashes[1], UINT64_MAX);
+	manifest_file_free(&m);
+
+	struct { const char *text, *words; } bad[] = {
+		{ "not a manifest\n", "line 1" },
+		{ "fleecefs-manifest 1\nalgorithm=md5\nsize=1\ncluster_size=1\nclusters=1\n0000000000000001\n", "algorithm md5" },
+		{ "fleecefs-manifest 1\nalgorithm=xxh3-64\nsize=5000\ncluster_size=4096\nclusters=3\n", "disagree" },
+		{ "fleecefs-manifest 1\nalgorithm=xxh3-64\nsize=5000\ncluster_size=4096\nclusters=2\n"
+		  "0000000000000001\n", "1 checksums for 2 clusters" },
+		{ "fleecefs-manifest 1\nalgorithm=xxh3-64\nsize=10\ncluster_size=4096\nclusters=1\n"
+		  "000000000000000g\n", "line 6: not a checksum" },
+		{ "fleecefs-manifest 1\nalgorithm=xxh3-64\nsize=10\ncluster_size=4096\nclusters=1\n"
+		  "0000000000000001\n0000000000000002\n", "more checksums than clusters" },
+		{ "fleecefs-manifest 1\nalgorithm=xxh3-64\nsize=10\ncluster_size=4096\nclusters=1\n"
+		  "0000000000000001", "cut short" },
+	};
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		write_text(path, bad[i].text);
+		cr_assert_eq(manifest_load(path, &m, err, sizeof(err)), -EINVAL, "case %zu", i);
+		cr_assert(strstr(err, bad[i].words), "case %zu: '%s' lacks '%s'", i, err, bad[i].words);
+		cr_assert_null(m.hashes);
+	}
+	unlink(path);
+	cr_assert_eq(manifest_load(path, &m, err, sizeof(err)), -ENOENT);
+	rmdir(dir);
+}
