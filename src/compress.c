@@ -5,6 +5,7 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <unistd.h>
 #include <zlib.h>
 #ifdef HAVE_ZSTD
@@ -75,8 +76,15 @@ int compress_clusters(int level, size_t cluster, const void *buf, size_t len, vo
 	struct thread_ctx *c = thread_ctx();
 	size_t slot = compress_slot(cluster);
 
-	if (!c || (!c->cctx && !(c->cctx = ZSTD_createCCtx())))
+	if (!c)
 		return -ENOMEM;
+	if (!c->cctx) {
+		if (!(c->cctx = ZSTD_createCCtx()))
+			return -ENOMEM;
+		/* Compression is background work: on a busy host the guest's
+		 * requests get the CPU first (Linux: nice is per thread). */
+		setpriority(PRIO_PROCESS, (id_t)gettid(), COMPRESS_NICE);
+	}
 	if (c->pad_len < cluster) {
 		uint8_t *pad = realloc(c->pad, cluster);
 		if (!pad)

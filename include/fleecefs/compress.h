@@ -9,7 +9,9 @@
  * asks for one writer per core (target.h, `writers`), so the copy engine's
  * write-behind threads are the compression pool, each with its own run of
  * clusters and nobody waiting for another's; a copy a guest write waits for
- * is never compressed (TARGET_WRITE_GUEST_WAITS).
+ * is never compressed (TARGET_WRITE_GUEST_WAITS). A thread that compresses
+ * lowers its own priority (nice COMPRESS_NICE) the first time: when guests
+ * and compression want the same cores, the guests' requests win.
  *
  * Reading (fleecectl verify) also takes the zlib clusters that qemu-img
  * writes by default.
@@ -24,6 +26,8 @@
 #include <stddef.h>
 
 #include "fleecefs/qcow2.h"
+
+#define COMPRESS_NICE 10
 
 /* Is zstd built in? (compress=zstd needs it.) */
 bool compress_available(void);
