@@ -553,10 +553,12 @@ fail:
 	return rc;
 }
 
-/* The kernel passes append semantics to us as explicit offsets. */
+/* The kernel passes append semantics to us as explicit offsets, and has
+ * resolved the name itself (O_NOFOLLOW would refuse the /proc/self/fd link
+ * the source is reopened through). */
 static int source_open_flags(int flags)
 {
-	return (flags & ~(O_CREAT | O_EXCL | O_NOCTTY | O_APPEND)) | O_CLOEXEC;
+	return (flags & ~(O_CREAT | O_EXCL | O_NOCTTY | O_APPEND | O_NOFOLLOW)) | O_CLOEXEC;
 }
 
 static void fs_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)

@@ -107,26 +107,41 @@ static uint64_t cluster_len(const struct manifest_file *m, uint64_t c)
 	return min_u64(m->cluster_size, m->size - c * (uint64_t)m->cluster_size);
 }
 
+bool verify_cluster(struct reader *r, const struct manifest_file *m, uint64_t c, void *buf, uint64_t *sum,
+		    struct reader_origin *o, char *why, size_t whylen)
+{
+	uint64_t len = cluster_len(m, c);
+	bool whole = reader_read(r, c * (uint64_t)m->cluster_size, (size_t)len, buf, o);
+
+	*sum = XXH3_64bits(buf, (size_t)len);
+	if (!whole) {
+		snprintf(why, whylen, "%s", o->why);
+		return false;
+	}
+	if (*sum != m->hashes[c]) {
+		char from[400];
+		describe_origin(r, o, from, sizeof(from));
+		snprintf(why, whylen, "checksum mismatch; %s", from);
+		return false;
+	}
+	return true;
+}
+
 /* Reads cluster c of k's view, sums it and reports it when it is wrong. */
 static void check_cluster(struct check *k, uint64_t c, struct seen *seen)
 {
-	uint64_t len = cluster_len(&k->m, c);
 	struct reader_origin o;
-	bool whole = reader_read(k->r, c * (uint64_t)k->m.cluster_size, (size_t)len, k->buf, &o);
-	uint64_t sum = XXH3_64bits(k->buf, (size_t)len);
+	uint64_t sum;
+	char why[600];
+	bool good = verify_cluster(k->r, &k->m, c, k->buf, &sum, &o, why, sizeof(why));
 
 	if (seen) {
 		seen->sums[c] = sum;
 		seen->lowest[c] = (uint8_t)(o.layers ? (unsigned)__builtin_ctzll(o.layers) : reader_layers(k->r));
-		seen->damaged[c] = !whole;
+		seen->damaged[c] = o.damaged;
 	}
-	if (!whole) {
-		report_bad(k, c, "%s", o.why);
-	} else if (sum != k->m.hashes[c]) {
-		char from[400];
-		describe_origin(k->r, &o, from, sizeof(from));
-		report_bad(k, c, "checksum mismatch; %s", from);
-	}
+	if (!good)
+		report_bad(k, c, "%s", why);
 }
 
 /* Does the file's size agree with its manifest? (A raw file cut short

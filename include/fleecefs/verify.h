@@ -19,7 +19,12 @@
 #ifndef FLEECEFS_VERIFY_H
 #define FLEECEFS_VERIFY_H
 
+#include <stdbool.h>
+#include <stdint.h>
 #include <stdio.h>
+
+#include "fleecefs/manifest.h"
+#include "fleecefs/reader.h"
 
 enum verify_result {
 	VERIFY_OK = 0,          /* every cluster of every file checked is right */
@@ -33,5 +38,12 @@ enum verify_result {
 #define VERIFY_LIST_MAX 100u
 
 enum verify_result verify_backup(const char *target, FILE *out, FILE *errs);
+
+/* Reads cluster c of the disk that m describes through r into buf (one
+ * cluster of m) and checks it: true when it matches m. Otherwise `why`
+ * says what is wrong: the damage, or a checksum mismatch and where the
+ * data came from. *sum and *o get what was read. */
+bool verify_cluster(struct reader *r, const struct manifest_file *m, uint64_t c, void *buf, uint64_t *sum,
+		    struct reader_origin *o, char *why, size_t whylen);
 
 #endif
