@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "fleecefs/ctlclient.h"
@@ -28,6 +29,7 @@ struct options {
 	const char *mount_given;
 	bool json, wait, overwrite;
 	const char *file;           /* txn -f */
+	const char *at;             /* restore --at= */
 	long count;                 /* events -n */
 	char mount[PATH_MAX];
 };
@@ -607,11 +609,94 @@ static int cmd_verify(struct options *o, int argc, char **argv)
 	return (int)worst;
 }
 
+/* A point's label (fleecefs-backup names points YYYYmmddTHHMMSSZ.qcow2) as
+ * seconds; -1 when it is none. */
+static time_t label_time(const char *label)
+{
+	struct tm tm = { 0 };
+	const char *end = strptime(label, "%Y%m%dT%H%M%SZ", &tm);
+	return end && (!*end || !strcmp(end, ".qcow2")) ? timegm(&tm) : (time_t)-1;
+}
+
+/* --at=TIME: "@SECONDS", "YYYY-mm-dd[ HH:MM[:SS]]" (UTC) or a label. */
+static time_t parse_at(const char *at)
+{
+	const char *formats[] = { "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d" };
+	struct tm tm;
+	char *end;
+
+	if (at[0] == '@') {
+		long long v = strtoll(at + 1, &end, 10);
+		return *end || end == at + 1 ? (time_t)-1 : (time_t)v;
+	}
+	for (size_t i = 0; i < sizeof(formats) / sizeof(formats[0]); i++) {
+		memset(&tm, 0, sizeof(tm));
+		const char *e = strptime(at, formats[i], &tm);
+		if (e && !*e)
+			return i == 3 ? timegm(&tm) + 86399 : timegm(&tm);   /* a day: up to its end */
+	}
+	return label_time(at);
+}
+
+/* The point of a backup directory (fleecefs-backup's IMAGE directory: one
+ * subdirectory per chain) named LABEL, or the newest at or before TIME. */
+static int resolve_at(const char *dir, const char *at, char *out, size_t len)
+{
+	time_t want = parse_at(at), best = -1;
+	DIR *d = opendir(dir);
+	struct dirent *c;
+
+	if (!d) {
+		fprintf(stderr, "fleecectl: restore: %s: %s\n", dir, error_text(errno));
+		return EXIT_USAGE;
+	}
+	if (want == (time_t)-1) {
+		closedir(d);
+		fprintf(stderr, "fleecectl: restore: --at=%s: a label (20261201T030000Z), YYYY-mm-dd[ HH:MM[:SS]] "
+				"(UTC) or @SECONDS\n", at);
+		return EXIT_USAGE;
+	}
+	while ((c = readdir(d))) {
+		char sub[PATH_MAX];
+		if (label_time(c->d_name) == (time_t)-1 ||
+		    snprintf(sub, sizeof(sub), "%s/%s", dir, c->d_name) >= (int)sizeof(sub))
+			continue;
+		DIR *chain = opendir(sub);
+		struct dirent *p;
+		while (chain && (p = readdir(chain))) {
+			time_t t = label_time(p->d_name);
+			size_t n = strlen(p->d_name);
+			if (t == (time_t)-1 || n < 6 || strcmp(p->d_name + n - 6, ".qcow2") || t > want || t <= best)
+				continue;
+			best = t;
+			snprintf(out, len, "%s/%s", sub, p->d_name);
+		}
+		if (chain)
+			closedir(chain);
+	}
+	closedir(d);
+	if (best == (time_t)-1) {
+		fprintf(stderr, "fleecectl: restore: no point in %s at or before %s\n", dir, at);
+		return EXIT_FAILED;
+	}
+	return EXIT_OK;
+}
+
 static int cmd_restore(struct options *o, int argc, char **argv)
 {
+	char point[PATH_MAX * 2];
+
 	if (argc != 2)
 		return usage_error(find_verb("restore"), "needs BACKUP and DEST");
-	return (int)restore_backup(argv[0], argv[1], o->overwrite, stdout, stderr);
+	const char *backup = argv[0];
+	if (o->at) {
+		int rc = resolve_at(argv[0], o->at, point, sizeof(point));
+		if (rc)
+			return rc;
+		printf("%s: the point for --at=%s\n", point, o->at);
+		backup = point;
+	}
+	return (int)restore_backup(backup, argv[1], o->overwrite, stdout, stderr);
 }
 
 static const struct verb verbs[] = {
@@ -632,7 +717,7 @@ static const struct verb verbs[] = {
 	{ "wait", cmd_wait, "[--json] ID...", true },
 	{ "events", cmd_events, "[--json] [-n COUNT]", true },
 	{ "verify", cmd_verify, "[--json] TARGET...", false },
-	{ "restore", cmd_restore, "[--overwrite] BACKUP DEST", false },
+	{ "restore", cmd_restore, "[--overwrite] BACKUP DEST | --at=LABEL|TIME BACKUP_DIR DEST", false },
 };
 
 static const struct verb *find_verb(const char *name)
@@ -663,6 +748,8 @@ static int take_option(struct options *o, const struct verb *v, int *i, int argc
 		o->wait = true;
 	else if (!strcmp(a, "--overwrite"))
 		o->overwrite = true;
+	else if (!strncmp(a, "--at=", 5))
+		o->at = a + 5;
 	else if (!strcmp(a, "-h") || !strcmp(a, "--help"))
 		*help = true;
 	else if ((!strcmp(a, "-m") || !strcmp(a, "-f") || !strcmp(a, "-n")) && *i + 1 < argc) {

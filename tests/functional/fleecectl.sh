@@ -164,20 +164,20 @@ mkdir -p "$T/mnt2" "$T/src2"
 D2=$!
 BG_PIDS+=("$D2")
 for _ in $(seq 100); do [ -e "$T/mnt2/.fleece/version" ] && break; sleep 0.05; done
-unshare -m --propagation private bash -s "$FLEECECTL" "$MNT" "$T/mnt2" >"$T/ns.out" 2>&1 <<'NS' || fail "in a namespace: $(cat "$T/ns.out")"
+unshare -m --propagation private bash -s "$FLEECECTL" "$MNT" "$T/mnt2" "$T/ns.err" >"$T/ns.out" 2>&1 <<'NS' || fail "in a namespace: $(cat "$T/ns.out")"
 set -u
-fc=$1 mine=$2 other=$3
+fc=$1 mine=$2 other=$3 err=$4
 # Only our two mounts stay visible here.
 awk '$3 == "fuse.fleecefs" { print $2 }' /proc/self/mounts | while read -r m; do
 	[ "$m" = "$mine" ] || [ "$m" = "$other" ] || umount -l "$m"
 done
-rc=0; "$fc" list >/dev/null 2>err || rc=$?
-[ "$rc" = 2 ] && grep -q "2 fleecefs mounts" err && grep -q "$mine" err || { echo "two mounts: $rc $(cat err)"; exit 1; }
+rc=0; "$fc" list >/dev/null 2>"$err" || rc=$?
+[ "$rc" = 2 ] && grep -q "2 fleecefs mounts" "$err" && grep -q "$mine" "$err" || { echo "two mounts: $rc $(cat "$err")"; exit 1; }
 umount -l "$other"
 "$fc" status full | grep -q "^id=full$" || { echo "the only mount was not found"; exit 1; }
 umount -l "$mine"
-rc=0; "$fc" list >/dev/null 2>err || rc=$?
-[ "$rc" = 3 ] && grep -q "no fleecefs mount found" err || { echo "no mount: $rc $(cat err)"; exit 1; }
+rc=0; "$fc" list >/dev/null 2>"$err" || rc=$?
+[ "$rc" = 3 ] && grep -q "no fleecefs mount found" "$err" || { echo "no mount: $rc $(cat "$err")"; exit 1; }
 NS
 fusermount3 -u "$T/mnt2"
 wait "$D2" || fail "the second daemon failed"
