@@ -48,6 +48,9 @@ want_match "a refused command" "$FC_ERR" "already exists.*\(File exists\)"
 fc 1 backup nosuch.img "$OUT/x.raw" id=x
 want_match "an unknown image" "$FC_ERR" "nosuch.img"
 [ ! -e "$OUT/x.raw" ] || fail "a refused backup left its target"
+# mirror is a verb of the language that this daemon does not run yet.
+fc 1 mirror a.img "$OUT/m.raw" id=m
+want_match "mirror refused" "$FC_ERR" "mirror.*\(Operation not supported\)"
 # Words with blanks are quoted for the control language.
 mkdir -p "$T/with space"
 fc 0 backup --wait b.img "$T/with space/b copy.raw" id=spaced
