@@ -49,42 +49,14 @@ GUEST=$!
 BG_PIDS+=("$GUEST")
 # Once the guest writes round 2 (the first word of the second MiB changes):
 # a backup of round 1, taken under its writes.
-"$PY" - "$SRC/vm.img" <<'PY' || fail "the guest never started writing: $(tail -5 "$T/guest.out")"
-import struct, sys, time
-M = (1 << 64) - 1
-def word(seed, off):
-    x = ((seed * 0x9E3779B97F4A7C15) & M) ^ off
-    x ^= x >> 33; x = (x * 0xff51afd7ed558ccd) & M; x ^= x >> 33
-    return x
-deadline = time.monotonic() + 200
-while time.monotonic() < deadline:
-    with open(sys.argv[1], "rb") as f:
-        if struct.unpack("<Q", f.read(8))[0] == word(2, 0):
-            sys.exit(0)
-    time.sleep(0.02)
-sys.exit(1)
-PY
+"$PY" "$TESTS_DIR/pattern_rounds.py" wait "$SRC/vm.img" 2 0 || fail "the guest never started writing: $(tail -5 "$T/guest.out")"
 run_ok b "backup vm.img $OUT/vm.raw id=b"
 wait "$GUEST" || fail "the guest failed ($?): $(tail -5 "$T/guest.out")"
 BG_PIDS=()
 grep -q guest-done "$T/guest.out" || fail "guest: $(tail -5 "$T/guest.out")"
 "$PATTERN" verify "$SRC/vm.img" 2 0 $SIZE || fail "the guest's writes are not in the image"
 # The backup is one instant of a disk going from round 1 to round 2.
-"$PY" - "$OUT/vm.raw" "$SIZE" "$PATTERN" <<'PY' || fail "the backup is not one instant"
-import struct, subprocess, sys
-M = (1 << 64) - 1
-def word(seed, off):
-    x = ((seed * 0x9E3779B97F4A7C15) & M) ^ off
-    x ^= x >> 33; x = (x * 0xff51afd7ed558ccd) & M; x ^= x >> 33
-    return x
-path, size, pattern = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-data = open(path, "rb").read()
-first = lambda off: struct.unpack_from("<Q", data, off)[0]
-x = next((o for o in range(0, size, 65536) if first(o) != word(2, o)), size)
-for s, a, b in ((2, 0, x), (1, x, size)):
-    if b > a and subprocess.run([pattern, "verify", path, str(s), str(a), str(b - a)]).returncode:
-        sys.exit(f"round {s} does not hold on [{a}, {b})")
-PY
+"$PY" "$TESTS_DIR/pattern_rounds.py" instant "$OUT/vm.raw" "$SIZE" "$PATTERN" || fail "the backup is not one instant"
 manifest_ok "$OUT/vm.raw"
 unmount_fleece
 [ "$DAEMON_RC" = 0 ] || fail "daemon exited with $DAEMON_RC"
