@@ -740,9 +740,15 @@ int bitmaps_start(const char *state_dir, int source_fd, const char *source_dir, 
 	}
 	if (d)
 		closedir(d);
+	return 0;
+}
+
+void bitmaps_start_saver(void)
+{
 	saver_stop = false;
 	saver_running = pthread_create(&saver, NULL, saver_thread, NULL) == 0;
-	return 0;
+	if (!saver_running)
+		log_warn("dirty bitmaps: no saver thread: they are saved only at a clean stop");
 }
 
 void bitmaps_stop(void)

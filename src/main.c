@@ -428,6 +428,9 @@ static int start_serving(struct fuse_session *se, struct fleece_daemon *d, bool 
 		fuse_remove_signal_handlers(se);
 		return die("cannot go to the background");
 	}
+	/* Threads only now: the background daemon is a fork, which keeps none
+	 * but the one that called it. */
+	bitmaps_start_saver();
 	log_info("serving %s at %s (state_dir %s, cluster_size %u, threads %u)", d->source_dir, d->mountpoint,
 		 d->state_dir, d->cluster_size, d->threads);
 	return 0;

@@ -166,7 +166,12 @@ enum restore_result restore_backup(const char *backup, const char *dest, bool ov
 	enum restore_result res = RESTORE_CANNOT;
 	bool exists = lstat(dest, &st) == 0;
 	long pid = 0;
-	if ((rc = reader_open(backup, m.format, &r, err, sizeof(err)))) {
+	if (m.partial) {
+		/* What it lacks reads as zeroes or as the point below: never a
+		 * disk that was. */
+		fprintf(errs, "fleecectl: restore: %s is a partial backup (bitmap-mode=always): the next incremental "
+			      "completes it; restore the point below it instead\n", backup);
+	} else if ((rc = reader_open(backup, m.format, &r, err, sizeof(err)))) {
 		fprintf(errs, "fleecectl: restore %s: %s\n", backup, err);
 		res = rc == -EINVAL ? RESTORE_DAMAGED : RESTORE_CANNOT;
 	} else if (exists && !overwrite) {

@@ -72,8 +72,11 @@ struct dirty_bitmap {
 struct bitmap_set;
 
 /* Start-up: loads every set in STATE_DIR/bitmaps, checks identities,
- * recovers from a crash; then saves every SAVE_INTERVAL from a thread. */
+ * recovers from a crash. */
 int bitmaps_start(const char *state_dir, int source_fd, const char *source_dir, uint32_t cluster_size);
+/* Then saves every SAVE_INTERVAL from a thread of its own: started once the
+ * daemon is in the background (a fork keeps no thread but the caller's). */
+void bitmaps_start_saver(void);
 /* Clean stop: final save, identities recorded, clean=1. */
 void bitmaps_stop(void);
 

@@ -25,9 +25,15 @@ fail() { printf 'FAIL: %s\n' "$*" >&2; exit 1; }
 cleanup() {
 	local rc=$? p
 	trap - EXIT
+	if [ -n "${WATCHDOG_PID:-}" ]; then
+		pkill -P "$WATCHDOG_PID" 2>/dev/null || true
+		kill "$WATCHDOG_PID" 2>/dev/null || true
+	fi
 	for p in "${BG_PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
 	for p in "${BG_PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-	if mountpoint -q "$MNT" 2>/dev/null; then
+	# (A mount whose daemon died is no "mountpoint" any more, but it is in
+	# /proc/mounts.)
+	if mountpoint -q "$MNT" 2>/dev/null || grep -q " $MNT fuse" /proc/mounts; then
 		fusermount3 -u "$MNT" 2>/dev/null || fusermount3 -uz "$MNT" 2>/dev/null || true
 	fi
 	if [ -n "$DAEMON_PID" ]; then
@@ -45,6 +51,22 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+
+# A watchdog: a test that hangs (a daemon that stopped answering leaves the
+# test blocked in a FUSE request) fails after TEST_TIMEOUT seconds instead of
+# holding up the suite. What it started dies first (anything whose command
+# line names this test's directory), so the blocked request returns.
+TEST_TIMEOUT=${TEST_TIMEOUT:-600}
+(
+	trap - EXIT
+	sleep "$TEST_TIMEOUT" &
+	wait $!
+	echo "FAIL: $(basename "$0") timed out after ${TEST_TIMEOUT}s" >&2
+	pkill -9 -f -- "$T/" 2>/dev/null
+	fusermount3 -uz "$MNT" 2>/dev/null
+	kill -TERM $$ 2>/dev/null
+) </dev/null >&2 &
+WATCHDOG_PID=$!
 
 # mount_fleece [fleecefs options...]: mounts $SRC at $MNT in the foreground
 # process $DAEMON_PID and waits until the control directory answers.

@@ -97,6 +97,11 @@ want_match "a qcow2 incremental on a raw full" "$VERIFY_OUT" "r.raw: ok: "
 verify_ok "$OUT/r.raw"
 verify_ok "$OUT/rp.qcow2.partial"
 want_match "the partial" "$VERIFY_OUT" "rp.qcow2.partial: ok: .*a partial backup"
+# A partial is no disk that ever was: restore refuses it.
+rc=0; "$FLEECECTL" restore "$OUT/rp.qcow2.partial" "$T/from-partial" 2>"$T/restore.err" || rc=$?
+want_eq "restore of a partial" $rc 2
+want_match "it says why" "$(cat "$T/restore.err")" "is a partial backup"
+[ ! -e "$T/from-partial" ] || fail "restore of a partial left a file"
 # Several backups at once: the worst result.
 "$FLEECECTL" verify "$OUT/full.qcow2" "$OUT/inc1.qcow2" >/dev/null || fail "verify of two backups"
 
