@@ -89,6 +89,10 @@ static void json_object(FILE *f, const char *text, bool words, const char *extra
 	char *copy = strdup(text), *save, *item;
 	bool first = true;
 
+	if (!copy) {
+		fputs("{}\n", f);
+		return;
+	}
 	fputc('{', f);
 	if (extra_key) {
 		json_string(f, extra_key);

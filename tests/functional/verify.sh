@@ -191,6 +191,34 @@ out=$("$FLEECECTL" verify 2>&1) && fail "verify without a target succeeded"
 rc=0; "$FLEECECTL" frobnicate >/dev/null 2>&1 || rc=$?
 want_eq "an unknown command" $rc 2
 
+log "random damage to a chain's metadata: an answer, never a crash"
+chain_copy fuzz
+cp "$D/inc2.qcow2" "$T/inc2-orig"
+# A sanitizer's report must not pass for exit 1 (damage).
+ASAN_OPTIONS=${ASAN_OPTIONS:+$ASAN_OPTIONS:}exitcode=99 UBSAN_OPTIONS=${UBSAN_OPTIONS:+$UBSAN_OPTIONS:}exitcode=99 \
+	"$PY" - "$D/inc2.qcow2" "$T/inc2-orig" "$FLEECECTL" <<'PY' || fail "verify of damaged metadata"
+import os, random, shutil, subprocess, sys
+path, orig, fc = sys.argv[1:4]
+r = random.Random(13)
+size = os.path.getsize(orig)
+seen = {0: 0, 1: 0, 2: 0}
+for i in range(120):
+    shutil.copyfile(orig, path)
+    fd = os.open(path, os.O_RDWR)
+    for _ in range(r.choice([1, 2, 8])):
+        # Header, L1, L2 and refcount structures: the first clusters and the last.
+        off = r.choice([r.randrange(0, 3 * 65536), r.randrange(max(0, size - 3 * 65536), size)])
+        os.pwrite(fd, bytes([r.randrange(256)]), off)
+    if i % 10 == 9:
+        os.ftruncate(fd, r.randrange(0, size))
+    os.close(fd)
+    p = subprocess.run([fc, "verify", path], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60)
+    if p.returncode not in (0, 1, 2):
+        sys.exit(f"round {i}: exit {p.returncode}: {p.stderr.decode()[-500:]}")
+    seen[p.returncode] += 1
+print("exit codes", seen)
+PY
+
 log "qcow2 images made by qemu-img: zstd, zlib, version 2, a qemu-io chain"
 Q=$T/q
 mkdir -p "$Q"
