@@ -110,6 +110,15 @@ def job_state(mnt, job):
         return dict(line.rstrip("\n").split("=", 1) for line in f if "=" in line)
 
 
+def read_request_max(mnt):
+    """The largest write request the mount gets (.fleece/version)."""
+    with open(os.path.join(mnt, ".fleece/version")) as f:
+        for line in f:
+            if line.startswith("ctl_max_write="):
+                return int(line.split("=", 1)[1])
+    return 1 << 20
+
+
 def apply(image, writer, entries):
     for seq, (_, _, off, length) in entries:
         image[off:off + length] = data_for(writer, seq, length)
@@ -207,10 +216,15 @@ def main():
         apply(expected, w.index, definite)
         candidates = [(s, e) for s, e in enumerate(w.log) if not e[1] < t0 and not e[0] > t1]
         cuts.append((w, len(definite), candidates))
+    # The kernel cuts a write into requests of at most `request` bytes (less
+    # the buffer's offset in its page), sent one after the other: a write in
+    # flight at T may be in the target up to such a cut, as a block device
+    # may hold part of a multi-sector request that was not acknowledged.
+    request = read_request_max(args.mnt)
     chosen = []
     for w, ndef, candidates in cuts:
-        # Try every prefix of the ambiguous writes; the bytes they touch must
-        # match exactly one history.
+        # Try every prefix of the ambiguous writes (the last one possibly cut
+        # at a request boundary); the bytes they touch must match one history.
         touched = sorted({(e[2], e[2] + e[3]) for _, e in candidates})
         best = None
         trial = None
@@ -220,6 +234,18 @@ def main():
                 apply(trial, w.index, [candidates[j - 1]])
             if all(trial[a:b] == target[a:b] for a, b in touched):
                 best = (j, bytearray(trial))
+            elif best is None and j < len(candidates) and candidates[j][1][3] > request - 4096:
+                seq, (_, _, off, length) = candidates[j]
+                new = data_for(w.index, seq, length)
+                got = target[off:off + length]
+                cut = next((i for i in range(length) if got[i] != new[i]), length)
+                if request - 4096 < cut <= request + 8 and got[cut:] == trial[off + cut:off + length]:
+                    part = bytearray(trial)
+                    part[off:off + cut] = new[:cut]
+                    if all(part[a:b] == target[a:b] for a, b in touched):
+                        print(f"writer {w.index}: write {seq} of {length} bytes is in the target up to its "
+                              f"request cut at {cut}")
+                        best = (j + 1, part)
         if best is None:
             print(f"writer {w.index}: no prefix of its {len(candidates)} writes around T matches the target")
             return 1
