@@ -585,13 +585,17 @@ static void check_identity(const char *dir, struct identity *id)
 	}
 	int fd = openat(source_dir_fd, id->path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
 	struct stat st;
+	/* The identity is the served file's: after a mirror's switch, the
+	 * target's (redirect.h), whose image opening the old name finds. */
 	if (fd < 0 || fstat(fd, &st) < 0) {
 		snprintf(id->why, sizeof(id->why), "image %.100s is gone", id->path);
-	} else if ((uint64_t)st.st_dev != id->dev || (uint64_t)st.st_ino != id->ino) {
-		snprintf(id->why, sizeof(id->why), "%.100s is not the file the bitmaps were recorded for", id->path);
 	} else if (image_get(fd, &id->image)) {
 		id->image = NULL;
 		snprintf(id->why, sizeof(id->why), "cannot open %.100s", id->path);
+	} else if (image_fstat(id->image, &st) < 0 || (uint64_t)st.st_dev != id->dev || (uint64_t)st.st_ino != id->ino) {
+		image_put(id->image);
+		id->image = NULL;
+		snprintf(id->why, sizeof(id->why), "%.100s is not the file the bitmaps were recorded for", id->path);
 	} else {
 		char m[32], c[32];
 		format_ts(m, &st.st_mtim);

@@ -392,8 +392,11 @@ static int parse_backup(const struct where *w, struct words *words, struct ctl_b
 	return check_backup_options(w, b, seen);
 }
 
-enum mirror_key { MK_SYNC, MK_SPEED, MK_ID, MK_COPY_MODE };
-static const char *const mirror_keys[] = { "sync", "speed", "id", "copy-mode", NULL };
+enum mirror_key { MK_SYNC, MK_SPEED, MK_ID, MK_COPY_MODE, MK_GRANULARITY, MK_ON_SOURCE_ERROR, MK_ON_TARGET_ERROR };
+static const char *const mirror_keys[] = { "sync", "speed", "id", "copy-mode", "granularity", "on-source-error",
+					   "on-target-error", NULL };
+#define MIRROR_MIN_GRANULARITY 4096u
+#define MIRROR_MAX_GRANULARITY (64u << 20)
 
 static int parse_mirror(const struct where *w, struct words *words, struct ctl_mirror *m)
 {
@@ -402,7 +405,8 @@ static int parse_mirror(const struct where *w, struct words *words, struct ctl_m
 
 	*m = (struct ctl_mirror){ 0 };
 	if (words->argc < 3)
-		return fail(w, "usage: mirror IMAGE TARGET [sync=full|top] [speed=RATE] [id=ID] [copy-mode=MODE]");
+		return fail(w, "usage: mirror IMAGE TARGET [sync=full|top] [speed=RATE] [id=ID] [granularity=SIZE] "
+			    "[copy-mode=background|write-blocking] [on-source-error=P] [on-target-error=P]");
 	if ((rc = parse_image_arg(w, words->argv[1], &m->image)) ||
 	    (rc = parse_target_arg(w, "TARGET", words->argv[2], &m->target)))
 		return rc;
@@ -427,6 +431,20 @@ static int parse_mirror(const struct where *w, struct words *words, struct ctl_m
 		case MK_COPY_MODE:
 			rc = parse_choice(w, "copy-mode", v, copy_mode_choices, &choice);
 			m->copy_mode = (enum mirror_copy_mode)choice;
+			break;
+		case MK_GRANULARITY:
+			rc = parse_size_option(w, "granularity", v, &m->granularity);
+			if (!rc && (!is_power_of_two(m->granularity) || m->granularity < MIRROR_MIN_GRANULARITY ||
+				    m->granularity > MIRROR_MAX_GRANULARITY))
+				rc = fail(w, "granularity=%s: must be a power of two from 4K to 64M", v);
+			break;
+		case MK_ON_SOURCE_ERROR:
+			rc = parse_choice(w, "on-source-error", v, policy_choices, &choice);
+			m->on_source_error = (enum error_policy)choice;
+			break;
+		case MK_ON_TARGET_ERROR:
+			rc = parse_choice(w, "on-target-error", v, policy_choices, &choice);
+			m->on_target_error = (enum error_policy)choice;
 			break;
 		}
 		if (rc)

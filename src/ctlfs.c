@@ -22,6 +22,7 @@
 #include "fleecefs/inject.h"
 #include "fleecefs/list.h"
 #include "fleecefs/job.h"
+#include "fleecefs/redirect.h"
 #include "fleecefs/snapshot.h"
 #include "fleecefs/snapstore.h"
 #include "fleecefs/transaction.h"
@@ -29,7 +30,7 @@
 
 enum ctl_kind {
 	K_DIR = 1, K_CTL, K_VERSION, K_EVENTS, K_JOBS, K_SNAPSHOTS, K_BITMAPS, K_JOB_DIR, K_JOB_STATUS, K_INJECT,
-	K_SNAP_DIR, K_VIEW, K_BMAP_DIR, K_BMAP,
+	K_SNAP_DIR, K_VIEW, K_BMAP_DIR, K_BMAP, K_REDIRECTS,
 };
 
 /* flag | index (23 bits) | job serial (32 bits) | kind (8 bits) */
@@ -53,6 +54,7 @@ static const struct {
 } top_entries[] = {
 	{ "ctl", K_CTL }, { "version", K_VERSION }, { "events", K_EVENTS },
 	{ "jobs", K_JOBS }, { "snapshots", K_SNAPSHOTS }, { "bitmaps", K_BITMAPS }, { "inject", K_INJECT },
+	{ "redirects", K_REDIRECTS },
 };
 
 /* One open control file. */
@@ -236,7 +238,7 @@ static int fill_attr(fuse_ino_t ino, struct stat *st)
 	struct snapstore *view = NULL;
 	struct stat at_t;
 
-	if (k < K_DIR || k > K_BMAP)
+	if (k < K_DIR || k > K_REDIRECTS)
 		return -ENOENT;
 	if (k == K_BMAP_DIR) {
 		char path[PATH_MAX];
@@ -430,7 +432,7 @@ static char *version_text(void)
 	struct strbuf sb = { 0 };
 	strbuf_printf(&sb, "version=%s\nfeatures=backup sync-full sync-top sync-none format-raw format-qcow2 backing "
 			   "checksum-xxh3 events pause error-policies groups inject snapshot fleecing bitmaps "
-			   "sync-incremental%s\ncluster_size=%" PRIu32 "\nctl_max_write=%zu\n", PACKAGE_VERSION,
+			   "sync-incremental mirror%s\ncluster_size=%" PRIu32 "\nctl_max_write=%zu\n", PACKAGE_VERSION,
 		      compress_available() ? " compress-zstd" : "", daemon_ctx->cluster_size, ctlfs_write_limit());
 	return strbuf_steal(&sb);
 }
@@ -495,6 +497,11 @@ void ctlfs_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 			strbuf_free(&sb);
 	} else if (k == K_VERSION) {
 		f->text = version_text();
+	} else if (k == K_REDIRECTS) {
+		struct strbuf sb = { 0 };
+		redirect_format(&sb);
+		f->text = sb.failed ? NULL : sb.data ? strbuf_steal(&sb) : strdup("");
+		strbuf_free(&sb);
 	} else if (k == K_INJECT) {
 		f->text = inject_describe();
 	} else if (k == K_JOB_STATUS) {

@@ -25,6 +25,7 @@
 #include "fleecefs/image.h"
 #include "fleecefs/inject.h"
 #include "fleecefs/list.h"
+#include "fleecefs/redirect.h"
 #include "fleecefs/util.h"
 
 #define ATTR_TIMEOUT 1.0
@@ -161,6 +162,43 @@ static struct fnode *table_get(const struct stat *st, int fd)
 	return n;
 }
 
+/* A regular file a mirror switched to another file (redirect.h) has that
+ * file's data and attributes: an O_PATH descriptor of it (the caller closes
+ * it), -ENOENT for any other node, -EIO when the target is missing. */
+static int served_fd(const struct fnode *n)
+{
+	return redirect_open(n->dev, n->ino);
+}
+
+/* The attributes of the file that serves st's node, keeping the node's inode
+ * number (a missing target leaves the source's: opens answer EIO). */
+static void served_attr(struct stat *st)
+{
+	if (!S_ISREG(st->st_mode))
+		return;
+	int fd = redirect_open(st->st_dev, st->st_ino);
+	struct stat t;
+	if (fd < 0)
+		return;
+	if (fstat(fd, &t) == 0) {
+		t.st_ino = st->st_ino;
+		t.st_dev = st->st_dev;
+		*st = t;
+	}
+	close(fd);
+}
+
+/* The descriptor whose path reaches n's data: its own, or its target's
+ * (then *owned: the caller closes it). -EIO: the target is missing. */
+static int data_fd(const struct fnode *n, bool *owned)
+{
+	int fd = served_fd(n);
+	*owned = fd >= 0;
+	if (fd == -ENOENT)
+		return n->fd;
+	return fd;
+}
+
 static int do_lookup(fuse_ino_t parent, const char *name, struct fuse_entry_param *e)
 {
 	struct fnode *p = node_of(parent);
@@ -183,6 +221,7 @@ static int do_lookup(fuse_ino_t parent, const char *name, struct fuse_entry_para
 		return -ENOMEM;
 	memset(e, 0, sizeof(*e));
 	e->ino = n == &root_node ? FUSE_ROOT_ID : (fuse_ino_t)(uintptr_t)n;
+	served_attr(&st);
 	e->attr = st;
 	e->attr_timeout = ATTR_TIMEOUT;
 	e->entry_timeout = ATTR_TIMEOUT;
@@ -243,10 +282,15 @@ static void reply_attr_of(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info 
 	int rc = h && h->image ? image_fstat(h->image, &st)
 		 : h ? (fstat(h->fd, &st) < 0 ? -errno : 0)
 		     : (fstatat(node_of(ino)->fd, "", &st, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) < 0 ? -errno : 0);
-	if (rc < 0)
+	if (rc < 0) {
 		fuse_reply_err(req, -rc);
-	else
-		fuse_reply_attr(req, &st, ATTR_TIMEOUT);
+		return;
+	}
+	if (h && h->image)
+		st.st_ino = node_of(ino)->ino;   /* the node's, as lookup said */
+	else if (!h)
+		served_attr(&st);
+	fuse_reply_attr(req, &st, ATTR_TIMEOUT);
 }
 
 static void fs_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
@@ -272,9 +316,17 @@ static int truncate_node(struct fnode *n, struct fuse_file_info *fi, off_t size)
 		if (ftruncate(handle_of(fi)->fd, size) < 0)
 			rc = -errno;
 	} else {
-		proc_fd_path(path, sizeof(path), n->fd);
-		if (truncate(path, size) < 0)
-			rc = -errno;
+		bool owned;
+		int fd = data_fd(n, &owned);
+		if (fd < 0) {
+			rc = fd;
+		} else {
+			proc_fd_path(path, sizeof(path), fd);
+			if (truncate(path, size) < 0)
+				rc = -errno;
+			if (owned)
+				close(fd);
+		}
 	}
 	image_namespace_unlock();
 	return rc;
@@ -289,7 +341,13 @@ static void fs_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to
 	if (ctlfs_owns(ino))
 		return ctlfs_setattr(req, ino, attr, to_set);
 	n = node_of(ino);
-	proc_fd_path(path, sizeof(path), n->fd);
+	bool owned;
+	int fd = data_fd(n, &owned);
+	if (fd < 0) {
+		fuse_reply_err(req, -fd);
+		return;
+	}
+	proc_fd_path(path, sizeof(path), fd);
 	if (to_set & FUSE_SET_ATTR_MODE) {
 		rc = fi && !handle_of(fi)->image ? fchmod(handle_of(fi)->fd, attr->st_mode)
 						 : fchmodat(AT_FDCWD, path, attr->st_mode, 0);
@@ -299,12 +357,14 @@ static void fs_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to
 	if (to_set & (FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID)) {
 		uid_t uid = (to_set & FUSE_SET_ATTR_UID) ? attr->st_uid : (uid_t)-1;
 		gid_t gid = (to_set & FUSE_SET_ATTR_GID) ? attr->st_gid : (gid_t)-1;
-		if (fchownat(n->fd, "", uid, gid, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) < 0)
+		if (fchownat(fd, "", uid, gid, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) < 0)
 			goto err;
 	}
 	if (to_set & FUSE_SET_ATTR_SIZE) {
 		rc = truncate_node(n, fi, attr->st_size);
 		if (rc) {
+			if (owned)
+				close(fd);
 			fuse_reply_err(req, -rc);
 			return;
 		}
@@ -323,10 +383,15 @@ static void fs_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to
 		if (rc < 0)
 			goto err;
 	}
+	if (owned)
+		close(fd);
 	reply_attr_of(req, ino, fi);
 	return;
 err:
-	fuse_reply_err(req, errno);
+	rc = errno;
+	if (owned)
+		close(fd);
+	fuse_reply_err(req, rc);
 }
 
 static void fs_readlink(fuse_req_t req, fuse_ino_t ino)
@@ -434,10 +499,14 @@ static void fs_unlink(fuse_req_t req, fuse_ino_t parent, const char *name)
 		return;
 	}
 	image_namespace_lock_shared();
+	struct stat st;
+	bool last = fstatat(dirfd, name, &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISREG(st.st_mode) && st.st_nlink == 1;
 	if (name_is_busy(dirfd, name))
 		rc = EBUSY;
 	else if (unlinkat(dirfd, name, 0) < 0)
 		rc = errno;
+	else if (last)
+		redirect_remove(st.st_dev, st.st_ino);
 	image_namespace_unlock();
 	fuse_reply_err(req, rc);
 }
@@ -473,10 +542,15 @@ static void fs_rename(fuse_req_t req, fuse_ino_t parent, const char *name, fuse_
 	image_namespace_lock_shared();
 	/* The renamed image itself may be busy: its job follows the inode. What
 	 * it replaces may not be. */
+	struct stat st;
+	bool replaces_last = !(flags & RENAME_EXCHANGE) && fstatat(newdir, newname, &st, AT_SYMLINK_NOFOLLOW) == 0 &&
+			     S_ISREG(st.st_mode) && st.st_nlink == 1;
 	if (name_is_busy(newdir, newname) || ((flags & RENAME_EXCHANGE) && name_is_busy(olddir, name)))
 		rc = EBUSY;
 	else if (renameat2(olddir, name, newdir, newname, flags) < 0)
 		rc = errno;
+	else if (replaces_last)
+		redirect_remove(st.st_dev, st.st_ino);
 	image_namespace_unlock();
 	fuse_reply_err(req, rc);
 }
@@ -565,13 +639,19 @@ static void fs_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
 	struct fnode *n;
 	char path[64];
-	int fd, rc = 0;
+	int fd = -1, rc = 0;
 
 	if (ctlfs_owns(ino))
 		return ctlfs_open(req, ino, fi);
 	n = node_of(ino);
 	int flags = source_open_flags(fi->flags);
-	proc_fd_path(path, sizeof(path), n->fd);
+	bool owned;
+	int base = data_fd(n, &owned);
+	if (base < 0) {
+		fuse_reply_err(req, -base);
+		return;
+	}
+	proc_fd_path(path, sizeof(path), base);
 	/* The check and the truncating open under one hold of the namespace
 	 * lock: no job can start in between and see its image emptied
 	 * without copy-before-write. */
@@ -595,6 +675,8 @@ static void fs_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 	}
 	if (fi->flags & O_TRUNC)
 		image_namespace_unlock();
+	if (owned)
+		close(base);
 	if (!rc)
 		rc = make_handle(fd, flags, fi);
 	if (rc) {

@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "fleecefs/image.h"
+#include "fleecefs/redirect.h"
 #include "fleecefs/util.h"
 
 /* Direct requests must be aligned to this (and are served buffered else). */
@@ -238,15 +239,36 @@ static void image_free(struct image *img)
 	free(img);
 }
 
+static int image_get_served(int fd, const struct stat *st, struct image **out);
+
 int image_get(int fd, struct image **out)
 {
 	struct stat st;
-	struct image *img;
 
 	if (fstat(fd, &st) < 0)
 		return -errno;
 	if (!S_ISREG(st.st_mode))
 		return -EINVAL;
+	/* A file a mirror switched away from is served from its target. */
+	int served = redirect_open(st.st_dev, st.st_ino);
+	if (served == -EIO)
+		return -EIO;
+	if (served >= 0) {
+		int rc = fstat(served, &st) < 0 ? -errno : 0;
+		if (!rc)
+			rc = image_get_served(served, &st, out);
+		close(served);
+		return rc;
+	}
+	return image_get_served(fd, &st, out);
+}
+
+/* The image of the file open on fd (st: its fstat), which it serves. */
+static int image_get_served(int fd, const struct stat *stp, struct image **out)
+{
+	struct stat st = *stp;
+	struct image *img;
+
 	pthread_mutex_lock(&registry_lock);
 	img = lookup_locked(st.st_dev, st.st_ino);
 	if (img) {
@@ -305,6 +327,35 @@ bool image_readable(const struct image *img)
 	return img->backend->read_fd >= 0;
 }
 
+int image_switch_locked(struct image *img, int fd)
+{
+	struct stat st;
+
+	if (fstat(fd, &st) < 0)
+		return -errno;
+	pthread_mutex_lock(&registry_lock);
+	struct image *other = lookup_locked(st.st_dev, st.st_ino);
+	pthread_mutex_unlock(&registry_lock);
+	if (other && other != img)
+		return -EBUSY;
+	int rc = image_replace_backend_locked(img, fd);
+	if (rc)
+		return rc;
+	/* From now on the image is the file it serves: whoever opens that
+	 * file (a remount through its redirect) finds this object. */
+	pthread_mutex_lock(&registry_lock);
+	if (lookup_locked(img->dev, img->ino) == img)
+		tdelete(img, &registry_root, compare_images);
+	img->dev = st.st_dev;
+	img->ino = st.st_ino;
+	void *added = tsearch(img, &registry_root, compare_images);
+	pthread_mutex_unlock(&registry_lock);
+	/* Without room in the tree the object still works through its
+	 * handles; a later open makes a new one for the same file. */
+	(void)added;
+	return 0;
+}
+
 /* ---- guest I/O ------------------------------------------------------------------ */
 
 static void note_guest_request(struct image *img)
@@ -356,22 +407,32 @@ ssize_t image_pread(struct image *img, void *buf, size_t size, uint64_t off)
 	return n;
 }
 
-/* Hooks, with the gate entered: 0 or the first hook's -errno. */
+static void after_write_upto(struct image *img, unsigned n, uint64_t off, uint64_t len, const void *buf,
+			     int64_t result)
+{
+	for (unsigned i = 0; i < n; i++)
+		if (img->hooks[i]->after_write)
+			img->hooks[i]->after_write(img->hooks[i], off, len, buf, result);
+}
+
+/* Hooks, with the gate entered: 0 or the first hook's -errno. A hook that
+ * refuses the write ends it for the hooks before it too: they see the end
+ * (with the error) of every write whose beginning they saw. */
 static int before_write(struct image *img, uint64_t off, uint64_t len)
 {
 	for (unsigned i = 0; i < img->nhooks; i++) {
 		int rc = img->hooks[i]->before_write(img->hooks[i], off, len);
-		if (rc < 0)
+		if (rc < 0) {
+			after_write_upto(img, i, off, len, NULL, rc);
 			return rc;
+		}
 	}
 	return 0;
 }
 
-static void after_write(struct image *img, uint64_t off, uint64_t len, int64_t result)
+static void after_write(struct image *img, uint64_t off, uint64_t len, const void *buf, int64_t result)
 {
-	for (unsigned i = 0; i < img->nhooks; i++)
-		if (img->hooks[i]->after_write)
-			img->hooks[i]->after_write(img->hooks[i], off, len, result);
+	after_write_upto(img, img->nhooks, off, len, buf, result);
 }
 
 ssize_t image_write(struct image *img, unsigned kind, const void *buf, size_t size, uint64_t off)
@@ -401,7 +462,7 @@ ssize_t image_write(struct image *img, unsigned kind, const void *buf, size_t si
 		n = pwrite(fd_of(img, buffered(kind)), buf, size, (off_t)off);
 	n = n < 0 ? -errno : n;
 	if (hooked)
-		after_write(img, off, size, n);
+		after_write(img, off, size, buf, n);
 	gate_exit(&img->gate);
 	return n;
 }
@@ -420,7 +481,7 @@ int image_fallocate(struct image *img, unsigned kind, int mode, uint64_t off, ui
 		goto out;
 	rc = fallocate(fd_of(img, buffered(kind)), mode, (off_t)off, (off_t)len) < 0 ? -errno : 0;
 	if (hooked)
-		after_write(img, off, len, rc ? rc : (int64_t)len);
+		after_write(img, off, len, NULL, rc ? rc : (int64_t)len);
 out:
 	gate_exit(&img->gate);
 	return rc;
@@ -549,6 +610,7 @@ bool image_is_busy(dev_t dev, ino_t ino)
 {
 	bool busy = false;
 
+	redirect_served_id(dev, ino, &dev, &ino);
 	pthread_mutex_lock(&registry_lock);
 	struct image *img = lookup_locked(dev, ino);
 	if (img)

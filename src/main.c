@@ -23,6 +23,7 @@
 #include "fleecefs/inject.h"
 #include "fleecefs/job.h"
 #include "fleecefs/pending.h"
+#include "fleecefs/redirect.h"
 #include "fleecefs/util.h"
 
 #define DEFAULT_THREADS 32
@@ -414,6 +415,11 @@ static int start_serving(struct fuse_session *se, struct fleece_daemon *d, bool 
 	if (fs_setup(d) < 0)
 		return die("SOURCE_DIR %s: %s", d->source_dir, error_text(errno));
 	ctlfs_init(d);
+	char msg[512];
+	/* Before anything opens an image: a switched one is served from its
+	 * mirror's target. */
+	if (redirect_load(d->state_dir, msg, sizeof(msg)) < 0)
+		return die("state_dir %s: cannot load the switched images: %s", d->state_dir, msg);
 	if (bitmaps_start(d->state_dir, d->source_fd, d->source_dir, d->cluster_size) < 0)
 		return die("state_dir %s: cannot load the dirty bitmaps: %s", d->state_dir, error_text(errno));
 	if (fuse_set_signal_handlers(se) != 0)
@@ -539,6 +545,7 @@ int main(int argc, char *argv[])
 	job_free_all();
 	inject_clear();
 	fs_teardown();
+	redirect_free_all();
 	if (d.source_fd >= 0)
 		close(d.source_fd);
 	free(d.source_dir);

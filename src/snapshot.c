@@ -27,6 +27,9 @@ struct member {
 	unsigned dir;
 	struct snapstore store;
 	bool open;
+	/* Which image it covers, for "who uses this image?" (never changes
+	 * once set, never dereferenced through this field). */
+	const struct image *image;
 };
 
 struct snapshot {
@@ -239,8 +242,19 @@ static void snapshot_free(struct job *job)
 	free(s);
 }
 
+static unsigned snapshot_images(struct job *job, struct image **out, unsigned max)
+{
+	struct snapshot *s = to_snapshot(job);
+	unsigned n = 0;
+	for (unsigned i = 0; i < s->nmembers && n < max; i++)
+		if (s->members[i].image)
+			out[n++] = (struct image *)s->members[i].image;
+	return n;
+}
+
 static const struct job_driver snapshot_driver = {
 	.type = "snapshot",
+	.images = snapshot_images,
 	.run = snapshot_run,
 	.progress = snapshot_progress,
 	.status = snapshot_status,
@@ -329,6 +343,7 @@ int snapshot_prepare(const struct snapshot_params *p, struct job **out, char *er
 			goto fail;
 		}
 		m->open = true;
+		m->image = p->images[i];
 	}
 	if ((rc = job_spawn(&s->job, err, errlen)))
 		goto fail;

@@ -18,6 +18,7 @@
 #include "fleecefs/daemon.h"
 #include "fleecefs/image.h"
 #include "fleecefs/job.h"
+#include "fleecefs/mirror.h"
 #include "fleecefs/qcow2.h"
 #include "fleecefs/snapshot.h"
 #include "fleecefs/snapstore.h"
@@ -41,8 +42,17 @@ struct backup_line {
 	struct backup_params params; /* kept from stage to prepare */
 };
 
+/* What a mirror line needs (allocated for those only). */
+struct mirror_line {
+	struct target_spec target;
+	struct mirror_params params;
+	dev_t source_dev;          /* the name's file in SOURCE_DIR */
+	ino_t source_ino;
+};
+
 struct resolved {
 	struct backup_line *backup;
+	struct mirror_line *mirror;
 	struct image *image;      /* backup: referenced */
 	struct image *images[CTL_MAX_IMAGES]; /* snapshot: referenced */
 	struct job *job;          /* job verbs, backup of a view: referenced */
@@ -114,11 +124,6 @@ static int open_image(const struct fleece_daemon *d, unsigned line, const char *
 	return 0;
 }
 
-static int not_yet(unsigned line, const char *what, char *err, size_t errlen)
-{
-	return set_error(err, errlen, EOPNOTSUPP, "line %u: %s is not supported by this version", line, what);
-}
-
 /* The id a line gives a new job (backup id=, snapshot NAME), or NULL. */
 static const char *new_job_id(const struct ctl_command *c)
 {
@@ -126,6 +131,8 @@ static const char *new_job_id(const struct ctl_command *c)
 		return c->u.backup.id;
 	if (c->verb == CTL_SNAPSHOT)
 		return c->u.snapshot.name;
+	if (c->verb == CTL_MIRROR)
+		return c->u.mirror.id;
 	return NULL;
 }
 
@@ -190,13 +197,20 @@ static int resolve_view(struct txn_state *s, unsigned i)
 	return 0;
 }
 
-/* Opens IMAGE and finds its image object. */
-static int resolve_image(struct txn_state *s, unsigned line, const char *path, struct image **out)
+/* Opens IMAGE and finds its image object; the name's file in *named (NULL:
+ * not needed). */
+static int resolve_image_named(struct txn_state *s, unsigned line, const char *path, struct image **out,
+			       struct stat *named)
 {
 	int fd = -1, rc;
 
 	if ((rc = open_image(s->d, line, path, &fd, s->err, sizeof(s->err))))
 		return rc;
+	if (named && fstat(fd, named) < 0) {
+		rc = -errno;
+		close(fd);
+		return set_error(s->err, sizeof(s->err), -rc, "line %u: image %s: %s", line, path, error_text(-rc));
+	}
 	rc = image_get(fd, out);
 	close(fd);
 	if (rc)
@@ -205,6 +219,18 @@ static int resolve_image(struct txn_state *s, unsigned line, const char *path, s
 		return set_error(s->err, sizeof(s->err), EACCES, "line %u: image %s: the daemon cannot read it", line,
 				 path);
 	return 0;
+}
+
+static int resolve_image(struct txn_state *s, unsigned line, const char *path, struct image **out)
+{
+	int rc = resolve_image_named(s, line, path, out, NULL);
+	char id[FLEECE_NAME_MAX + 16];
+
+	/* A mirror about to switch the image: nothing new may start on it. */
+	if (!rc && mirror_completing(*out, id, sizeof(id)))
+		return set_error(s->err, sizeof(s->err), EBUSY, "line %u: image %s: %s is completing (switching it)",
+				 line, path, id);
+	return rc;
 }
 
 /* Line j adds bitmap NAME to the image of line i, earlier in this write. */
@@ -460,6 +486,67 @@ static int check_backup(struct txn_state *s, unsigned i)
 	return b->bitmap ? check_backup_bitmap(s, i) : 0;
 }
 
+/* A TARGET that names the image's own file (or a link to it). */
+static bool names_image(const char *target, dev_t dev, ino_t ino, struct image *img)
+{
+	struct stat st, served;
+	if (stat(target, &st) < 0)
+		return false;
+	if (st.st_dev == dev && st.st_ino == ino)
+		return true;
+	return image_fstat(img, &served) == 0 && st.st_dev == served.st_dev && st.st_ino == served.st_ino;
+}
+
+static int check_mirror(struct txn_state *s, unsigned i)
+{
+	const struct ctl_command *c = &s->parsed.cmds[i];
+	const struct ctl_mirror *m = &c->u.mirror;
+	struct stat named;
+	char id[FLEECE_NAME_MAX + 16];
+	int rc;
+
+	if ((rc = check_new_id(s, i)))
+		return rc;
+	if (!(s->res[i].mirror = calloc(1, sizeof(*s->res[i].mirror))))
+		return set_error(s->err, sizeof(s->err), ENOMEM, "line %u: out of memory", c->line);
+	struct mirror_line *ml = s->res[i].mirror;
+	if (strncmp(m->image, VIEW_PREFIX, strlen(VIEW_PREFIX)) == 0)
+		return set_error(s->err, sizeof(s->err), EINVAL,
+				 "line %u: mirror: a snapshot view is read-only: mirror the image itself", c->line);
+	if ((rc = resolve_image_named(s, c->line, m->image, &s->res[i].image, &named)))
+		return rc;
+	ml->source_dev = named.st_dev;
+	ml->source_ino = named.st_ino;
+	if (mirror_of_image(s->res[i].image, id, sizeof(id)))
+		return set_error(s->err, sizeof(s->err), EBUSY, "line %u: mirror %s: %s runs on it already", c->line,
+				 m->image, id);
+	for (unsigned j = 0; j < i; j++)
+		if (s->parsed.cmds[j].verb == CTL_MIRROR && s->res[j].image == s->res[i].image)
+			return set_error(s->err, sizeof(s->err), EBUSY,
+					 "line %u: mirror %s: line %u of this transaction mirrors it already", c->line,
+					 m->image, s->parsed.cmds[j].line);
+	if (names_image(m->target, named.st_dev, named.st_ino, s->res[i].image))
+		return set_error(s->err, sizeof(s->err), EINVAL, "line %u: mirror: target %s is %s itself", c->line,
+				 m->target, m->image);
+	/* A byte copy of the image file, whatever TARGET's suffix says. */
+	ml->target = (struct target_spec){ .format = FORMAT_RAW, .location = m->target,
+					   .cluster_size = m->granularity ? (uint32_t)m->granularity : s->d->cluster_size };
+	char msg[ERR_MAX - 32];
+	if ((rc = target_check(&ml->target, &s->limits, msg, sizeof(msg))))
+		return set_error(s->err, sizeof(s->err), -rc, "line %u: %s", c->line, msg);
+	size_t slen = strlen(s->d->source_dir);
+	if (strncmp(ml->target.resolved, s->d->source_dir, slen) == 0 && ml->target.resolved[slen] == '/')
+		return set_error(s->err, sizeof(s->err), EINVAL,
+				 "line %u: mirror: target %s lies in SOURCE_DIR %s: the mount would show it as another image",
+				 c->line, m->target, s->d->source_dir);
+	for (unsigned j = 0; j < i; j++)
+		if ((s->parsed.cmds[j].verb == CTL_BACKUP && !strcmp(s->res[j].backup->target.resolved, ml->target.resolved)) ||
+		    (s->parsed.cmds[j].verb == CTL_MIRROR && !strcmp(s->res[j].mirror->target.resolved, ml->target.resolved)))
+			return set_error(s->err, sizeof(s->err), EEXIST, "line %u: mirror: target %s is used twice in this "
+					 "transaction", c->line, ml->target.resolved);
+	return 0;
+}
+
 static int check_snapshot(struct txn_state *s, unsigned i)
 {
 	const struct ctl_command *c = &s->parsed.cmds[i];
@@ -531,17 +618,14 @@ static int check_job_verb(struct txn_state *s, unsigned i)
 	return rc;
 }
 
-static int check_unsupported(struct txn_state *s, unsigned i)
-{
-	const struct ctl_command *c = &s->parsed.cmds[i];
-	return not_yet(c->line, ctl_verb_name(c->verb), s->err, sizeof(s->err));
-}
-
 /* complete: also the images the job uses, whose gates the transaction holds
  * while the driver completes (a mirror switches its image then). */
 static int check_complete(struct txn_state *s, unsigned i)
 {
 	int rc = check_job_verb(s, i);
+	char msg[ERR_MAX - 32];
+	if (!rc && (rc = mirror_check_complete(s->res[i].job, msg, sizeof(msg))))
+		return set_error(s->err, sizeof(s->err), -rc, "line %u: %s", s->parsed.cmds[i].line, msg);
 	if (!rc && s->res[i].job->driver->images) {
 		unsigned n = s->res[i].job->driver->images(s->res[i].job, s->res[i].images, CTL_MAX_IMAGES);
 		for (unsigned k = 0; k < n; k++)
@@ -671,6 +755,36 @@ static int stage_backup(struct txn_state *s, unsigned i)
 	return rc;
 }
 
+static int stage_mirror(struct txn_state *s, unsigned i)
+{
+	const struct ctl_command *c = &s->parsed.cmds[i];
+	struct mirror_line *ml = s->res[i].mirror;
+	char msg[ERR_MAX - 32];
+
+	ml->params = (struct mirror_params){
+		.cmd = &c->u.mirror,
+		.image = s->res[i].image,
+		.image_path = c->u.mirror.image,
+		.source_dev = ml->source_dev,
+		.source_ino = ml->source_ino,
+		.target = &ml->target,
+		.cluster_size = ml->target.cluster_size,
+	};
+	int rc = mirror_stage(&ml->params, &s->res[i].prepared, msg, sizeof(msg));
+	if (rc)
+		snprintf(s->err, sizeof(s->err), "line %u: %s", c->line, msg);
+	return rc;
+}
+
+static int prepare_mirror(struct txn_state *s, unsigned i)
+{
+	char msg[ERR_MAX - 32];
+	int rc = mirror_prepare(s->res[i].prepared, &s->res[i].mirror->params, msg, sizeof(msg));
+	if (rc)
+		snprintf(s->err, sizeof(s->err), "line %u: %s", s->parsed.cmds[i].line, msg);
+	return rc;
+}
+
 /* Bitmap commands other than add cannot fail once checked: they take effect
  * at the same point in time as the jobs. */
 static void commit_bitmap(struct txn_state *s, unsigned i)
@@ -730,7 +844,7 @@ struct verb_steps {
 
 static const struct verb_steps verb_steps[] = {
 	[CTL_BACKUP] = { check_backup, stage_backup, prepare_backup, commit_job, NULL },
-	[CTL_MIRROR] = { check_unsupported, NULL, NULL, NULL, NULL },
+	[CTL_MIRROR] = { check_mirror, stage_mirror, prepare_mirror, commit_job, NULL },
 	[CTL_SNAPSHOT] = { check_snapshot, NULL, prepare_snapshot, commit_job, NULL },
 	[CTL_RELEASE] = { check_release, NULL, NULL, NULL, run_job_verb },
 	[CTL_BITMAP] = { check_bitmap, NULL, prepare_bitmap, commit_bitmap, NULL },
@@ -816,6 +930,7 @@ static void release_resolved(struct txn_state *s)
 		if (s->res[i].job)
 			job_put(s->res[i].job);
 		free(s->res[i].backup);
+		free(s->res[i].mirror);
 	}
 	free(s->res);
 }

@@ -65,6 +65,8 @@ struct ctl_mirror {
 	uint64_t speed;
 	const char *id;
 	enum mirror_copy_mode copy_mode;
+	uint64_t granularity;        /* 0: the daemon's cluster size */
+	enum error_policy on_source_error, on_target_error;
 };
 
 struct ctl_snapshot {

@@ -10,6 +10,8 @@
  *     snapshots/NAME/IMAGE   read-only views of a snapshot (snapshot.h)
  *     inject            error injection rules (inject.h): write rules, read them
  *     bitmaps/IMAGE/NAME    one dirty bitmap's status (bitmap.h)
+ *     redirects         images a mirror switched: image= target= state=
+ *                       (redirect.h), a line each
  *
  * Inode numbers of control nodes carry CTLFS_INO_FLAG, which no pointer-based
  * inode number of the passthrough layer (fs.c) can have; job nodes encode the

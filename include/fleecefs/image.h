@@ -1,8 +1,10 @@
 /* image: one source file, as guests and jobs see it.
  *
- * An image is identified by (st_dev, st_ino) of its source file, so every open
- * through the mount and every job on that file share one object, whatever path
- * or rename brought them there. It owns:
+ * An image is identified by (st_dev, st_ino) of the file it serves, so every
+ * open through the mount and every job on that file share one object, whatever
+ * path or rename brought them there. That is the source file, or the target a
+ * mirror switched it to (redirect.h: opening the source then finds the
+ * target's image). It owns:
  *   - the backend: the file's descriptors, one per kind of guest access
  *     (read-only or read-write, O_DIRECT, O_DSYNC, O_SYNC; opened when a
  *     handle first needs it) and read-only ones for copies. All guest I/O
@@ -63,8 +65,10 @@ struct image_hook {
 	/* Before the guest changes [off, off + len) of the image; 0 or -errno
 	 * (the write fails). */
 	int (*before_write)(struct image_hook *hook, uint64_t off, uint64_t len);
-	/* After it: `result` is the bytes written or -errno. NULL: not needed. */
-	void (*after_write)(struct image_hook *hook, uint64_t off, uint64_t len, int64_t result);
+	/* After it (or after a later hook refused it): `result` is the bytes
+	 * written or -errno; `buf` the data written (NULL for fallocate and
+	 * refused writes). NULL: not needed. */
+	void (*after_write)(struct image_hook *hook, uint64_t off, uint64_t len, const void *buf, int64_t result);
 };
 
 struct image_backend;
@@ -133,6 +137,10 @@ void image_job_ended(struct image *img);
 /* Replaces the backend by the file open on fd (gate closed by the caller):
  * every handle's next request goes to that file. */
 int image_replace_backend_locked(struct image *img, int fd);
+/* A mirror's switch (gate closed by the caller): the backend becomes the
+ * file open on fd and the image is that file from now on (its key in the
+ * registry, its identity). -EBUSY if another image object is that file. */
+int image_switch_locked(struct image *img, int fd);
 
 void image_namespace_lock_shared(void);
 void image_namespace_lock_exclusive(void);

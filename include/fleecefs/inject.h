@@ -7,9 +7,10 @@
  *
  *     POINT [offset=START-END] [once|every=N|from=N] [errno=NAME] [delay=MS]
  *
- *   POINT       source-read   a job reading the image (background copy and
- *                             copy-before-write)
- *               target-write  a backup writing its target (data or zeroes)
+ *   POINT       source-read   a job reading the image (background copy,
+ *                             copy-before-write, a mirror's copy)
+ *               target-write  a backup or mirror writing its target (data or
+ *                             zeroes; a write-blocking mirror's guest writes)
  *               store-write   a snapshot or fleecing store being written
  *               cbw           a guest write's copy-before-write, before it
  *                             starts (a delay here is a slow copy)

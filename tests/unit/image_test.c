@@ -79,9 +79,10 @@ static int rec_before(struct image_hook *h, uint64_t off, uint64_t len)
 	return r->refuse;
 }
 
-static void rec_after(struct image_hook *h, uint64_t off, uint64_t len, int64_t result)
+static void rec_after(struct image_hook *h, uint64_t off, uint64_t len, const void *buf, int64_t result)
 {
 	struct recorder *r = (struct recorder *)h;
+	(void)buf;
 	r->after_calls++;
 	r->after_off = off;
 	r->after_len = len;
