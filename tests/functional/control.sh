@@ -83,7 +83,7 @@ fi
 [ "$(pyerr 'os.unlink(A[0])' "$MNT/.fleece/ctl")" != OK ] || fail "unlink of .fleece/ctl succeeded"
 expect EACCES 'os.open(A[0], os.O_WRONLY)' "$MNT/.fleece/version"
 expect EACCES 'os.open(A[0], os.O_WRONLY)' "$MNT/.fleece/jobs/perm/status"
-[ "$(ls -A "$MNT/.fleece" | sort | tr '\n' ' ')" = "bitmaps ctl events inject jobs snapshots version " ] ||
+[ "$(ls -A "$MNT/.fleece" | sort | tr '\n' ' ')" = "bitmaps ctl events inject jobs redirects snapshots version " ] ||
 	fail ".fleece holds: $(ls -A "$MNT/.fleece")"
 
 # ---- version ----------------------------------------------------------------------
@@ -221,10 +221,9 @@ refuse EEXIST "$(printf 'backup vm.img %s id=tx1\nbackup pool/a.img %s id=tx2' "
 	"$OUT/tx1.raw" >/dev/null
 [ ! -e "$OUT/has-sum.raw" ] || fail "a refused backup (TARGET.xxh3 exists) left its target"
 [ "$(cat "$OUT/has-sum.raw.xxh3")" = "old checksums" ] || fail "an existing TARGET.xxh3 was changed or removed"
-# Not implemented yet: refused with EOPNOTSUPP (which python, and so ctl,
-# names ENOTSUP: the same number on Linux), nothing left.
+# Refused by what they name, nothing left.
 refuse ENOENT "backup vm.img $t sync=incremental bitmap=b1" "$t" >/dev/null
-refuse ENOTSUP "mirror vm.img $OUT/m.raw" "$OUT/m.raw" >/dev/null
+refuse EEXIST "mirror vm.img $OUT/exists.raw" "$OUT/m.raw" >/dev/null
 refuse ENOENT "release s1" >/dev/null
 refuse ENOENT "bitmap remove vm.img b1" >/dev/null
 # perm has completed: the job verbs other than dismiss are refused by state.
@@ -232,7 +231,7 @@ for v in pause resume complete; do
 	ans=$(refuse EBUSY "$v perm")
 	grep -q "job is completed" <<<"$ans" || fail "$v of a completed job: the message does not name its state: $ans"
 done
-refuse ENOTSUP "$(printf 'backup vm.img %s id=tx1\nmirror vm.img %s' "$OUT/tx1.raw" "$OUT/m.raw")" "$OUT/tx1.raw" >/dev/null
+refuse EEXIST "$(printf 'backup vm.img %s id=tx1\nmirror vm.img %s' "$OUT/tx1.raw" "$OUT/exists.raw")" "$OUT/tx1.raw" >/dev/null
 # A NUL byte in the command text.
 "$PY" - "$MNT/.fleece/ctl" "$OUT/nul.raw" <<'EOF' || fail "NUL byte"
 import errno, os, sys

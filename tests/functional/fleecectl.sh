@@ -48,9 +48,16 @@ want_match "a refused command" "$FC_ERR" "already exists.*\(File exists\)"
 fc 1 backup nosuch.img "$OUT/x.raw" id=x
 want_match "an unknown image" "$FC_ERR" "nosuch.img"
 [ ! -e "$OUT/x.raw" ] || fail "a refused backup left its target"
-# mirror is a verb of the language that this daemon does not run yet.
-fc 1 mirror a.img "$OUT/m.raw" id=m
-want_match "mirror refused" "$FC_ERR" "mirror.*\(Operation not supported\)"
+# mirror: refused like any verb, then one that is completed.
+fc 1 mirror a.img "$OUT/a-full.raw" id=m
+want_match "mirror refused" "$FC_ERR" "already exists.*\(File exists\)"
+random_image "$SRC/m.img" 4M
+fc 0 mirror m.img "$T/m-moved.img" id=m
+for _ in $(seq 200); do [ "$(status m state)" = ready ] && break; sleep 0.05; done
+fc 0 complete m
+fc 0 wait m
+want_match "the completed mirror" "$FC_OUT" "^m: completed$"
+same "m.img mirrored" "$MNT/m.img" "$T/m-moved.img"
 # Words with blanks are quoted for the control language.
 mkdir -p "$T/with space"
 fc 0 backup --wait b.img "$T/with space/b copy.raw" id=spaced

@@ -185,7 +185,7 @@ refuse_txn EINVAL "backup b.img $OUT/t2.raw id=t2 colour=blue"
 refuse_txn EEXIST "backup b.img $OUT/t2.raw id=lx"
 refuse_txn EEXIST "backup b.img $OUT/t2.raw id=t1"
 refuse_txn EEXIST "backup b.img $OUT/t1.raw id=t2"
-refuse_txn ENOTSUP "mirror b.img $OUT/t2.raw id=t2"
+refuse_txn EEXIST "mirror b.img $OUT/exists.raw id=t2"
 refuse_txn EROFS "backup b.img $T/ro/t2.raw id=t2"     # fails when the target is created
 refuse_txn ENOENT "cancel nosuchjob"
 refuse_txn EBUSY "dismiss lx"

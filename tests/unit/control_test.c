@@ -769,6 +769,14 @@ Test(ctl, mirror)
 	m = &parse_one("mirror vm.img /n sync=full copy-mode=background")->u.mirror;
 	cr_assert_eq(m->sync, SYNC_FULL);
 	cr_assert_eq(m->copy_mode, COPY_MODE_BACKGROUND);
+	cr_assert_eq(m->granularity, 0, "the daemon's cluster size unless given");
+	cr_assert_eq(m->on_source_error, POLICY_REPORT);
+	cr_assert_eq(m->on_target_error, POLICY_REPORT);
+	m = &parse_one("mirror vm.img /n granularity=4K on-source-error=ignore on-target-error=stop")->u.mirror;
+	cr_assert_eq(m->granularity, 4096);
+	cr_assert_eq(m->on_source_error, POLICY_IGNORE);
+	cr_assert_eq(m->on_target_error, POLICY_STOP);
+	cr_assert_eq(parse_one("mirror vm.img /n granularity=64M")->u.mirror.granularity, 64ull << 20);
 }
 
 Test(ctl, mirror_errors)
@@ -788,6 +796,11 @@ Test(ctl, mirror_errors)
 	reject("mirror vm.img /n format=raw", 1, "mirror", "unknown option 'format'", "sync, speed, id, copy-mode");
 	reject("mirror vm.img /n id=a id=b", 1, "mirror", "option id given twice");
 	reject("mirror vm.img /n sync=top sync=top", 1, "mirror", "option sync given twice");
+	reject("mirror vm.img /n granularity=3000", 1, "mirror", "granularity=3000", "power of two from 4K to 64M");
+	reject("mirror vm.img /n granularity=2K", 1, "mirror", "granularity=2K", "from 4K");
+	reject("mirror vm.img /n granularity=128M", 1, "mirror", "granularity=128M", "to 64M");
+	reject("mirror vm.img /n on-target-error=panic", 1, "mirror", "on-target-error=panic", "expected one of");
+	reject("mirror vm.img /n on-source-error=", 1, "mirror", "on-source-error");
 	reject("mirror vm.img /n speed=", 1, "mirror", "option speed has an empty value");
 	reject("mirror vm.img /n extra", 1, "mirror", "unexpected argument 'extra'");
 }
