@@ -180,6 +180,27 @@ vm_kit() {
 	PATTERN=$FLEECE_VM_CACHE/root/bin/pattern
 }
 
+# guest_rounds IMAGE SIZE ROUNDS [RUN_GUEST ARGS...]: the host writes round 1
+# of the kit's pattern over IMAGE (in $SRC), then a VM booted on $MNT/IMAGE
+# rewrites its disk in rounds 2..ROUNDS, one 64 KiB write at a time in order,
+# and verifies the last; it runs in the background (GUEST, output in
+# $T/guest.out, "guest-done" at the end).
+guest_rounds() {
+	local image=$1 size=$2 rounds=$3
+	truncate -s "$size" "$SRC/$image"
+	"$PATTERN" write "$SRC/$image" 1 0 "$size" || fail "host pattern write"
+	cat > "$T/guest.sh" <<G
+for s in \$(seq 2 $rounds); do pattern write /dev/vda \$s 0 $size || exit 2; done
+pattern verify /dev/vda $rounds 0 $size || exit 3
+echo guest-done
+G
+}
+guest_rounds_start() {
+	"$RUN_GUEST" "$MNT/$1" "$T/guest.sh" --timeout 240 "${@:2}" > "$T/guest.out" 2>&1 &
+	GUEST=$!
+	BG_PIDS+=("$GUEST")
+}
+
 # status ID KEY: one key of a job's status.
 status() { sed -n "s/^$2=//p" "$MNT/.fleece/jobs/$1/status"; }
 
@@ -193,6 +214,20 @@ wait_job() {
 	done
 	fail "job $id did not conclude in ${limit}s (state $s)"
 }
+
+# wait_state ID STATE [TIMEOUT_S]: waits until the job is in STATE (fails if
+# it concludes otherwise).
+wait_state() {
+	local s
+	for _ in $(seq $((${3:-60} * 20))); do
+		s=$(status "$1" state)
+		[ "$s" = "$2" ] && return 0
+		case $s in completed|failed|cancelled) fail "job $1 is $s, not $2: $(status "$1" error)";; esac
+		sleep 0.05
+	done
+	fail "job $1 did not become $2 in ${3:-60}s (state $s, dirty $(status "$1" dirty_bytes))"
+}
+sha() { sha256sum "$1" | cut -d' ' -f1; }
 
 # hidden_files DIR: the hidden files fleecefs writes targets, manifests and
 # journals under while a job runs (.NAME.fleecefs-PID-SERIAL.tmp|journal).

@@ -9,17 +9,6 @@ command -v fio >/dev/null || { echo "SKIP: fio not installed"; exit 77; }
 
 mount_fleece
 
-wait_state() {
-	local s
-	for _ in $(seq $((${3:-60} * 20))); do
-		s=$(status "$1" state)
-		[ "$s" = "$2" ] && return 0
-		case $s in completed|failed|cancelled) fail "job $1 is $s, not $2: $(status "$1" error)";; esac
-		sleep 0.05
-	done
-	fail "job $1 did not become $2 in ${3:-60}s (state $s, dirty $(status "$1" dirty_bytes))"
-}
-sha() { sha256sum "$1" | cut -d' ' -f1; }
 
 for spec in "wb4k 4k write-blocking --rate_iops=2500" "bg64k 64k background --rate=6m"; do
 	set -- $spec

@@ -11,18 +11,6 @@ random_image "$SRC/vm.img" 32M
 random_image "$SRC/other.img" 8M
 mount_fleece
 
-# wait_state ID STATE [TIMEOUT_S]
-wait_state() {
-	local s
-	for _ in $(seq $((${3:-60} * 20))); do
-		s=$(status "$1" state)
-		[ "$s" = "$2" ] && return 0
-		case $s in completed|failed|cancelled) fail "job $1 is $s, not $2: $(status "$1" error)";; esac
-		sleep 0.05
-	done
-	fail "job $1 did not become $2 in ${3:-60}s (state $s, dirty $(status "$1" dirty_bytes))"
-}
-sha() { sha256sum "$1" | cut -d' ' -f1; }
 
 # A writer that writes random 4 KiB blocks through the mount until told to
 # pause (it stops between two writes and says so) or to stop.

@@ -11,19 +11,10 @@
 vm_kit
 
 SIZE=$((16 << 20)) ROUNDS=7
-truncate -s $SIZE "$SRC/vm.img"
-"$PATTERN" write "$SRC/vm.img" 1 0 $SIZE || fail "host pattern write"
+guest_rounds vm.img $SIZE $ROUNDS
 mkdir -p "$T/new-storage"
 mount_fleece
-
-cat > "$T/guest.sh" <<G
-for s in \$(seq 2 $ROUNDS); do pattern write /dev/vda \$s 0 $SIZE || exit 2; done
-pattern verify /dev/vda $ROUNDS 0 $SIZE || exit 3
-echo guest-done
-G
-"$RUN_GUEST" "$MNT/vm.img" "$T/guest.sh" --timeout 240 > "$T/guest.out" 2>&1 &
-GUEST=$!
-BG_PIDS+=("$GUEST")
+guest_rounds_start vm.img
 
 "$PY" "$TESTS_DIR/pattern_rounds.py" wait "$SRC/vm.img" 2 $((1 << 20)) || fail "the guest never started writing"
 out=$(ctl "mirror vm.img $T/new-storage/vm.img copy-mode=write-blocking id=mv") || fail "mirror refused: $out"
