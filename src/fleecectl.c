@@ -28,6 +28,7 @@ enum { EXIT_OK = 0, EXIT_FAILED = 1, EXIT_USAGE = 2, EXIT_UNREACHABLE = 3 };
 struct options {
 	const char *mount_given;
 	bool json, wait, overwrite;
+	bool until_ready;           /* wait --ready, mirror --wait: ready is done too */
 	const char *file;           /* txn -f */
 	const char *at;             /* restore --at= */
 	long count;                 /* events -n */
@@ -216,7 +217,7 @@ static void check_states(struct options *o, struct waited *w, unsigned n)
 			snprintf(w[i].state, sizeof(w[i].state), "gone");
 			w[i].done = true;
 		} else if (ctl_value(sb.data ? sb.data : "", "state", w[i].state, sizeof(w[i].state)) &&
-			   concluded(w[i].state)) {
+			   (concluded(w[i].state) || (o->until_ready && !strcmp(w[i].state, "ready")))) {
 			w[i].done = true;
 		}
 		strbuf_free(&sb);
@@ -286,7 +287,7 @@ static int wait_jobs(struct options *o, int events, char ids[][FLEECE_NAME_MAX +
 		if (r > 0) {
 			const char *ev = ctl_event_value(line, "event", v, sizeof(v)) ? v : "";
 			/* Lost events, or one of ours concluding: ask the status. */
-			if (!strcmp(ev, "overflow") || concluded(ev))
+			if (!strcmp(ev, "overflow") || concluded(ev) || (o->until_ready && !strcmp(ev, "ready")))
 				check_states(o, w, n);
 		}
 		uint64_t now = clock_monotonic_ns();
@@ -304,7 +305,7 @@ static int wait_jobs(struct options *o, int events, char ids[][FLEECE_NAME_MAX +
 	for (unsigned i = 0; i < n; i++) {
 		struct strbuf sb = { 0 };
 		char err[512] = "";
-		if (strcmp(w[i].state, "completed"))
+		if (strcmp(w[i].state, "completed") && !(o->until_ready && !strcmp(w[i].state, "ready")))
 			rc = EXIT_FAILED;
 		if (!read_status(o, w[i].id, &sb))
 			ctl_value(sb.data ? sb.data : "", "error", err, sizeof(err));
@@ -362,7 +363,14 @@ static int run_command(struct options *o, const char *verb, int argc, char **arg
 		return run_command(o, word, argc, argv);                      \
 	}
 COMMAND_VERB(cmd_backup, "backup")
-COMMAND_VERB(cmd_mirror, "mirror")
+
+/* A mirror does not conclude by itself: --wait waits until it is ready (in
+ * sync, to be completed) or has failed. */
+static int cmd_mirror(struct options *o, int argc, char **argv)
+{
+	o->until_ready = true;
+	return run_command(o, "mirror", argc, argv);
+}
 COMMAND_VERB(cmd_snapshot, "snapshot")
 COMMAND_VERB(cmd_release, "release")
 COMMAND_VERB(cmd_cancel, "cancel")
@@ -705,7 +713,7 @@ static int cmd_restore(struct options *o, int argc, char **argv)
 
 static const struct verb verbs[] = {
 	{ "backup", cmd_backup, "[--wait] IMAGE TARGET [key=value ...]", true },
-	{ "mirror", cmd_mirror, "[--wait] IMAGE TARGET [key=value ...]", true },
+	{ "mirror", cmd_mirror, "[--wait] IMAGE TARGET [key=value ...]   (--wait: until ready)", true },
 	{ "snapshot", cmd_snapshot, "NAME IMAGE... [max-store=SIZE]", true },
 	{ "release", cmd_release, "NAME", true },
 	{ "cancel", cmd_cancel, "ID", true },
@@ -718,7 +726,7 @@ static const struct verb verbs[] = {
 	{ "txn", cmd_txn, "[--wait] [-f FILE|-] ['COMMAND' ...]", true },
 	{ "status", cmd_status, "[--json] [ID...]", true },
 	{ "list", cmd_list, "[--json]", true },
-	{ "wait", cmd_wait, "[--json] ID...", true },
+	{ "wait", cmd_wait, "[--json] [--ready] ID...", true },
 	{ "events", cmd_events, "[--json] [-n COUNT]", true },
 	{ "verify", cmd_verify, "[--json] TARGET...", false },
 	{ "restore", cmd_restore, "[--overwrite] BACKUP DEST | --at=LABEL|TIME BACKUP_DIR DEST", false },
@@ -738,7 +746,7 @@ static void usage(FILE *f)
 	for (size_t i = 0; i < sizeof(verbs) / sizeof(verbs[0]); i++)
 		fprintf(f, "  %-9s %s\n", verbs[i].name, verbs[i].usage);
 	fprintf(f, "Without -m: $FLEECE_MOUNT, else the only fleecefs mount.\n"
-		   "Exit: 0 ok (--wait: the job completed), 1 refused/failed/cancelled/damaged, 2 usage "
+		   "Exit: 0 ok (--wait: the job completed; a mirror: is ready), 1 refused/failed/cancelled/damaged, 2 usage "
 		   "(verify, restore: cannot check), 3 mount unreachable.\n");
 }
 
@@ -752,6 +760,8 @@ static int take_option(struct options *o, const struct verb *v, int *i, int argc
 		o->wait = true;
 	else if (!strcmp(a, "--overwrite"))
 		o->overwrite = true;
+	else if (!strcmp(a, "--ready"))
+		o->until_ready = true;
 	else if (!strncmp(a, "--at=", 5))
 		o->at = a + 5;
 	else if (!strcmp(a, "-h") || !strcmp(a, "--help"))

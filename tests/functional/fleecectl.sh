@@ -52,8 +52,10 @@ want_match "an unknown image" "$FC_ERR" "nosuch.img"
 fc 1 mirror a.img "$OUT/a-full.raw" id=m
 want_match "mirror refused" "$FC_ERR" "already exists.*\(File exists\)"
 random_image "$SRC/m.img" 4M
-fc 0 mirror m.img "$T/m-moved.img" id=m
-for _ in $(seq 200); do [ "$(status m state)" = ready ] && break; sleep 0.05; done
+fc 0 mirror --wait m.img "$T/m-moved.img" id=m
+want_match "mirror --wait returns when ready" "$FC_OUT" "^m: ready$"
+fc 0 wait --ready m
+want_eq "m state" "$(status m state)" ready
 fc 0 complete m
 fc 0 wait m
 want_match "the completed mirror" "$FC_OUT" "^m: completed$"
