@@ -39,6 +39,9 @@
 /* complete and cancel-after-ready copy what is dirty with the gate open
  * first, so that the closed gate holds guests only for the last bits. */
 #define CONVERGE_PASSES 8
+/* Start the target's writeback this often (and when caught up), so that the
+ * flush at complete finds little to write: its I/O would delay the guest's. */
+#define WRITEBACK_EVERY (64u << 20)
 
 struct mirror {
 	struct job job;
@@ -71,6 +74,8 @@ struct mirror {
 	atomic_uint_fast64_t bytes_copied;   /* by the copy */
 	atomic_uint_fast64_t through_bytes;  /* written through by guests */
 	atomic_uint_fast64_t guest_failures; /* guest writes left dirty by a target error */
+	uint64_t gate_closed_ns;     /* when final_sync closed the gate */
+	uint64_t unflushed;          /* copied since the last writeback start (job thread) */
 };
 
 static const struct job_driver mirror_driver;
@@ -235,10 +240,15 @@ static int64_t copy_run(struct mirror *m, uint64_t c, uint64_t max_bytes, bool t
 				cbitmap_mark_range(&m->written, c, count);
 		}
 	}
-	if (rc)
+	if (rc) {
 		cbitmap_mark_range(&m->dirty, c, count);
-	else
+	} else {
 		atomic_fetch_add(&m->bytes_copied, len);
+		if ((m->unflushed += len) >= WRITEBACK_EVERY) {
+			target_start_writeback(m->target);
+			m->unflushed = 0;
+		}
+	}
 	if (blocking)
 		unclaim(m, c, count);
 	if (throttled)
@@ -310,6 +320,10 @@ static bool copy_loop(struct mirror *m)
 		}
 		if (c >= m->nclusters) {
 			/* Caught up. */
+			if (m->unflushed) {
+				target_start_writeback(m->target);
+				m->unflushed = 0;
+			}
 			job_set_ready(job, true);
 			job_sleep(job, clock_monotonic_ns() + IDLE_POLL_NS);
 			continue;
@@ -349,6 +363,7 @@ static int final_sync(struct mirror *m)
 		return rc;
 	}
 	gate_close(&m->image->gate);
+	m->gate_closed_ns = clock_monotonic_ns();
 	atomic_store(&m->ended, true);
 	image_detach_locked(m->image, &m->hook);
 	m->attached = false;
@@ -463,10 +478,16 @@ static enum job_state mirror_run(struct job *job)
 		end_busy(m);
 		return JOB_FAILED;
 	}
+	uint64_t t_copied = clock_monotonic_ns();
 	int rc = publish(m);
+	uint64_t t_published = clock_monotonic_ns();
 	if (!rc && completing)
 		rc = switch_to_target(m);
 	gate_open(&m->image->gate);
+	uint64_t t_open = clock_monotonic_ns();
+	log_info("mirror %s: guest requests held %.1f ms (last copy and flush %.1f, publish %.1f, switch %.1f)", job->id,
+		 (double)(t_open - m->gate_closed_ns) / 1e6, (double)(t_copied - m->gate_closed_ns) / 1e6,
+		 (double)(t_published - t_copied) / 1e6, (double)(t_open - t_published) / 1e6);
 	end_busy(m);
 	if (rc) {
 		remove_target(m);
