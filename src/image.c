@@ -619,6 +619,14 @@ bool image_is_busy(dev_t dev, ino_t ino)
 	return busy;
 }
 
+bool image_is_served(dev_t dev, ino_t ino)
+{
+	pthread_mutex_lock(&registry_lock);
+	bool known = lookup_locked(dev, ino) != NULL;
+	pthread_mutex_unlock(&registry_lock);
+	return known;
+}
+
 int64_t image_size(struct image *img)
 {
 	struct stat st;

@@ -258,5 +258,9 @@ int target_check(struct target_spec *spec, const struct target_limits *limits, c
 		if (target_name_taken(spec->resolved))
 			return set_error(err, errlen, EEXIST, "target %s: is being written by another job", target);
 	}
+	size_t slen = limits->source_dir ? strlen(limits->source_dir) : 0;
+	if (slen && strncmp(spec->resolved, limits->source_dir, slen) == 0 && spec->resolved[slen] == '/')
+		return set_error(err, errlen, EINVAL, "target %s: lies in SOURCE_DIR %s: the mount would serve it as an image",
+				 target, limits->source_dir);
 	return format->check ? format->check(spec, err, errlen) : 0;
 }

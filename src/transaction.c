@@ -351,6 +351,10 @@ static int check_backup_bitmap(struct txn_state *s, unsigned i)
 				 "line %u: backup: an incremental with bitmap %s continues its last backup %s%s%s, not %s",
 				 c->line, b->bitmap, chain->final, chain->partial ? " (kept partial as " : "",
 				 chain->partial ? chain->target : "", target);
+	if (in_place && image_is_served((dev_t)chain->dev, (ino_t)chain->ino))
+		return set_error(s->err, sizeof(s->err), EBUSY,
+				 "line %u: backup: %s, the chain's last backup, is in use as an image of the mount: an "
+				 "incremental would rewrite it under its user", c->line, chain->target);
 	if (in_place && strcmp(chain_format, format->name) != 0)
 		return set_error(s->err, sizeof(s->err), EINVAL,
 				 "line %u: backup: %s is a %s backup: a %s incremental updates its backup in place and "
@@ -534,11 +538,6 @@ static int check_mirror(struct txn_state *s, unsigned i)
 	char msg[ERR_MAX - 32];
 	if ((rc = target_check(&ml->target, &s->limits, msg, sizeof(msg))))
 		return set_error(s->err, sizeof(s->err), -rc, "line %u: %s", c->line, msg);
-	size_t slen = strlen(s->d->source_dir);
-	if (strncmp(ml->target.resolved, s->d->source_dir, slen) == 0 && ml->target.resolved[slen] == '/')
-		return set_error(s->err, sizeof(s->err), EINVAL,
-				 "line %u: mirror: target %s lies in SOURCE_DIR %s: the mount would show it as another image",
-				 c->line, m->target, s->d->source_dir);
 	for (unsigned j = 0; j < i; j++)
 		if ((s->parsed.cmds[j].verb == CTL_BACKUP && !strcmp(s->res[j].backup->target.resolved, ml->target.resolved)) ||
 		    (s->parsed.cmds[j].verb == CTL_MIRROR && !strcmp(s->res[j].mirror->target.resolved, ml->target.resolved)))
@@ -937,7 +936,8 @@ static void release_resolved(struct txn_state *s)
 
 int txn_execute(const struct fleece_daemon *d, const char *text, size_t len, char **answer)
 {
-	struct txn_state s = { .d = d, .limits = { .mountpoint = d->mountpoint, .mount_dev = d->mount_dev } };
+	struct txn_state s = { .d = d,
+			       .limits = { .mountpoint = d->mountpoint, .mount_dev = d->mount_dev, .source_dir = d->source_dir } };
 	int rc;
 
 	pthread_mutex_lock(&control_mutex);

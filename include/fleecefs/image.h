@@ -147,6 +147,9 @@ void image_namespace_lock_exclusive(void);
 void image_namespace_unlock(void);
 /* With the namespace lock held: does a job run on the file (dev, ino)? */
 bool image_is_busy(dev_t dev, ino_t ino);
+/* Is the file (dev, ino) an image now (open through the mount, used by a
+ * job, or serving a switched one)? */
+bool image_is_served(dev_t dev, ino_t ino);
 
 /* Size of the source file now (fstat), or -errno. */
 int64_t image_size(struct image *img);

@@ -60,10 +60,13 @@ struct target_spec {
 	uint64_t backing_size;       /* its virtual size */
 };
 
-/* Where a target may not be: inside the daemon's own mount. */
+/* Where a target may not be: inside the daemon's own mount, or in its
+ * SOURCE_DIR (the mount would serve it as an image, which a guest could
+ * open and write while a job writes it). */
 struct target_limits {
 	const char *mountpoint;
 	dev_t mount_dev;             /* 0 if unknown */
+	const char *source_dir;      /* NULL: not checked */
 };
 
 /* Flags of a write. */
@@ -146,7 +149,7 @@ const struct target_format_ops *target_format(enum target_format format);
  * its name; symlinks and ".." of the directory followed, never the last
  * component) and checks it: an existing directory, not inside the mount, and
  * for a new target nothing at its name or its manifest's, and no other job
- * writing it; then the format's own checks. EINVAL, ENOENT, ENOTDIR, EEXIST,
+ * writing it; not in SOURCE_DIR; then the format's own checks. EINVAL, ENOENT, ENOTDIR, EEXIST,
  * EOPNOTSUPP with a message (no "line N:": the caller says where). */
 int target_check(struct target_spec *spec, const struct target_limits *limits, char *err, size_t errlen);
 /* What the last failure of t was, as text (its own words, or errno's). */

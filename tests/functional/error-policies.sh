@@ -86,6 +86,17 @@ wait_state() {
 }
 # fired SUBSTRING: the fired= count of the inject rule whose line has SUBSTRING.
 fired() { inject_rules | grep -F -- "$1" | sed -n 's/.* fired=\([0-9]*\)$/\1/p' | head -1; }
+# The lines of one write to inject apply in order: a rule then clear leaves
+# nothing; clear then a rule leaves that rule, which fires.
+inject "target-write offset=1M-2M
+clear"
+[ -z "$(inject_rules)" ] || fail "rule then clear in one write kept: $(inject_rules)"
+inject "source-read offset=3M-4M
+clear
+target-write offset=5M-6M"
+[ "$(inject_rules | grep -c .)" = 1 ] && inject_rules | grep -q "target-write" ||
+	fail "clear then a rule in one write: $(inject_rules)"
+inject clear
 # has_words TEXT WORDS: every |-separated word of WORDS is in TEXT.
 has_words() {
 	local text=$1 w ws

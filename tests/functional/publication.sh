@@ -104,6 +104,32 @@ out=$(ctl_expect EINVAL "backup vm.img $OUT/full.raw sync=incremental bitmap=cb"
 soft want_match "another inode" "$out" "not the file"
 soft want_eq "jobs after the refusals" "$(ls "$MNT/.fleece/jobs" | grep -c '^h')" 2
 soft want_eq "hidden files after the refusals" "$(hidden_files "$OUT")" ""
+# A target in SOURCE_DIR would be an image of the mount: refused, nothing made.
+before=$(ls -A "$SRC")
+out=$(ctl_expect EINVAL "backup vm.img $SRC/in-source.raw id=h2") || exit 1
+soft want_match "a target in SOURCE_DIR" "$out" "lies in SOURCE_DIR"
+soft want_eq "SOURCE_DIR after the refusal" "$(ls -A "$SRC")" "$before"
+# The chain's backup reached through another path (a bind mount of
+# SOURCE_DIR) and open as an image of the mount: an incremental would
+# rewrite what a guest uses. Refused while it is served.
+mkdir -p "$T/bind"
+mount --bind "$SRC" "$T/bind"
+EXTRA_MOUNTS+=("$T/bind")
+run_ok h3 "bitmap add vm.img cs
+backup vm.img $T/bind/chain.raw bitmap=cs checksum=none id=h3"
+"$PY" -c 'import os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); open(sys.argv[2], "w").close(); time.sleep(60)' \
+	"$MNT/chain.raw" "$T/chain-open" &
+HOLDER=$!
+BG_PIDS+=("$HOLDER")
+for _ in $(seq 100); do [ -e "$T/chain-open" ] && break; sleep 0.05; done
+pwrites vm.img 8192:4096
+sum=$(md5sum < "$SRC/chain.raw")
+out=$(ctl_expect EBUSY "backup vm.img $T/bind/chain.raw sync=incremental bitmap=cs checksum=none id=h4") || exit 1
+soft want_match "an in-place target open as an image" "$out" "in use as an image of the mount"
+soft want_eq "the served file after the refusal" "$(md5sum < "$SRC/chain.raw")" "$sum"
+kill "$HOLDER"; wait "$HOLDER" 2>/dev/null || true
+umount "$T/bind"
+rm -f "$SRC/chain.raw"
 
 # =============================================================================
 log "4. targets judged by where they really are"
