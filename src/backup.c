@@ -291,12 +291,6 @@ static bool backup_gives_up(void *arg)
 
 /* ---- the end: publish, keep as partial, or undo --------------------------- */
 
-static const char *manifest_name(const char *path, char *buf, size_t len)
-{
-	snprintf(buf, len, "%s.xxh3", path);
-	return buf;
-}
-
 /* Is nothing at `path`? (The final names are checked again right before the
  * decision: a user may have put something there while the job ran.) */
 static int name_free(const char *path, char *what, size_t len)
@@ -375,8 +369,8 @@ static int publish(struct backup *b, const char *name, char *what, size_t len)
 	bool replace = b->in_place && strcmp(b->target->path, name) == 0;
 	int rc;
 
-	manifest_name(b->target->path, mold, sizeof(mold));
-	manifest_name(name, mname, sizeof(mname));
+	manifest_path(b->target->path, mold, sizeof(mold));
+	manifest_path(name, mname, sizeof(mname));
 	if (b->manifest && (rc = manifest_publish(b->manifest, mname, replace))) {
 		snprintf(what, len, "manifest %s: cannot publish it: %s", mname, error_text(-rc));
 		return rc;
@@ -426,7 +420,7 @@ static int complete_result(struct backup *b)
 	int rc;
 
 	if (!same_name && ((rc = name_free(b->target_path, what, sizeof(what))) ||
-			   (b->manifest && (rc = name_free(manifest_name(b->target_path, mname, sizeof(mname)), what,
+			   (b->manifest && (rc = name_free(manifest_path(b->target_path, mname, sizeof(mname)), what,
 							   sizeof(what)))))) {
 		job_fail(&b->job, "target %s", what);
 		return rc;
@@ -739,7 +733,7 @@ static int stage_files(struct backup *b, const struct backup_params *p, char *er
 	if (!(b->record = pending_new(b->job.serial)))
 		return set_error(err, errlen, ENOMEM, "backup %s: out of memory", cmd->image);
 	if (target_hidden_name(b->target_path, b->job.serial, "tmp", temp, sizeof(temp)) ||
-	    target_hidden_name(manifest_name(b->target_path, mpath, sizeof(mpath)), b->job.serial, "tmp", mtemp,
+	    target_hidden_name(manifest_path(b->target_path, mpath, sizeof(mpath)), b->job.serial, "tmp", mtemp,
 			       sizeof(mtemp)) ||
 	    target_hidden_name(data, b->job.serial, "journal", journal, sizeof(journal)))
 		return set_error(err, errlen, ENAMETOOLONG, "backup %s: target %s: name too long", cmd->image,
@@ -752,7 +746,7 @@ static int stage_files(struct backup *b, const struct backup_params *p, char *er
 		pending_set(b->record, "manifest_temp", mtemp);
 	if (b->in_place) {
 		pending_set(b->record, "journal", journal);
-		pending_set(b->record, "manifest_old", manifest_name(data, mpath, sizeof(mpath)));
+		pending_set(b->record, "manifest_old", manifest_path(data, mpath, sizeof(mpath)));
 	}
 	if ((rc = pending_save(b->record)))
 		return set_error(err, errlen, -rc, "backup %s: cannot write to the state directory: %s", cmd->image,
@@ -774,14 +768,14 @@ static int stage_files(struct backup *b, const struct backup_params *p, char *er
 	if (cmd->checksum) {
 		/* An incremental starts from the checksums of the chain's last
 		 * backup (updated in place, or under the new file). */
-		rc = p->chain ? manifest_open_update(manifest_name(p->chain->target, mpath, sizeof(mpath)), mtemp,
+		rc = p->chain ? manifest_open_update(manifest_path(p->chain->target, mpath, sizeof(mpath)), mtemp,
 						     b->copy_unit, &b->manifest, err, errlen)
 				 : manifest_create(mtemp, b->copy_unit, &b->manifest, err, errlen);
 		if (!rc)
 			manifest_set_format(b->manifest, ctl_format_name(b->format));
 		if (rc && !p->chain)
 			/* Named as the user will see it. */
-			set_error(err, errlen, -rc, "manifest %s: cannot create: %s", manifest_name(b->target_path, mpath,
+			set_error(err, errlen, -rc, "manifest %s: cannot create: %s", manifest_path(b->target_path, mpath,
 				  sizeof(mpath)), error_text(-rc));
 	}
 	return rc;

@@ -530,7 +530,7 @@ static int match_inode(const char *fpath, const struct stat *st, int type, struc
 {
 	(void)type;
 	(void)ftw;
-	if (S_ISREG(st->st_mode) && (uint64_t)st->st_dev == want_dev && (uint64_t)st->st_ino == want_ino) {
+	if (S_ISREG(st->st_mode) && stat_is(st, want_dev, want_ino)) {
 		snprintf(found_path, sizeof(found_path), "%s", fpath);
 		return 1;
 	}
@@ -592,7 +592,7 @@ static void check_identity(const char *dir, struct identity *id)
 	} else if (image_get(fd, &id->image)) {
 		id->image = NULL;
 		snprintf(id->why, sizeof(id->why), "cannot open %.100s", id->path);
-	} else if (image_fstat(id->image, &st) < 0 || (uint64_t)st.st_dev != id->dev || (uint64_t)st.st_ino != id->ino) {
+	} else if (image_fstat(id->image, &st) < 0 || !stat_is(&st, id->dev, id->ino)) {
 		image_put(id->image);
 		id->image = NULL;
 		snprintf(id->why, sizeof(id->why), "%.100s is not the file the bitmaps were recorded for", id->path);

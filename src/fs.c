@@ -87,7 +87,7 @@ static int compare_nodes(const void *a, const void *b)
 
 static bool is_state_dir(const struct stat *st)
 {
-	return st->st_dev == daemon_ctx->state_dev && st->st_ino == daemon_ctx->state_ino;
+	return stat_is(st, daemon_ctx->state_dev, daemon_ctx->state_ino);
 }
 
 static bool is_root_control_name(fuse_ino_t parent, const char *name)
@@ -135,7 +135,7 @@ static struct fnode *table_get(const struct stat *st, int fd)
 	struct fnode key = { .dev = st->st_dev, .ino = st->st_ino };
 	struct fnode *n;
 
-	if (st->st_dev == root_node.dev && st->st_ino == root_node.ino) {
+	if (stat_is(st, root_node.dev, root_node.ino)) {
 		close(fd);
 		return &root_node;
 	}

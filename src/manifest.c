@@ -305,3 +305,9 @@ void manifest_free(struct manifest *m)
 	free(m->temp_path);
 	free(m);
 }
+
+const char *manifest_path(const char *target, char *buf, size_t len)
+{
+	snprintf(buf, len, "%s.xxh3", target);
+	return buf;
+}

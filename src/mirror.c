@@ -402,7 +402,7 @@ static int switch_to_target(struct mirror *m)
 	struct stat st;
 	int rc;
 
-	if (fd < 0 || fstat(fd, &st) < 0 || st.st_dev != m->target->dev || st.st_ino != m->target->ino) {
+	if (fd < 0 || fstat(fd, &st) < 0 || !stat_is(&st, m->target->dev, m->target->ino)) {
 		rc = fd < 0 ? -errno : -ESTALE;
 		job_fail(&m->job, "switching to %s: %s", m->target_path,
 			 rc == -ESTALE ? "it is not the file the mirror wrote" : error_text(-rc));

@@ -14,6 +14,7 @@
 
 #include "fleecefs/journal.h"
 #include "fleecefs/pending.h"
+#include "fleecefs/manifest.h"
 #include "fleecefs/target.h"
 #include "fleecefs/util.h"
 
@@ -186,7 +187,7 @@ static const char *locate(const struct pending *p)
 	for (unsigned i = 0; i < 3; i++) {
 		if (!names[i] || lstat(names[i], &st) < 0 || !S_ISREG(st.st_mode))
 			continue;
-		if (ino ? (uint64_t)st.st_dev == dev && (uint64_t)st.st_ino == ino : i == 0)
+		if (ino ? stat_is(&st, dev, ino) : i == 0)
 			return names[i];
 	}
 	return "";
@@ -264,7 +265,7 @@ static void redo(const struct pending *p, const char *where, const char *decisio
 		log_error("recovery: cannot rename %s to %s: %s", where, name, error_text(errno));
 		return;
 	}
-	snprintf(manifest, sizeof(manifest), "%s.xxh3", name);
+	manifest_path(name, manifest, sizeof(manifest));
 	if (mtemp && access(mtemp, F_OK) == 0 && rename(mtemp, manifest) == 0)
 		fsync_parent_dir(manifest);
 	/* The earlier manifest describes nothing any more: it was replaced,

@@ -79,7 +79,7 @@ static void open_target(struct redirect *r)
 		snprintf(r->why, sizeof(r->why), "%s", error_text(errno));
 		return;
 	}
-	if (fstat(r->fd, &st) < 0 || !S_ISREG(st.st_mode) || st.st_dev != r->served_dev || st.st_ino != r->served_ino) {
+	if (fstat(r->fd, &st) < 0 || !S_ISREG(st.st_mode) || !stat_is(&st, r->served_dev, r->served_ino)) {
 		snprintf(r->why, sizeof(r->why), "it is not the file the mirror wrote");
 		close(r->fd);
 		r->fd = -1;

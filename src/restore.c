@@ -158,7 +158,7 @@ enum restore_result restore_backup(const char *backup, const char *dest, bool ov
 	struct stat st;
 	int rc;
 
-	snprintf(mpath, sizeof(mpath), "%s.xxh3", backup);
+	manifest_path(backup, mpath, sizeof(mpath));
 	if ((rc = manifest_load(mpath, &m, err, sizeof(err)))) {
 		fprintf(errs, "fleecectl: restore %s: cannot check it: %s\n", backup, err);
 		return RESTORE_CANNOT;

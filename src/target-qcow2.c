@@ -757,10 +757,26 @@ static int q2_check(const struct target_spec *spec, char *err, size_t errlen)
 	return 0;
 }
 
+/* The virtual size in the header (which, with the backing file's name,
+ * fits in the first 64 KiB). */
+static int q2_disk_size(int fd, uint64_t *size, char *err, size_t errlen)
+{
+	const size_t len = 65536;
+	struct qcow2_header h;
+	uint8_t *first = malloc(len);
+	ssize_t n = first ? pread(fd, first, len, 0) : -1;
+	int rc = qcow2_header_decode(first, n > 0 ? (size_t)n : 0, &h, err, errlen);
+	free(first);
+	if (!rc)
+		*size = h.size;
+	return rc;
+}
+
 const struct target_format_ops target_qcow2_format = {
 	.name = "qcow2",
 	.incremental_in_place = false,
 	.check = q2_check,
 	.create = q2_create,
 	.open_existing = q2_open_existing,
+	.disk_size = q2_disk_size,
 };

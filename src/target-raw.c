@@ -302,9 +302,19 @@ static int raw_format_create(const struct target_spec *spec, const char *temp, s
 	return target_raw_create(spec->resolved, temp, out, err, errlen);
 }
 
+static int raw_disk_size(int fd, uint64_t *size, char *err, size_t errlen)
+{
+	struct stat st;
+	if (fstat(fd, &st) < 0)
+		return set_error(err, errlen, errno, "%s", error_text(errno));
+	*size = (uint64_t)st.st_size;
+	return 0;
+}
+
 const struct target_format_ops target_raw_format = {
 	.name = "raw",
 	.incremental_in_place = true,
 	.create = raw_format_create,
 	.open_existing = target_raw_open_in_place,
+	.disk_size = raw_disk_size,
 };

@@ -14,6 +14,7 @@
 
 #include <sys/stat.h>
 
+#include "fleecefs/manifest.h"
 #include "fleecefs/target.h"
 #include "fleecefs/util.h"
 
@@ -107,7 +108,7 @@ int target_open_recorded(const char *path, dev_t dev, ino_t ino, int *fd, struct
 	 * (a hard link into SOURCE_DIR, a cp -al rotation) could make live. */
 	if (!S_ISREG(st->st_mode))
 		return set_error(err, errlen, EINVAL, "target %s: not a regular file", path);
-	if (st->st_dev != dev || st->st_ino != ino)
+	if (!stat_is(st, dev, ino))
 		return set_error(err, errlen, EINVAL,
 				 "target %s: is not the file the chain's last backup was written to (inode %llu, recorded "
 				 "%llu): take a new full backup", path, (unsigned long long)st->st_ino,
@@ -252,7 +253,7 @@ int target_check(struct target_spec *spec, const struct target_limits *limits, c
 	if (!spec->in_place) {
 		if (lstat(spec->resolved, &st) == 0)
 			return set_error(err, errlen, EEXIST, "target %s: already exists", target);
-		snprintf(sum, sizeof(sum), "%s.xxh3", spec->resolved);
+		manifest_path(spec->resolved, sum, sizeof(sum));
 		if (spec->checksum && lstat(sum, &st) == 0)
 			return set_error(err, errlen, EEXIST, "target %s: its manifest %s already exists", target, sum);
 		if (target_name_taken(spec->resolved))

@@ -103,7 +103,7 @@ static int open_image(const struct fleece_daemon *d, unsigned line, const char *
 			close(fd);
 			return set_error(err, errlen, e, "line %u: image %s: %s", line, path, error_text(e));
 		}
-		if (st.st_dev == d->state_dev && st.st_ino == d->state_ino) {
+		if (stat_is(&st, d->state_dev, d->state_ino)) {
 			close(fd);
 			return set_error(err, errlen, ENOENT, "line %u: image %s: no such image", line, path);
 		}
@@ -270,7 +270,6 @@ static int resolve_backing(struct txn_state *s, unsigned i, const struct chain_i
 	const struct ctl_backup *b = &c->u.backup;
 	struct target_spec *spec = &s->res[i].backup->target;
 	const char *path = b->backing ? b->backing : chain->target;
-	struct qcow2_header h;
 	char msg[200];
 	struct stat st;
 	int e;
@@ -282,28 +281,18 @@ static int resolve_backing(struct txn_state *s, unsigned i, const struct chain_i
 			close(fd);
 		return set_error(s->err, sizeof(s->err), e, "line %u: backup: backing %s: %s", c->line, path, error_text(e));
 	}
-	if ((uint64_t)st.st_dev != chain->dev || (uint64_t)st.st_ino != chain->ino) {
+	if (!stat_is(&st, chain->dev, chain->ino)) {
 		close(fd);
 		return set_error(s->err, sizeof(s->err), EINVAL,
 				 "line %u: backup: backing %s is not the last backup of bitmap %s (%s): an incremental "
 				 "holds only what changed since that one", c->line, path, b->bitmap, chain->target);
 	}
 	spec->backing_format = strcmp(chain_format, "qcow2") == 0 ? FORMAT_QCOW2 : FORMAT_RAW;
-	spec->backing_size = (uint64_t)st.st_size;
-	if (spec->backing_format == FORMAT_QCOW2) {
-		const size_t len = 65536;   /* the header and the backing file name */
-		uint8_t *first = malloc(len);
-		ssize_t n = first ? pread(fd, first, len, 0) : -1;
-		int bad = qcow2_header_decode(first, n > 0 ? (size_t)n : 0, &h, msg, sizeof(msg));
-		free(first);
-		if (bad) {
-			close(fd);
-			return set_error(s->err, sizeof(s->err), EINVAL, "line %u: backup: backing %s: %s", c->line, path,
-					 msg);
-		}
-		spec->backing_size = h.size;
-	}
+	const struct target_format_ops *format = target_format(spec->backing_format);
+	int bad = format->disk_size(fd, &spec->backing_size, msg, sizeof(msg));
 	close(fd);
+	if (bad)
+		return set_error(s->err, sizeof(s->err), -bad, "line %u: backup: backing %s: %s", c->line, path, msg);
 	/* Both as QEMU sees them: in whole 512-byte sectors. */
 	uint64_t now = (uint64_t)image_size(s->res[i].image);
 	if ((spec->backing_size + 511) / 512 != (now + 511) / 512)
@@ -496,9 +485,9 @@ static bool names_image(const char *target, dev_t dev, ino_t ino, struct image *
 	struct stat st, served;
 	if (stat(target, &st) < 0)
 		return false;
-	if (st.st_dev == dev && st.st_ino == ino)
+	if (stat_is(&st, dev, ino))
 		return true;
-	return image_fstat(img, &served) == 0 && st.st_dev == served.st_dev && st.st_ino == served.st_ino;
+	return image_fstat(img, &served) == 0 && stat_is(&st, served.st_dev, served.st_ino);
 }
 
 static int check_mirror(struct txn_state *s, unsigned i)
@@ -584,17 +573,21 @@ static int check_release(struct txn_state *s, unsigned i)
 	return rc;
 }
 
-static enum job_verb job_verb_of(enum ctl_verb verb)
-{
-	switch (verb) {
-	case CTL_PAUSE: return JOB_VERB_PAUSE;
-	case CTL_RESUME: return JOB_VERB_RESUME;
-	case CTL_COMPLETE: return JOB_VERB_COMPLETE;
-	case CTL_DISMISS: return JOB_VERB_DISMISS;
-	case CTL_SET: return JOB_VERB_SET;
-	default: return JOB_VERB_CANCEL;
-	}
-}
+/* The job verbs of the control language: which legality rule each follows
+ * (job.h) and what it does once checked (set: job_set_speed, complete: in
+ * the commit step). */
+static const struct {
+	enum job_verb verb;
+	int (*act)(struct job *job, char *err, size_t errlen);
+} job_verbs[] = {
+	[CTL_CANCEL] = { JOB_VERB_CANCEL, job_cancel },
+	[CTL_PAUSE] = { JOB_VERB_PAUSE, job_pause },
+	[CTL_RESUME] = { JOB_VERB_RESUME, job_resume },
+	[CTL_COMPLETE] = { JOB_VERB_COMPLETE, NULL },
+	[CTL_DISMISS] = { JOB_VERB_DISMISS, job_dismiss },
+	[CTL_SET] = { JOB_VERB_SET, NULL },
+	[CTL_RELEASE] = { JOB_VERB_CANCEL, snapshot_release },
+};
 
 static int check_job_verb(struct txn_state *s, unsigned i)
 {
@@ -611,7 +604,7 @@ static int check_job_verb(struct txn_state *s, unsigned i)
 			return set_error(s->err, sizeof(s->err), EINVAL,
 					 "line %u: %s %s: the job is already acted on by line %u of this transaction", c->line,
 					 verb, job->id, s->parsed.cmds[j].line);
-	int rc = job_check_verb(job, job_verb_of(c->verb), msg, sizeof(msg));
+	int rc = job_check_verb(job, job_verbs[c->verb].verb, msg, sizeof(msg));
 	if (rc)
 		snprintf(s->err, sizeof(s->err), "line %u: %s", c->line, msg);
 	return rc;
@@ -815,18 +808,12 @@ static void commit_complete(struct txn_state *s, unsigned i)
 static void run_job_verb(struct txn_state *s, unsigned i)
 {
 	const struct ctl_command *c = &s->parsed.cmds[i];
-	struct job *job = s->res[i].job;
 	char ignored[ERR_MAX];
 
-	switch (c->verb) {
-	case CTL_CANCEL: job_cancel(job, ignored, sizeof(ignored)); break;
-	case CTL_SET: job_set_speed(job, c->u.job.speed, ignored, sizeof(ignored)); break;
-	case CTL_PAUSE: job_pause(job, ignored, sizeof(ignored)); break;
-	case CTL_RESUME: job_resume(job, ignored, sizeof(ignored)); break;
-	case CTL_DISMISS: job_dismiss(job, ignored, sizeof(ignored)); break;
-	case CTL_RELEASE: snapshot_release(job, ignored, sizeof(ignored)); break;
-	default: break;
-	}
+	if (c->verb == CTL_SET)
+		job_set_speed(s->res[i].job, c->u.job.speed, ignored, sizeof(ignored));
+	else if (job_verbs[c->verb].act)
+		job_verbs[c->verb].act(s->res[i].job, ignored, sizeof(ignored));
 }
 
 /* What each verb does in each step of a transaction (NULL: nothing):

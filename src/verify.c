@@ -179,7 +179,7 @@ static enum verify_result open_check(struct check *k, const char *path, FILE *er
 	char mpath[4096], err[600];
 	int rc;
 
-	snprintf(mpath, sizeof(mpath), "%s.xxh3", path);
+	manifest_path(path, mpath, sizeof(mpath));
 	if ((rc = manifest_load(mpath, &k->m, err, sizeof(err)))) {
 		if (rc == -ENOENT && !must_have_manifest) {
 			*no_manifest = true;

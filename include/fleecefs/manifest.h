@@ -49,6 +49,8 @@ struct manifest {
 	const char *format;         /* a static name; NULL: raw */
 };
 
+/* Where the manifest of the backup file `target` is: TARGET.xxh3 (buf). */
+const char *manifest_path(const char *target, char *buf, size_t len);
 /* A new manifest, created empty under temp_path (O_EXCL); sized at T. */
 int manifest_create(const char *temp_path, uint32_t cluster_size, struct manifest **out, char *err, size_t errlen);
 /* An in-place update of the manifest at `existing` (which must describe a

@@ -141,6 +141,9 @@ struct target_format_ops {
 	 * with the undo journal `journal`. */
 	int (*open_existing)(const char *path, dev_t dev, ino_t ino, const char *journal, uint32_t cluster_size,
 			     struct target **out, char *err, size_t errlen);
+	/* How large the disk is that the file open on fd holds (a backing file
+	 * an incremental reads through). */
+	int (*disk_size)(int fd, uint64_t *size, char *err, size_t errlen);
 };
 
 /* The format's operations; NULL for one this version cannot write. */

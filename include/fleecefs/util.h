@@ -12,6 +12,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/stat.h>
 #include <sys/types.h>
 
 #define FLEECE_NAME_MAX 64
@@ -64,6 +65,11 @@ static inline int compare_file_ids(dev_t dev_a, ino_t ino_a, dev_t dev_b, ino_t 
 	if (dev_a != dev_b)
 		return dev_a < dev_b ? -1 : 1;
 	return ino_a < ino_b ? -1 : ino_a > ino_b;
+}
+/* Is st the file (dev, ino)? (Record fields are often 64-bit.) */
+static inline bool stat_is(const struct stat *st, uint64_t dev, uint64_t ino)
+{
+	return (uint64_t)st->st_dev == dev && (uint64_t)st->st_ino == ino;
 }
 /* "/proc/self/fd/FD" into buf: the path that reopens a descriptor. */
 void proc_fd_path(char *buf, size_t len, int fd);
