@@ -178,7 +178,23 @@ wait_job b1 >/dev/null
 start s1 "snapshot s1 other.img"
 refused EBUSY "snapshot s1" "complete m3"
 ctl "release s1" >/dev/null
+# Pause in ready returns to ready; complete is refused while paused; set works.
+ctl "pause m3" >/dev/null || fail "pause of a ready mirror refused"
+want_eq "m3 paused" "$(status m3 state)" paused
+refused EBUSY "paused" "complete m3"
+ctl "set m3 speed=64M" >/dev/null || fail "set on a mirror refused"
+want_eq "m3 speed" "$(status m3 speed)" $((64 << 20))
+ctl "resume m3" >/dev/null || fail "resume refused"
+wait_state m3 ready 10
+# While it completes (its last copy slowed down), nothing new may start on
+# the image.
+inject "target-write delay=1500 once"
+pwrites other.img 0:65536
+sleep 0.2
 ctl "complete m3" >/dev/null || fail "complete m3 refused with nothing else running"
+sleep 0.2
+refused EBUSY "m3 is completing" "backup other.img $OUT/late.raw id=bad"
+inject "clear"
 want_eq "m3" "$(wait_job m3)" completed
 same "other.img switched" "$MNT/other.img" "$OUT/m3.img"
 
@@ -217,6 +233,23 @@ source-read offset=4M-5M once"
 start es "mirror e.img $OUT/es.img id=es"
 want_eq "source error, report" "$(wait_job es)" failed
 want_match "es error" "$(status es error)" "reading the image at offset"
+inject "clear
+source-read offset=4M-5M once"
+start esi "mirror e.img $OUT/esi.img on-source-error=ignore id=esi"
+wait_state esi ready 30
+ctl "cancel esi" >/dev/null
+want_eq "source error, ignore: retried, cancelled in sync" "$(wait_job esi)" completed
+same "esi copy" "$OUT/esi.img" "$MNT/e.img"
+inject "clear
+source-read offset=4M-5M once"
+start ess "mirror e.img $OUT/ess.img on-source-error=stop id=ess"
+wait_state ess paused 30
+want_match "ess error" "$(status ess error)" "reading the image.*on-source-error=stop"
+ctl "resume ess" >/dev/null
+wait_state ess ready 30
+ctl "cancel ess" >/dev/null
+want_eq "ess" "$(wait_job ess)" completed
+same "ess copy" "$OUT/ess.img" "$MNT/e.img"
 inject "clear
 target-write offset=8M-9M every=1"
 start ei "mirror e.img $OUT/ei.img on-target-error=ignore id=ei"

@@ -8,7 +8,10 @@
  *   - the answer and errno of each outcome;
  *   - a daemon that dies without stopping (a forked child that writes
  *     through a bitmap's hook, then _exit) leaves bits that the next start
- *     recovers: every write it made is dirty. */
+ *     recovers: every write it made is dirty, every 16 MiB region it wrote
+ *     is, one it did not write is not;
+ *   - an image changed while no daemon ran (after a clean stop) makes its
+ *     bitmaps inconsistent. */
 #include "config.h"
 
 #include <criterion/criterion.h>
@@ -201,6 +204,99 @@ Test(transaction, bitmap_bits_survive_a_crash)
 	uint64_t g = 300000 / bm->granularity;
 	cr_assert(cbitmap_test(&bm->bits, g), "the write at 300000 is not dirty after the crash");
 	cr_assert(!bm->inconsistent, "a crash with the intent log is not inconsistent: %s", bm->why);
+	bitmaps_stop();
+	image_put(img);
+}
+
+/* A clean stop records the image's identity; a change made while no daemon
+ * ran makes the bitmap inconsistent at the next start. */
+Test(transaction, bitmap_offline_change_is_inconsistent)
+{
+	char path[256];
+	snprintf(path, sizeof(path), "%s/a.img", src_dir);
+	pid_t child = fork();
+	cr_assert_geq(child, 0);
+	if (child == 0) {
+		struct image *img;
+		int fd = open(path, O_RDWR);
+		if (bitmaps_start(state_dir, d.source_fd, src_dir, d.cluster_size) || image_get(fd, &img))
+			_exit(2);
+		struct ctl_bitmap add = { .op = BITMAP_ADD, .image = "a.img", .name = "b" };
+		char err[256];
+		gate_close(&img->gate);
+		int rc = bitmap_apply(img, &add, err, sizeof(err));
+		gate_open(&img->gate);
+		if (rc)
+			_exit(3);
+		bitmaps_stop();   /* the clean stop */
+		_exit(0);
+	}
+	int status;
+	waitpid(child, &status, 0);
+	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child status %d", status);
+	/* Behind fleecefs' back. */
+	int wfd = open(path, O_WRONLY);
+	cr_assert_eq(pwrite(wfd, "x", 1, 4096), 1);
+	close(wfd);
+	cr_assert_eq(bitmaps_start(state_dir, d.source_fd, src_dir, d.cluster_size), 0);
+	int fd = open(path, O_RDONLY);
+	struct image *img;
+	cr_assert_eq(image_get(fd, &img), 0);
+	close(fd);
+	struct dirty_bitmap *bm = bitmap_find(bitmaps_of(img), "b");
+	cr_assert_not_null(bm);
+	cr_assert(bm->inconsistent, "an offline change left the bitmap consistent");
+	cr_assert(strstr(bm->why, "while fleecefs was not running"), "reason: %s", bm->why);
+	bitmaps_stop();
+	image_put(img);
+}
+
+/* After a crash, every 16 MiB region written since the last save is dirty,
+ * and a region nobody wrote stays clean. */
+Test(transaction, bitmap_crash_covers_every_written_region)
+{
+	char path[256];
+	snprintf(path, sizeof(path), "%s/big.img", src_dir);
+	int cfd = open(path, O_RDWR | O_CREAT, 0600);
+	cr_assert(cfd >= 0);
+	cr_assert_eq(ftruncate(cfd, 48 << 20), 0);
+	close(cfd);
+	pid_t child = fork();
+	cr_assert_geq(child, 0);
+	if (child == 0) {
+		struct image *img;
+		int fd = open(path, O_RDWR);
+		if (bitmaps_start(state_dir, d.source_fd, src_dir, d.cluster_size) || image_get(fd, &img) ||
+		    image_open_kind(img, IMAGE_IO_WRITE))
+			_exit(2);
+		struct ctl_bitmap add = { .op = BITMAP_ADD, .image = "big.img", .name = "b" };
+		char err[256];
+		gate_close(&img->gate);
+		int rc = bitmap_apply(img, &add, err, sizeof(err));
+		gate_open(&img->gate);
+		if (rc)
+			_exit(3);
+		char data[4096] = "written";
+		if (image_write(img, IMAGE_IO_WRITE, data, sizeof(data), 100) != sizeof(data) ||
+		    image_write(img, IMAGE_IO_WRITE, data, sizeof(data), 40 << 20) != sizeof(data))
+			_exit(4);
+		_exit(0);
+	}
+	int status;
+	waitpid(child, &status, 0);
+	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child status %d", status);
+	cr_assert_eq(bitmaps_start(state_dir, d.source_fd, src_dir, d.cluster_size), 0);
+	int fd = open(path, O_RDONLY);
+	struct image *img;
+	cr_assert_eq(image_get(fd, &img), 0);
+	close(fd);
+	struct dirty_bitmap *bm = bitmap_find(bitmaps_of(img), "b");
+	cr_assert_not_null(bm);
+	uint64_t gran = bm->granularity;
+	cr_assert(cbitmap_test(&bm->bits, 100 / gran), "the write at 100 is not dirty");
+	cr_assert(cbitmap_test(&bm->bits, (40ull << 20) / gran), "the write at 40M is not dirty");
+	cr_assert(!cbitmap_test(&bm->bits, (20ull << 20) / gran), "a region nobody wrote is dirty");
+	cr_assert(!bm->inconsistent, "%s", bm->why);
 	bitmaps_stop();
 	image_put(img);
 }
