@@ -165,42 +165,62 @@ Test(transaction, errnos_and_answers)
 
 /* ---- bitmap recovery after a daemon that did not stop ------------------------- */
 
-Test(transaction, bitmap_bits_survive_a_crash)
+/* In the forked "daemon": the bitmaps started, the image of `rel` (in
+ * SOURCE_DIR) open for writing, bitmap "b" added to it; exits on failure. */
+static struct image *child_image_with_bitmap(const char *rel)
+{
+	char path[256], err[256];
+	struct image *img;
+	snprintf(path, sizeof(path), "%s/%s", src_dir, rel);
+	int fd = open(path, O_RDWR);
+	if (bitmaps_start(state_dir, d.source_fd, src_dir, d.cluster_size) || image_get(fd, &img) ||
+	    image_open_kind(img, IMAGE_IO_WRITE))
+		_exit(2);
+	struct ctl_bitmap add = { .op = BITMAP_ADD, .image = rel, .name = "b" };
+	gate_close(&img->gate);
+	int rc = bitmap_apply(img, &add, err, sizeof(err));
+	gate_open(&img->gate);
+	if (rc)
+		_exit(3);
+	return img;
+}
+
+/* In the test: the next start, and bitmap "b" of `rel`. */
+static struct dirty_bitmap *restart_and_find(const char *rel, struct image **img)
 {
 	char path[256];
-	snprintf(path, sizeof(path), "%s/a.img", src_dir);
+	snprintf(path, sizeof(path), "%s/%s", src_dir, rel);
+	cr_assert_eq(bitmaps_start(state_dir, d.source_fd, src_dir, d.cluster_size), 0);
+	int fd = open(path, O_RDONLY);
+	cr_assert_eq(image_get(fd, img), 0);
+	close(fd);
+	struct dirty_bitmap *bm = bitmap_find(bitmaps_of(*img), "b");
+	cr_assert_not_null(bm, "the bitmap is gone after the restart");
+	return bm;
+}
+
+static void wait_child(pid_t child)
+{
+	int status;
+	waitpid(child, &status, 0);
+	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child status %d", status);
+}
+
+Test(transaction, bitmap_bits_survive_a_crash)
+{
 	pid_t child = fork();
 	cr_assert_geq(child, 0);
 	if (child == 0) {
 		/* The daemon: a bitmap, guest writes through the image, no stop. */
-		struct image *img;
-		int fd = open(path, O_RDWR);
-		if (bitmaps_start(state_dir, d.source_fd, src_dir, d.cluster_size) || image_get(fd, &img) ||
-		    image_open_kind(img, IMAGE_IO_WRITE))
-			_exit(2);
-		struct ctl_bitmap add = { .op = BITMAP_ADD, .image = "a.img", .name = "b" };
-		char err[256];
-		gate_close(&img->gate);
-		int rc = bitmap_apply(img, &add, err, sizeof(err));
-		gate_open(&img->gate);
-		if (rc)
-			_exit(3);
+		struct image *img = child_image_with_bitmap("a.img");
 		char data[100] = "written";
 		if (image_write(img, IMAGE_IO_WRITE, data, sizeof(data), 300000) != sizeof(data))
 			_exit(4);
 		_exit(0);   /* a crash: nothing saved but what the write path made durable */
 	}
-	int status;
-	waitpid(child, &status, 0);
-	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child status %d", status);
-	/* The next start. */
-	cr_assert_eq(bitmaps_start(state_dir, d.source_fd, src_dir, d.cluster_size), 0);
-	int fd = open(path, O_RDONLY);
+	wait_child(child);
 	struct image *img;
-	cr_assert_eq(image_get(fd, &img), 0);
-	close(fd);
-	struct dirty_bitmap *bm = bitmap_find(bitmaps_of(img), "b");
-	cr_assert_not_null(bm, "the bitmap is gone after the crash");
+	struct dirty_bitmap *bm = restart_and_find("a.img", &img);
 	uint64_t g = 300000 / bm->granularity;
 	cr_assert(cbitmap_test(&bm->bits, g), "the write at 300000 is not dirty after the crash");
 	cr_assert(!bm->inconsistent, "a crash with the intent log is not inconsistent: %s", bm->why);
@@ -217,34 +237,17 @@ Test(transaction, bitmap_offline_change_is_inconsistent)
 	pid_t child = fork();
 	cr_assert_geq(child, 0);
 	if (child == 0) {
-		struct image *img;
-		int fd = open(path, O_RDWR);
-		if (bitmaps_start(state_dir, d.source_fd, src_dir, d.cluster_size) || image_get(fd, &img))
-			_exit(2);
-		struct ctl_bitmap add = { .op = BITMAP_ADD, .image = "a.img", .name = "b" };
-		char err[256];
-		gate_close(&img->gate);
-		int rc = bitmap_apply(img, &add, err, sizeof(err));
-		gate_open(&img->gate);
-		if (rc)
-			_exit(3);
+		child_image_with_bitmap("a.img");
 		bitmaps_stop();   /* the clean stop */
 		_exit(0);
 	}
-	int status;
-	waitpid(child, &status, 0);
-	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child status %d", status);
+	wait_child(child);
 	/* Behind fleecefs' back. */
 	int wfd = open(path, O_WRONLY);
 	cr_assert_eq(pwrite(wfd, "x", 1, 4096), 1);
 	close(wfd);
-	cr_assert_eq(bitmaps_start(state_dir, d.source_fd, src_dir, d.cluster_size), 0);
-	int fd = open(path, O_RDONLY);
 	struct image *img;
-	cr_assert_eq(image_get(fd, &img), 0);
-	close(fd);
-	struct dirty_bitmap *bm = bitmap_find(bitmaps_of(img), "b");
-	cr_assert_not_null(bm);
+	struct dirty_bitmap *bm = restart_and_find("a.img", &img);
 	cr_assert(bm->inconsistent, "an offline change left the bitmap consistent");
 	cr_assert(strstr(bm->why, "while fleecefs was not running"), "reason: %s", bm->why);
 	bitmaps_stop();
@@ -264,34 +267,16 @@ Test(transaction, bitmap_crash_covers_every_written_region)
 	pid_t child = fork();
 	cr_assert_geq(child, 0);
 	if (child == 0) {
-		struct image *img;
-		int fd = open(path, O_RDWR);
-		if (bitmaps_start(state_dir, d.source_fd, src_dir, d.cluster_size) || image_get(fd, &img) ||
-		    image_open_kind(img, IMAGE_IO_WRITE))
-			_exit(2);
-		struct ctl_bitmap add = { .op = BITMAP_ADD, .image = "big.img", .name = "b" };
-		char err[256];
-		gate_close(&img->gate);
-		int rc = bitmap_apply(img, &add, err, sizeof(err));
-		gate_open(&img->gate);
-		if (rc)
-			_exit(3);
+		struct image *img = child_image_with_bitmap("big.img");
 		char data[4096] = "written";
 		if (image_write(img, IMAGE_IO_WRITE, data, sizeof(data), 100) != sizeof(data) ||
 		    image_write(img, IMAGE_IO_WRITE, data, sizeof(data), 40 << 20) != sizeof(data))
 			_exit(4);
 		_exit(0);
 	}
-	int status;
-	waitpid(child, &status, 0);
-	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child status %d", status);
-	cr_assert_eq(bitmaps_start(state_dir, d.source_fd, src_dir, d.cluster_size), 0);
-	int fd = open(path, O_RDONLY);
+	wait_child(child);
 	struct image *img;
-	cr_assert_eq(image_get(fd, &img), 0);
-	close(fd);
-	struct dirty_bitmap *bm = bitmap_find(bitmaps_of(img), "b");
-	cr_assert_not_null(bm);
+	struct dirty_bitmap *bm = restart_and_find("big.img", &img);
 	uint64_t gran = bm->granularity;
 	cr_assert(cbitmap_test(&bm->bits, 100 / gran), "the write at 100 is not dirty");
 	cr_assert(cbitmap_test(&bm->bits, (40ull << 20) / gran), "the write at 40M is not dirty");
