@@ -176,7 +176,11 @@ vm_kit() {
 	fi
 	command -v qemu-system-x86_64 >/dev/null || fail "qemu-system-x86_64 is needed (apt-get install qemu-system-x86)"
 	export FLEECE_VM_CACHE=${FLEECE_VM_CACHE:-$T/vm-cache}
-	"$SHARED_DIR/vm/setup.sh" "$FLEECE_VM_CACHE" >/dev/null 2>&1 || fail "VM kit setup failed"
+	# The VM tests run in parallel and share the cache; the kit's setup
+	# rebuilds it in place, so one at a time.
+	mkdir -p "$(dirname "$FLEECE_VM_CACHE")"
+	flock "$FLEECE_VM_CACHE.lock" "$SHARED_DIR/vm/setup.sh" "$FLEECE_VM_CACHE" >/dev/null 2>&1 ||
+		fail "VM kit setup failed"
 	PATTERN=$FLEECE_VM_CACHE/root/bin/pattern
 }
 
