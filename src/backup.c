@@ -291,18 +291,6 @@ static bool backup_gives_up(void *arg)
 
 /* ---- the end: publish, keep as partial, or undo --------------------------- */
 
-/* Is nothing at `path`? (The final names are checked again right before the
- * decision: a user may have put something there while the job ran.) */
-static int name_free(const char *path, char *what, size_t len)
-{
-	struct stat st;
-	if (lstat(path, &st) == 0) {
-		snprintf(what, len, "%.4000s appeared while the job ran", path);
-		return -EEXIST;
-	}
-	return 0;
-}
-
 /* The chain record this job leaves behind, as text. */
 static void chain_text(struct backup *b, const char *where, bool partial, struct strbuf *out)
 {
@@ -419,8 +407,8 @@ static int complete_result(struct backup *b)
 	bool same_name = b->in_place && !b->from_partial;   /* updated where it is */
 	int rc;
 
-	if (!same_name && ((rc = name_free(b->target_path, what, sizeof(what))) ||
-			   (b->manifest && (rc = name_free(manifest_path(b->target_path, mname, sizeof(mname)), what,
+	if (!same_name && ((rc = target_name_free(b->target_path, what, sizeof(what))) ||
+			   (b->manifest && (rc = target_name_free(manifest_path(b->target_path, mname, sizeof(mname)), what,
 							   sizeof(what)))))) {
 		job_fail(&b->job, "target %s", what);
 		return rc;
@@ -458,7 +446,7 @@ static int keep_partial(struct backup *b, const struct cbitmap *left)
 		if ((rc = manifest_write(b->manifest)))
 			return rc;
 	}
-	if (strcmp(b->target->path, b->partial_path) != 0 && (rc = name_free(b->partial_path, what, sizeof(what)))) {
+	if (strcmp(b->target->path, b->partial_path) != 0 && (rc = target_name_free(b->partial_path, what, sizeof(what)))) {
 		log_warn("backup %s: cannot keep the partial backup: %s", b->job.id, what);
 		return rc;
 	}
@@ -723,21 +711,17 @@ static int claim_names(struct backup *b, char *err, size_t errlen)
 }
 
 /* The pending record, then the files it names. */
-static int stage_files(struct backup *b, const struct backup_params *p, char *err, size_t errlen)
+static int stage_files(struct backup *b, const struct backup_params *p, const struct target_files *files, char *err,
+		       size_t errlen)
 {
 	const struct ctl_backup *cmd = p->cmd;
-	char temp[PATH_MAX], mtemp[PATH_MAX], mpath[PATH_MAX + 8], journal[PATH_MAX];
+	const char *temp = files->temp, *mtemp = files->manifest_temp, *journal = files->journal;
+	char mpath[PATH_MAX + 8];
 	const char *data = b->in_place ? p->chain->target : temp;
 	int rc;
 
 	if (!(b->record = pending_new(b->job.serial)))
 		return set_error(err, errlen, ENOMEM, "backup %s: out of memory", cmd->image);
-	if (target_hidden_name(b->target_path, b->job.serial, "tmp", temp, sizeof(temp)) ||
-	    target_hidden_name(manifest_path(b->target_path, mpath, sizeof(mpath)), b->job.serial, "tmp", mtemp,
-			       sizeof(mtemp)) ||
-	    target_hidden_name(data, b->job.serial, "journal", journal, sizeof(journal)))
-		return set_error(err, errlen, ENAMETOOLONG, "backup %s: target %s: name too long", cmd->image,
-				 b->target_path);
 	pending_set(b->record, "kind", b->in_place ? "in-place" : "new");
 	pending_set(b->record, "file", data);
 	pending_set(b->record, "final", b->target_path);
@@ -815,12 +799,24 @@ int backup_stage(const struct backup_params *p, struct job **out, char *err, siz
 	b->image = p->image;
 	b->image_path = strdup(cmd->image);
 	b->target_path = strdup(p->target->resolved);
-	if (!b->image_path || !b->target_path || asprintf(&b->partial_path, "%s.partial", p->target->resolved) < 0) {
-		b->partial_path = NULL;
+	struct target_files *files = malloc(sizeof(*files));
+	if (files && target_files_for(p->target->resolved, b->in_place ? p->chain->target : NULL, b->job.serial,
+				      files)) {
+		free(files);
+		rc = set_error(err, errlen, ENAMETOOLONG, "backup %s: target %s: name too long", cmd->image,
+			       p->target->resolved);
+		goto fail;
+	}
+	if (!files || !b->image_path || !b->target_path || !(b->partial_path = strdup(files->partial))) {
+		free(files);
 		rc = set_error(err, errlen, ENOMEM, "backup %s: out of memory", cmd->image);
 		goto fail;
 	}
-	if ((rc = claim_names(b, err, errlen)) || (rc = stage_files(b, p, err, errlen)))
+	rc = claim_names(b, err, errlen);
+	if (!rc)
+		rc = stage_files(b, p, files, err, errlen);
+	free(files);
+	if (rc)
 		goto fail;
 	*out = &b->job;
 	return 0;

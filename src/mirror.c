@@ -661,7 +661,7 @@ int mirror_stage(const struct mirror_params *p, struct job **out, char *err, siz
 {
 	const struct ctl_mirror *cmd = p->cmd;
 	struct mirror *m = calloc(1, sizeof(*m));
-	char temp[PATH_MAX];
+	struct target_files files;
 	int rc;
 
 	if (!m)
@@ -696,7 +696,7 @@ int mirror_stage(const struct mirror_params *p, struct job **out, char *err, siz
 		goto fail;
 	}
 	m->name_claimed = true;
-	if (target_hidden_name(m->target_path, m->job.serial, "tmp", temp, sizeof(temp))) {
+	if (target_files_for(m->target_path, NULL, m->job.serial, &files)) {
 		rc = set_error(err, errlen, ENAMETOOLONG, "mirror %s: target %s: name too long", cmd->image, m->target_path);
 		goto fail;
 	}
@@ -706,14 +706,14 @@ int mirror_stage(const struct mirror_params *p, struct job **out, char *err, siz
 		goto fail;
 	}
 	pending_set(m->record, "kind", "new");
-	pending_set(m->record, "file", temp);
+	pending_set(m->record, "file", files.temp);
 	pending_set(m->record, "final", m->target_path);
 	if ((rc = pending_save(m->record))) {
 		rc = set_error(err, errlen, -rc, "mirror %s: cannot write to the state directory: %s", cmd->image,
 			       error_text(-rc));
 		goto fail;
 	}
-	if ((rc = target_raw_create(m->target_path, temp, &m->target, err, errlen)))
+	if ((rc = target_raw_create(m->target_path, files.temp, &m->target, err, errlen)))
 		goto fail;
 	pending_set_u64(m->record, "dev", (uint64_t)m->target->dev);
 	pending_set_u64(m->record, "ino", (uint64_t)m->target->ino);

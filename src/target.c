@@ -41,6 +41,30 @@ int fsync_parent_dir(const char *path)
 	return rc;
 }
 
+int target_files_for(const char *final, const char *in_place_file, uint64_t serial, struct target_files *out)
+{
+	char manifest_temp_of[PATH_MAX + 8];
+	if (target_hidden_name(final, serial, "tmp", out->temp, sizeof(out->temp)) ||
+	    target_hidden_name(manifest_path(final, manifest_temp_of, sizeof(manifest_temp_of)), serial, "tmp",
+			       out->manifest_temp, sizeof(out->manifest_temp)) ||
+	    target_hidden_name(in_place_file ? in_place_file : out->temp, serial, "journal", out->journal,
+			       sizeof(out->journal)) ||
+	    snprintf(out->manifest, sizeof(out->manifest), "%s", manifest_temp_of) >= (int)sizeof(out->manifest) ||
+	    snprintf(out->partial, sizeof(out->partial), "%s.partial", final) >= (int)sizeof(out->partial))
+		return -ENAMETOOLONG;
+	return 0;
+}
+
+int target_name_free(const char *name, char *what, size_t len)
+{
+	struct stat st;
+	if (lstat(name, &st) == 0) {
+		snprintf(what, len, "%.4000s appeared while the job ran", name);
+		return -EEXIST;
+	}
+	return 0;
+}
+
 int target_hidden_name(const char *path, uint64_t serial, const char *tag, char *out, size_t len)
 {
 	const char *slash = strrchr(path, '/');

@@ -161,6 +161,24 @@ const char *target_error_text(struct target *t, int err);
 /* DIR/.NAME.fleecefs-PID-SERIAL.TAG for the file `path` (NAME cut to fit). */
 int target_hidden_name(const char *path, uint64_t serial, const char *tag, char *out, size_t len);
 
+/* The files a job (serial) keeps for its target `final` while it runs, and
+ * the names it may end under: the target module decides where they are
+ * (for the file formats: beside it). `data` is where the data file is while
+ * the job runs (in place: the chain's backup; else `temp`). */
+struct target_files {
+	char temp[PATH_MAX];          /* a new target, until published */
+	char manifest[PATH_MAX];      /* final's manifest (manifest.h) */
+	char manifest_temp[PATH_MAX]; /* the manifest, until published */
+	char journal[PATH_MAX];       /* the undo journal of an in-place update */
+	char partial[PATH_MAX];       /* where a kept partial result goes */
+};
+/* 0 or -ENAMETOOLONG. in_place_file: the file updated in place, or NULL. */
+int target_files_for(const char *final, const char *in_place_file, uint64_t serial, struct target_files *out);
+/* Nothing at `name`? (Names are checked again right before publication: a
+ * user may have put something there while the job ran.) 0, or -EEXIST with
+ * "NAME appeared while the job ran" in what. */
+int target_name_free(const char *name, char *what, size_t len);
+
 /* A new raw target that will be published as `final_path`, created (size 0,
  * O_EXCL, mode 0600, never following a symlink) under `temp_path`. */
 int target_raw_create(const char *final_path, const char *temp_path, struct target **out, char *err, size_t errlen);
