@@ -17,6 +17,7 @@
 #include "fleecefs/bitmap.h"
 #include "fleecefs/control.h"
 #include "fleecefs/image.h"
+#include "fleecefs/redirect.h"
 
 #define REGION_BITS 24                  /* 16 MiB write-intent regions */
 #define SAVE_INTERVAL_NS 15000000000ull
@@ -585,6 +586,13 @@ static void check_identity(const char *dir, struct identity *id)
 	}
 	int fd = openat(source_dir_fd, id->path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
 	struct stat st;
+	dev_t src_dev;
+	ino_t src_ino;
+	/* A switched image renamed through the mount: its name is found by the
+	 * source file's inode (the recorded identity is the target's). */
+	if (fd < 0 && errno == ENOENT && redirect_source_of((dev_t)id->dev, (ino_t)id->ino, &src_dev, &src_ino) &&
+	    find_by_inode((uint64_t)src_dev, (uint64_t)src_ino, id->path, sizeof(id->path)) == 0)
+		fd = openat(source_dir_fd, id->path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
 	/* The identity is the served file's: after a mirror's switch, the
 	 * target's (redirect.h), whose image opening the old name finds. */
 	if (fd < 0 || fstat(fd, &st) < 0) {

@@ -251,6 +251,20 @@ bool redirect_served_id(dev_t dev, ino_t ino, dev_t *served_dev, ino_t *served_i
 	return r != NULL;
 }
 
+bool redirect_source_of(dev_t served_dev, ino_t served_ino, dev_t *dev, ino_t *ino)
+{
+	bool found = false;
+	pthread_rwlock_rdlock(&table_lock);
+	for (unsigned i = 0; i < count && !found; i++)
+		if (table[i].served_dev == served_dev && table[i].served_ino == served_ino) {
+			*dev = table[i].dev;
+			*ino = table[i].ino;
+			found = true;
+		}
+	pthread_rwlock_unlock(&table_lock);
+	return found;
+}
+
 void redirect_format(struct strbuf *out)
 {
 	pthread_rwlock_rdlock(&table_lock);

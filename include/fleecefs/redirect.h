@@ -48,6 +48,8 @@ void redirect_remove(dev_t dev, ino_t ino);
 int redirect_open(dev_t dev, ino_t ino);
 /* The served file's identity for (dev, ino), if redirected (true). */
 bool redirect_served_id(dev_t dev, ino_t ino, dev_t *served_dev, ino_t *served_ino);
+/* The source file a record serves from (served_dev, served_ino), if any. */
+bool redirect_source_of(dev_t served_dev, ino_t served_ino, dev_t *dev, ino_t *ino);
 /* .fleece/redirects: one line per record. */
 void redirect_format(struct strbuf *out);
 void redirect_free_all(void);

@@ -57,4 +57,13 @@ want_eq "bitmap state after remount" "$(bmkey b.img bm state)" active
 pwrites b.img $((12 << 20)):12345
 run_ok inc2 "backup b.img $OUT/chain.raw sync=incremental bitmap=bm id=inc2"
 same "incremental after remount" "$OUT/chain.raw" "$OUT/b-moved.img"
+# Renamed through the mount after the switch: still served, bitmaps found.
+mv "$MNT/b.img" "$MNT/b2.img"
+pwrites b2.img $((14 << 20)):4096
+unmount_fleece
+mount_fleece
+same "renamed switched image after remount" "$MNT/b2.img" "$OUT/b-moved.img"
+want_eq "bitmap of the renamed image" "$(bmkey b2.img bm state)" active
+run_ok inc3 "backup b2.img $OUT/chain.raw sync=incremental bitmap=bm id=inc3"
+same "incremental after rename and remount" "$OUT/chain.raw" "$OUT/b-moved.img"
 log "PASS"
