@@ -174,18 +174,12 @@ static int served_fd(const struct fnode *n)
  * number (a missing target leaves the source's: opens answer EIO). */
 static void served_attr(struct stat *st)
 {
-	if (!S_ISREG(st->st_mode))
-		return;
-	int fd = redirect_open(st->st_dev, st->st_ino);
 	struct stat t;
-	if (fd < 0)
+	if (!S_ISREG(st->st_mode) || redirect_stat(st->st_dev, st->st_ino, &t) < 0)
 		return;
-	if (fstat(fd, &t) == 0) {
-		t.st_ino = st->st_ino;
-		t.st_dev = st->st_dev;
-		*st = t;
-	}
-	close(fd);
+	t.st_ino = st->st_ino;
+	t.st_dev = st->st_dev;
+	*st = t;
 }
 
 /* The descriptor whose path reaches n's data: its own, or its target's

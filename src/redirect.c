@@ -237,6 +237,17 @@ int redirect_open(dev_t dev, ino_t ino)
 	return fd;
 }
 
+int redirect_stat(dev_t dev, ino_t ino, struct stat *st)
+{
+	if (!atomic_load_explicit(&nonempty, memory_order_acquire))
+		return -ENOENT;
+	pthread_rwlock_rdlock(&table_lock);
+	struct redirect *r = find_locked(dev, ino);
+	int rc = !r ? -ENOENT : r->fd < 0 ? -EIO : fstat(r->fd, st) < 0 ? -errno : 0;
+	pthread_rwlock_unlock(&table_lock);
+	return rc;
+}
+
 bool redirect_served_id(dev_t dev, ino_t ino, dev_t *served_dev, ino_t *served_ino)
 {
 	if (!atomic_load_explicit(&nonempty, memory_order_acquire))

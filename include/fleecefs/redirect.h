@@ -30,6 +30,7 @@
 #include <stddef.h>
 #include <sys/types.h>
 
+struct stat;
 struct strbuf;
 
 /* Loads STATE_DIR/redirects (a missing file is an empty table). */
@@ -46,6 +47,9 @@ void redirect_remove(dev_t dev, ino_t ino);
  * descriptor of the file it is served from (the caller closes it), or -EIO
  * when that file is missing. */
 int redirect_open(dev_t dev, ino_t ino);
+/* fstat of the file (dev, ino) is served from: 0, -ENOENT (not
+ * redirected) or -EIO (missing). One syscall, no descriptor made. */
+int redirect_stat(dev_t dev, ino_t ino, struct stat *st);
 /* The served file's identity for (dev, ino), if redirected (true). */
 bool redirect_served_id(dev_t dev, ino_t ino, dev_t *served_dev, ino_t *served_ino);
 /* The source file a record serves from (served_dev, served_ino), if any. */

@@ -312,4 +312,26 @@ grep -q "image=other.img" "$MNT/.fleece/redirects" && fail "the record of a remo
 unmount_fleece
 mount_fleece
 [ ! -e "$MNT/other.img" ] || fail "other.img came back"
+
+log "SIGTERM with a mirror in sync: a cancel, the copy kept"
+start t1 "mirror u.img $OUT/t1.img id=t1"
+wait_state t1 ready 30
+kill -TERM "$DAEMON_PID"
+wait "$DAEMON_PID" || true
+DAEMON_PID=
+same "t1 kept at SIGTERM" "$OUT/t1.img" "$SRC/u.img"
+[ -z "$(hidden_files "$OUT")" ] || fail "SIGTERM left hidden files"
+
+log "a damaged switch record: the mount is refused, saying where, never the old files served"
+cp "$SRC/.fleecefs/redirects" "$T/redirects.good"
+printf 'garbage without an equals sign\n' >> "$SRC/.fleecefs/redirects"
+rc=0
+"$FLEECEFS" -f "$SRC" "$MNT" 2>"$T/bad-start.log" || rc=$?
+[ "$rc" != 0 ] || fail "fleecefs started with a damaged redirects file"
+grep -q "redirects: line .*: not key=value" "$T/bad-start.log" || fail "no message naming the damage: $(cat "$T/bad-start.log")"
+[ "$(wc -l < "$T/bad-start.log")" -le 2 ] || fail "more than a line or two: $(cat "$T/bad-start.log")"
+grep -q " $MNT fuse" /proc/mounts && fail "a refused start left a mount"
+cp "$T/redirects.good" "$SRC/.fleecefs/redirects"
+mount_fleece
+same "served again once repaired" "$MNT/vm.img" "$OUT/m1.img"
 end_test
