@@ -621,6 +621,8 @@ static void backup_status(struct job *job, struct strbuf *out)
 		strbuf_printf(out, "partial=%s\n", b->kept_partial ? b->kept_partial : "");
 	if (b->fleecing)
 		strbuf_printf(out, "store_bytes=%" PRIu64 "\n", (uint64_t)atomic_load(b->fleece.store_used));
+	if (b->target)
+		target_describe(b->target, out);
 	strbuf_printf(out, "on_source_error=%s\non_target_error=%s\non_cbw_error=%s\ncbw_timeout=%" PRIu64 "\n",
 		      policy_name(b->on_source_error), policy_name(b->on_target_error),
 		      b->on_cbw_error == CBW_BREAK_GUEST_WRITE ? "break-guest-write" : "break-snapshot",
@@ -722,7 +724,7 @@ static int stage_files(struct backup *b, const struct backup_params *p, const st
 
 	if (!(b->record = pending_new(b->job.serial)))
 		return set_error(err, errlen, ENOMEM, "backup %s: out of memory", cmd->image);
-	pending_set(b->record, "kind", b->in_place ? "in-place" : "new");
+	pending_set(b->record, "kind", b->in_place ? "in-place" : b->format == FORMAT_NBD ? "nbd" : "new");
 	pending_set(b->record, "file", data);
 	pending_set(b->record, "final", b->target_path);
 	pending_set(b->record, "partial", b->partial_path);
@@ -756,7 +758,8 @@ static int stage_files(struct backup *b, const struct backup_params *p, const st
 						     b->copy_unit, &b->manifest, err, errlen)
 				 : manifest_create(mtemp, b->copy_unit, &b->manifest, err, errlen);
 		if (!rc)
-			manifest_set_format(b->manifest, ctl_format_name(b->format));
+			/* An export holds the raw disk. */
+			manifest_set_format(b->manifest, ctl_format_name(b->format == FORMAT_NBD ? FORMAT_RAW : b->format));
 		if (rc && !p->chain)
 			/* Named as the user will see it. */
 			set_error(err, errlen, -rc, "manifest %s: cannot create: %s", manifest_path(b->target_path, mpath,

@@ -598,7 +598,38 @@ uint64_t blockcopy_skip_holes(struct blockcopy *bc)
 		uint64_t hole_end = data < 0 ? bc->size : min_u64((uint64_t)data, bc->size);
 		uint64_t first = div_round_up((uint64_t)hole, cs);
 		uint64_t end = hole_end == bc->size ? bc->nclusters : hole_end / cs;
-		if (end > first) {
+		if (end > first && bc->target->holes_need_zeroes) {
+			/* Each cluster dropped here must read as zeroes on the target; one
+			 * a guest write copied meanwhile holds its data of T already. */
+			uint64_t run = first, run_len = 0;
+			for (uint64_t c = first; c <= end; c++) {
+				bool dropped_now = c < end && inflight_drop_unclaimed(&bc->inflight, &bc->pending, c, 1);
+				if (dropped_now) {
+					if (!run_len)
+						run = c;
+					run_len++;
+					continue;
+				}
+				if (run_len) {
+					uint64_t off = run << bc->cluster_bits;
+					uint64_t len = min_u64(run_len << bc->cluster_bits, bc->size - off);
+					int rc = target_write_zeroes(bc->target, off, len);
+					dropped += len;
+					if (rc) {
+						/* Dropped clusters never become pending again (a
+						 * guest write may have changed them since): the
+						 * job cannot complete. */
+						pthread_mutex_lock(&bc->queue_lock);
+						if (!bc->queue_error) {
+							bc->queue_error = rc;
+							bc->queue_error_offset = off;
+						}
+						pthread_mutex_unlock(&bc->queue_lock);
+					}
+					run_len = 0;
+				}
+			}
+		} else if (end > first) {
 			/* The last cluster may be short: on its own. */
 			bool has_last = end == bc->nclusters;
 			uint64_t n = inflight_drop_unclaimed(&bc->inflight, &bc->pending, first, end - first - has_last);

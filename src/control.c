@@ -54,7 +54,7 @@ const char *ctl_sync_name(enum backup_sync sync)
 
 const char *ctl_format_name(enum target_format format)
 {
-	return format == FORMAT_QCOW2 ? "qcow2" : "raw";
+	return format == FORMAT_QCOW2 ? "qcow2" : format == FORMAT_NBD ? "nbd" : "raw";
 }
 
 bool ctl_image_path_is_valid(const char *path)
@@ -263,12 +263,12 @@ static int parse_compress(const struct where *w, const char *value, struct ctl_b
 enum backup_key {
 	BK_SYNC, BK_FORMAT, BK_BITMAP, BK_BITMAP_MODE, BK_BACKING, BK_COMPRESS, BK_CHECKSUM, BK_SPEED,
 	BK_ON_SOURCE_ERROR, BK_ON_TARGET_ERROR, BK_ON_CBW_ERROR, BK_CBW_TIMEOUT, BK_FLEECING, BK_MAX_STORE,
-	BK_ID, BK_GROUP,
+	BK_ID, BK_GROUP, BK_TLS_CERTS, BK_TLS_PSK,
 };
 static const char *const backup_keys[] = {
 	"sync", "format", "bitmap", "bitmap-mode", "backing", "compress", "checksum", "speed",
 	"on-source-error", "on-target-error", "on-cbw-error", "cbw-timeout", "fleecing", "max-store",
-	"id", "group", NULL,
+	"id", "group", "tls-certs", "tls-psk", NULL,
 };
 
 /* One key=value option of backup into b. */
@@ -336,6 +336,12 @@ static int parse_backup_option(const struct where *w, enum backup_key key, const
 	case BK_GROUP:
 		rc = parse_name_option(w, "group", v, &b->group);
 		break;
+	case BK_TLS_CERTS:
+		rc = parse_target_arg(w, "tls-certs", v, &b->tls_certs);
+		break;
+	case BK_TLS_PSK:
+		rc = parse_target_arg(w, "tls-psk", v, &b->tls_psk);
+		break;
 	}
 	return rc;
 }
@@ -378,8 +384,12 @@ static int parse_backup(const struct where *w, struct words *words, struct ctl_b
 	*b = (struct ctl_backup){ .checksum = true };
 	if (words->argc < 3)
 		return fail(w, "usage: backup IMAGE TARGET [key=value ...]");
-	if ((rc = parse_image_arg(w, words->argv[1], &b->image)) ||
-	    (rc = parse_target_arg(w, "TARGET", words->argv[2], &b->target)))
+	bool nbd = target_is_nbd_uri(words->argv[2]);
+	if ((rc = parse_image_arg(w, words->argv[1], &b->image)))
+		return rc;
+	if (nbd && strlen(words->argv[2]) < PATH_MAX)
+		b->target = words->argv[2];
+	else if ((rc = parse_target_arg(w, "TARGET", words->argv[2], &b->target)))
 		return rc;
 	b->format = has_suffix(b->target, ".qcow2") ? FORMAT_QCOW2 : FORMAT_RAW;
 	for (unsigned i = 3; i < words->argc; i++) {
@@ -388,6 +398,15 @@ static int parse_backup(const struct where *w, struct words *words, struct ctl_b
 		if ((rc = split_option(w, words->argv[i], backup_keys, &seen, &key, &v)) ||
 		    (rc = parse_backup_option(w, (enum backup_key)key, v, b)))
 			return rc;
+	}
+	if (nbd) {
+		/* An export is a disk: written byte for byte. */
+		if (b->format == FORMAT_QCOW2)
+			return fail(w, "format=qcow2: an NBD export is written as a raw disk (to keep qcow2 files on a "
+				    "server, export them with qemu-nbd -f qcow2)");
+		b->format = FORMAT_NBD;
+	} else if (b->tls_certs || b->tls_psk) {
+		return fail(w, "tls-certs= and tls-psk= apply only to an nbds:// or nbds+unix:// TARGET");
 	}
 	return check_backup_options(w, b, seen);
 }

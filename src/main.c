@@ -22,6 +22,7 @@
 #include "fleecefs/fs.h"
 #include "fleecefs/inject.h"
 #include "fleecefs/job.h"
+#include "fleecefs/manifest.h"
 #include "fleecefs/pending.h"
 #include "fleecefs/redirect.h"
 #include "fleecefs/util.h"
@@ -398,6 +399,8 @@ static int open_state(struct fleece_daemon *d, const struct options *opts)
 	remove_stale_stores(d->state_dir);
 	if (pending_setup(d->state_dir) < 0)
 		return die("state_dir %s: cannot create %s/pending: %s", d->state_dir, d->state_dir, error_text(errno));
+	if ((rc = manifest_set_state_dir(d->state_dir)) < 0)
+		return die("state_dir %s: cannot create %s/nbd: %s", d->state_dir, d->state_dir, error_text(-rc));
 	/* What a crash left half done: finished or undone before anything runs. */
 	pending_recover(d->state_dir);
 	return 0;

@@ -3,12 +3,14 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <inttypes.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <sys/stat.h>
 #include <xxhash.h>
 
 #include "fleecefs/cbitmap.h"
@@ -306,8 +308,29 @@ void manifest_free(struct manifest *m)
 	free(m);
 }
 
+static char *nbd_manifest_dir;
+
+int manifest_set_state_dir(const char *state_dir)
+{
+	char dir[PATH_MAX];
+	if (snprintf(dir, sizeof(dir), "%s/nbd", state_dir) >= (int)sizeof(dir))
+		return -ENAMETOOLONG;
+	if (mkdir(dir, 0700) < 0 && errno != EEXIST)
+		return -errno;
+	char *copy = strdup(dir);
+	if (!copy)
+		return -ENOMEM;
+	free(nbd_manifest_dir);
+	nbd_manifest_dir = copy;
+	return 0;
+}
+
 const char *manifest_path(const char *target, char *buf, size_t len)
 {
-	snprintf(buf, len, "%s.xxh3", target);
+	if (target_is_nbd_uri(target) && nbd_manifest_dir)
+		snprintf(buf, len, "%s/%016llx.xxh3", nbd_manifest_dir,
+			 (unsigned long long)XXH3_64bits(target, strlen(target)));
+	else
+		snprintf(buf, len, "%s.xxh3", target);
 	return buf;
 }

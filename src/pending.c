@@ -182,7 +182,11 @@ static const char *locate(const struct pending *p)
 {
 	const char *names[] = { get(p, "file"), get(p, "final"), get(p, "partial") };
 	uint64_t dev = get_u64(p, "dev"), ino = get_u64(p, "ino");
+	const char *kind = get(p, "kind");
 	struct stat st;
+
+	if (kind && strcmp(kind, "nbd") == 0)
+		return names[0] ? names[0] : "";   /* an export: never a file here */
 
 	for (unsigned i = 0; i < 3; i++) {
 		if (!names[i] || lstat(names[i], &st) < 0 || !S_ISREG(st.st_mode))
@@ -221,6 +225,10 @@ static void undo(const struct pending *p, const char *where)
 	char err[300];
 
 	remove_file(get(p, "manifest_temp"));
+	if (kind && strcmp(kind, "nbd") == 0) {
+		log_warn("recovery: the backup into %s was interrupted: the export holds no complete backup", file);
+		return;
+	}
 	if (!kind || strcmp(kind, "in-place") != 0) {
 		/* A new file that never got its name. */
 		if (*where && file && strcmp(where, file) == 0) {
@@ -261,7 +269,9 @@ static void redo(const struct pending *p, const char *where, const char *decisio
 		remove_file(mtemp);
 		return;
 	}
-	if (strcmp(where, name) != 0 && rename_noreplace(where, name) < 0) {
+	const char *kind = get(p, "kind");
+	bool export = kind && strcmp(kind, "nbd") == 0;   /* nothing to rename */
+	if (!export && strcmp(where, name) != 0 && rename_noreplace(where, name) < 0) {
 		log_error("recovery: cannot rename %s to %s: %s", where, name, error_text(errno));
 		return;
 	}

@@ -44,6 +44,19 @@ int fsync_parent_dir(const char *path)
 int target_files_for(const char *final, const char *in_place_file, uint64_t serial, struct target_files *out)
 {
 	char manifest_temp_of[PATH_MAX + 8];
+
+	if (target_is_nbd_uri(final)) {
+		/* An export: written where it is; only its manifest is a file
+		 * (in the state directory, manifest.h). */
+		manifest_path(final, manifest_temp_of, sizeof(manifest_temp_of));
+		if (snprintf(out->temp, sizeof(out->temp), "%s", final) >= (int)sizeof(out->temp) ||
+		    snprintf(out->manifest, sizeof(out->manifest), "%s", manifest_temp_of) >= (int)sizeof(out->manifest) ||
+		    target_hidden_name(manifest_temp_of, serial, "tmp", out->manifest_temp, sizeof(out->manifest_temp)) ||
+		    snprintf(out->partial, sizeof(out->partial), "%s#partial", final) >= (int)sizeof(out->partial))
+			return -ENAMETOOLONG;
+		out->journal[0] = '\0';
+		return 0;
+	}
 	if (target_hidden_name(final, serial, "tmp", out->temp, sizeof(out->temp)) ||
 	    target_hidden_name(manifest_path(final, manifest_temp_of, sizeof(manifest_temp_of)), serial, "tmp",
 			       out->manifest_temp, sizeof(out->manifest_temp)) ||
@@ -58,7 +71,7 @@ int target_files_for(const char *final, const char *in_place_file, uint64_t seri
 int target_name_free(const char *name, char *what, size_t len)
 {
 	struct stat st;
-	if (lstat(name, &st) == 0) {
+	if (!target_is_nbd_uri(name) && lstat(name, &st) == 0) {
 		snprintf(what, len, "%.4000s appeared while the job ran", name);
 		return -EEXIST;
 	}
@@ -231,6 +244,7 @@ bool target_name_taken(const char *path)
 
 extern const struct target_format_ops target_raw_format;
 extern const struct target_format_ops target_qcow2_format;
+extern const struct target_format_ops target_nbd_format;
 
 const struct target_format_ops *target_format(enum target_format format)
 {
@@ -239,6 +253,8 @@ const struct target_format_ops *target_format(enum target_format format)
 		return &target_raw_format;
 	case FORMAT_QCOW2:
 		return &target_qcow2_format;
+	case FORMAT_NBD:
+		return &target_nbd_format;
 	}
 	return NULL;
 }
@@ -258,6 +274,18 @@ int target_check(struct target_spec *spec, const struct target_limits *limits, c
 
 	if (!format)
 		return set_error(err, errlen, EOPNOTSUPP, "target %s: a format this version cannot write", target);
+	if (target_is_nbd_uri(target) != (spec->format == FORMAT_NBD))
+		return set_error(err, errlen, EINVAL, "target %s: an NBD export is written as a raw disk (format=raw; serve a "
+				 "qcow2 file with qemu-nbd -f qcow2)", target);
+	if (spec->format == FORMAT_NBD) {
+		if (snprintf(spec->resolved, sizeof(spec->resolved), "%s", target) >= (int)sizeof(spec->resolved))
+			return set_error(err, errlen, ENAMETOOLONG, "target %s: URI too long", target);
+		if (target_name_taken(spec->resolved))
+			return set_error(err, errlen, EEXIST, "target %s: is being written by another job", target);
+		return format->check(spec, err, errlen);
+	}
+	if (spec->tls_certs || spec->tls_psk)
+		return set_error(err, errlen, EINVAL, "target %s: tls-certs= and tls-psk= apply to nbds:// targets", target);
 	if (!slash || !strcmp(slash + 1, "") || !strcmp(slash + 1, ".") || !strcmp(slash + 1, ".."))
 		return set_error(err, errlen, EINVAL, "target %s: must name a file", target);
 	snprintf(dir, sizeof(dir), "%.*s", slash == target ? 1 : (int)(slash - target), target);

@@ -423,7 +423,7 @@ static int choose_format(struct txn_state *s, unsigned i)
 		got = image_pread(s->res[i].image, magic, sizeof(magic), 0) == (ssize_t)sizeof(magic);
 	bl->source_format = got && qcow2_has_magic(magic, sizeof(magic)) ? FORMAT_QCOW2 : FORMAT_RAW;
 	bl->format = b->format;
-	if (bl->source_format == FORMAT_QCOW2 && !b->format_given) {
+	if (bl->source_format == FORMAT_QCOW2 && !b->format_given && b->format != FORMAT_NBD) {
 		/* A byte copy, unless this continues a chain that was begun
 		 * as qcow2 (which took an explicit format=qcow2). */
 		bool qcow2_chain = b->sync == SYNC_INCREMENTAL && b->bitmap && s->res[i].image &&
@@ -468,7 +468,8 @@ static int check_backup(struct txn_state *s, unsigned i)
 				      .in_place = b->sync == SYNC_INCREMENTAL && format && format->incremental_in_place,
 				      .incremental = b->sync == SYNC_INCREMENTAL, .cluster_size = s->d->cluster_size,
 				      .backing = b->backing, .compress = (int)b->compress,
-				      .compress_level = b->compress_level };
+				      .compress_level = b->compress_level, .tls_certs = b->tls_certs,
+				      .tls_psk = b->tls_psk };
 	char msg[ERR_MAX - 32];
 	if ((rc = target_check(spec, &s->limits, msg, sizeof(msg))))
 		return set_error(s->err, sizeof(s->err), -rc, "line %u: %s", line, msg);

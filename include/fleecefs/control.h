@@ -57,6 +57,8 @@ struct ctl_backup {
 	uint64_t max_store;          /* 0 = no limit */
 	const char *id;              /* NULL: job-N */
 	const char *group;           /* NULL: none */
+	const char *tls_certs;       /* nbds:// TARGET: certificates directory */
+	const char *tls_psk;         /* nbds:// TARGET: PSK file */
 };
 
 struct ctl_mirror {

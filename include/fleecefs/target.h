@@ -1,6 +1,7 @@
 /* target: where a backup's clusters go.
  *
- * A registry of formats (target_format: raw and qcow2; NBD later), each
+ * A registry of formats (target_format: raw and qcow2 files, and NBD exports
+ * reached through libnbd, target-nbd.c), each
  * with its checks and how it creates a new target or reopens an earlier
  * backup; one place that checks what a command asks for (target_check: the
  * location resolved and judged, names free); the operations every target
@@ -36,15 +37,18 @@
 struct target;
 struct cbitmap;
 struct journal_range;
+struct strbuf;
 
-enum target_format { FORMAT_RAW, FORMAT_QCOW2 };
+enum target_format { FORMAT_RAW, FORMAT_QCOW2, FORMAT_NBD };
 
 /* What a backup asks of its target, parsed from the command; target_check
  * fills `resolved`. Nothing outside the target modules looks inside a
  * location or decides how a format updates a backup. */
 struct target_spec {
 	enum target_format format;
-	const char *location;        /* as given: an absolute path */
+	const char *location;        /* as given: an absolute path, or an NBD URI */
+	const char *tls_certs;       /* NBD over TLS: certificates directory, or */
+	const char *tls_psk;         /* a PSK file (NULL: libnbd's defaults) */
 	bool in_place;               /* update the chain's last backup */
 	bool incremental;            /* only the clusters of a bitmap */
 	uint32_t cluster_size;       /* the job's copy cluster */
@@ -90,6 +94,9 @@ struct target_ops {
 	int (*set_size)(struct target *t, uint64_t size, char *err, size_t errlen);
 	/* Everything written so far is durable. */
 	int (*flush)(struct target *t);
+	/* For status: key=value lines about where the target is (an NBD
+	 * target: its server and the connection's state). NULL: none. */
+	void (*describe)(struct target *t, struct strbuf *out);
 	/* The clusters set in `left` did not (durably) get their new content:
 	 * make them hold again what they held before the job (zeroes for a new
 	 * file), durably. */
@@ -119,6 +126,9 @@ struct target {
 	 * target: one per core, each compressing its own run); 0 or 1: one. */
 	unsigned writers;
 	bool published;      /* a new file has its final name (target_rename_file) */
+	/* It does not start out reading as zeroes (an export): the holes a
+	 * sync=top backup skips must be written as zeroes. */
+	bool holes_need_zeroes;
 	dev_t dev;           /* of the file, once open */
 	ino_t ino;
 	/* The last error a format can say more about than errno (a server's
@@ -145,6 +155,10 @@ struct target_format_ops {
 	 * an incremental reads through). */
 	int (*disk_size)(int fd, uint64_t *size, char *err, size_t errlen);
 };
+
+/* Is `location` an NBD URI (nbd://, nbd+unix://, nbds://, nbds+unix://)
+ * rather than a path? */
+bool target_is_nbd_uri(const char *location);
 
 /* The format's operations; NULL for one this version cannot write. */
 const struct target_format_ops *target_format(enum target_format format);
@@ -216,6 +230,11 @@ static inline int target_set_size(struct target *t, uint64_t size, char *err, si
 	return t->ops->set_size(t, size, err, errlen);
 }
 static inline int target_flush(struct target *t) { return t->ops->flush(t); }
+static inline void target_describe(struct target *t, struct strbuf *out)
+{
+	if (t->ops->describe)
+		t->ops->describe(t, out);
+}
 static inline int target_forget(struct target *t, const struct cbitmap *left, unsigned cluster_bits)
 {
 	return t->ops->forget(t, left, cluster_bits);

@@ -396,3 +396,34 @@ PY
 	[ "$out" = ok ] || fail "inject '$1': answer '$out'"
 }
 inject_rules() { cat "$MNT/.fleece/inject"; }
+
+# NBD servers for the NBD target tests. nbd_serve NAME WAIT CMD...: starts
+# CMD in the background (its PID in $NBD_PID_<NAME>, killed on exit) and
+# waits until WAIT is ready: a unix socket path, or tcp:PORT.
+nbd_serve() {
+	local name=$1 wait=$2 pid
+	shift 2
+	case $wait in tcp:*) ;; *) rm -f "$wait";; esac
+	"$@" >>"$T/nbd-$name.log" 2>&1 &
+	pid=$!
+	BG_PIDS+=("$pid")
+	printf -v "NBD_PID_$name" '%s' "$pid"
+	for _ in $(seq 200); do
+		kill -0 "$pid" 2>/dev/null || fail "NBD server $name exited: $(tail -3 "$T/nbd-$name.log")"
+		case $wait in
+		tcp:*) "$PY" -c "import socket,sys; socket.create_connection(('127.0.0.1', int(sys.argv[1])), 1)" \
+			"${wait#tcp:}" 2>/dev/null && return 0 ;;
+		*) [ -S "$wait" ] && return 0 ;;
+		esac
+		sleep 0.05
+	done
+	fail "NBD server $name did not come up"
+}
+# nbd_kill NAME: SIGKILL for that server (a crash), and wait for it.
+nbd_kill() {
+	local var="NBD_PID_$1"
+	kill -9 "${!var}" 2>/dev/null || true
+	wait "${!var}" 2>/dev/null || true
+}
+# free_port: a TCP port nobody listens on now.
+free_port() { "$PY" -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"; }

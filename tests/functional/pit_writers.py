@@ -204,6 +204,10 @@ def main():
         target = qcow2_content(args.target)
         if target is None:
             return 1
+    elif args.target.startswith("nbd"):
+        # An export, read through an NBD client; it may be larger than the image.
+        target = subprocess.run(["nbdcopy", "--", args.target, "-"], capture_output=True, check=True).stdout
+        target = target[:size] if len(target) >= size else target
     else:
         target = open(args.target, "rb").read()
     if len(target) != size:

@@ -1,0 +1,795 @@
+/* target-nbd: a backup written to an NBD export, through libnbd.
+ *
+ * The export is a raw disk of at least the image's size, on any server
+ * (qemu-nbd, nbdkit, ...). It has no name to publish under: the backup is
+ * complete when the job says so, after an NBD flush succeeded (SPEC 6).
+ *
+ * Connections: one, or NBD_MAX_CONNS when the server advertises multi-conn
+ * (then a flush on one covers the writes of all; each is flushed anyway).
+ * Each connection has an I/O thread that drives libnbd's state machine
+ * (poll on its socket and on an eventfd that submitters kick); any number
+ * of threads submit requests with the asynchronous API and sleep until
+ * their own completes, so as many requests are in flight as the copy engine
+ * has writers (target.h `writers`).
+ *
+ * A write the server acknowledged is durable only after a flush. So the
+ * target keeps a copy of every write from before it is sent until a flush
+ * that started after its answer succeeded (`retained`, about NBD_RETAIN_MAX
+ * bytes at most: a write past NBD_RETAIN_FLUSH flushes, and a writer waits
+ * for room while one runs). If the connection drops, nothing acknowledged
+ * is lost even if the server lost its cache: the reconnect writes
+ * everything retained again, oldest first, before any other request. That
+ * is only right because every byte of a new backup is written with its
+ * content at T (a write repeated later, even one that had failed, carries
+ * the same bytes; forget's zeroes come after all of them), so this kind
+ * takes no in-place updates.
+ *
+ * A dropped connection is a target error (-ENOTCONN): the job's policy
+ * decides (stop pauses it; after resume the next write reconnects, at most
+ * one attempt per NBD_RECONNECT_EVERY_NS).
+ *
+ * Locking: a request holds `conns_lock` shared while it uses a connection;
+ * a reconnect (one thread at a time, `reconnect_lock`, taken first) holds
+ * it exclusive while it replaces the handles and re-sends. `lock` (a leaf)
+ * guards the retained list, the flush flag and the texts. Each request's
+ * completion has its own mutex.
+ * Errors: 0 or -errno.
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <libnbd.h>
+
+#include "fleecefs/cbitmap.h"
+#include "fleecefs/target.h"
+#include "fleecefs/util.h"
+
+#define NBD_MAX_CONNS 4
+#define NBD_WRITERS 8
+#define NBD_CONNECT_TIMEOUT_MS 10000
+#define NBD_RETAIN_FLUSH (32u << 20)
+#define NBD_RETAIN_MAX (64u << 20)
+#define NBD_RECONNECT_EVERY_NS 500000000ull
+#define NBD_MAX_REQUEST (32u << 20)
+
+bool target_is_nbd_uri(const char *location)
+{
+	static const char *const schemes[] = { "nbd://", "nbd+unix://", "nbds://", "nbds+unix://" };
+	for (unsigned i = 0; i < sizeof(schemes) / sizeof(schemes[0]); i++)
+		if (strncmp(location, schemes[i], strlen(schemes[i])) == 0)
+			return true;
+	return false;
+}
+
+/* ---- connecting ------------------------------------------------------------ */
+
+struct nbd_options {
+	const char *uri, *tls_certs, *tls_psk;
+};
+
+/* What the server said, as one line. */
+static int server_error(char *err, size_t errlen, const char *uri, const char *what)
+{
+	const char *text = nbd_get_error();
+	int e = nbd_get_errno();
+	return set_error(err, errlen, e ? e : EIO, "target %s: %s: %s", uri, what, text ? text : "no answer");
+}
+
+/* A handle connected to the export (writable, flushable), or NULL with a
+ * message. Connects with a deadline: an unreachable host does not hold a
+ * control write for minutes. */
+static int nbd_open(const struct nbd_options *o, struct nbd_handle **out, char *err, size_t errlen)
+{
+	int rc;
+	struct nbd_handle *h = nbd_create();
+	if (!h)
+		return server_error(err, errlen, o->uri, "cannot create a connection");
+	nbd_set_handle_name(h, "fleecefs");
+	/* The URI may name local files (socket=, tls-psk-file=): the user
+	 * wrote it, as root, on the control file. */
+	if (nbd_set_uri_allow_local_file(h, true) < 0 ||
+	    (o->tls_certs && nbd_set_tls_certificates(h, o->tls_certs) < 0) ||
+	    (o->tls_psk && nbd_set_tls_psk_file(h, o->tls_psk) < 0) ||
+	    ((o->tls_certs || o->tls_psk) && nbd_set_tls(h, LIBNBD_TLS_REQUIRE) < 0)) {
+		rc = server_error(err, errlen, o->uri, "TLS settings");
+		goto fail;
+	}
+	if (nbd_aio_connect_uri(h, o->uri) < 0) {
+		rc = server_error(err, errlen, o->uri, "cannot connect");
+		goto fail;
+	}
+	uint64_t deadline = clock_monotonic_ns() + NBD_CONNECT_TIMEOUT_MS * 1000000ull;
+	while (nbd_aio_is_connecting(h)) {
+		uint64_t now = clock_monotonic_ns();
+		if (now >= deadline) {
+			rc = set_error(err, errlen, ETIMEDOUT, "target %s: no answer from the server within %u s", o->uri,
+				       NBD_CONNECT_TIMEOUT_MS / 1000);
+			goto fail;
+		}
+		if (nbd_poll(h, (int)((deadline - now) / 1000000) + 1) < 0)
+			break;
+	}
+	if (!nbd_aio_is_ready(h)) {
+		rc = server_error(err, errlen, o->uri, "cannot connect");
+		goto fail;
+	}
+	if (nbd_is_read_only(h) == 1) {
+		rc = set_error(err, errlen, EROFS, "target %s: the server exports it read-only", o->uri);
+		goto fail;
+	}
+	if (nbd_can_flush(h) != 1) {
+		rc = set_error(err, errlen, EOPNOTSUPP,
+			       "target %s: the server cannot flush, so a backup there could never be known durable", o->uri);
+		goto fail;
+	}
+	*out = h;
+	return 0;
+fail:
+	nbd_close(h);
+	return rc;
+}
+
+/* ---- one request ----------------------------------------------------------- */
+
+struct nbd_wait {
+	pthread_mutex_t lock;
+	pthread_cond_t done_cond;
+	bool done;
+	int err;
+};
+
+static int request_done(void *user_data, int *error)
+{
+	struct nbd_wait *w = user_data;
+	pthread_mutex_lock(&w->lock);
+	w->err = *error;
+	w->done = true;
+	pthread_cond_signal(&w->done_cond);
+	pthread_mutex_unlock(&w->lock);
+	return 1;   /* retire the command: nobody asks for it again */
+}
+
+/* ---- the target ------------------------------------------------------------- */
+
+struct nbd_conn {
+	struct nbd_handle *h;   /* NULL: lost (reconnect makes a new one) */
+	int kick;               /* eventfd: a request was submitted */
+	pthread_t thread;
+	bool running;
+	atomic_bool stop;
+};
+
+static const char zero_buffer[1 << 20];
+
+struct retained {
+	struct retained *next;
+	uint64_t off, len;
+	bool zero;
+	bool answered;          /* the server answered its write (or it failed) */
+	bool in_flush;          /* answered before the running flush began */
+	char data[];
+};
+
+struct nbd_target {
+	struct target base;
+	char *uri, *tls_certs, *tls_psk;
+	uint64_t export_size;
+	uint32_t max_request;
+	bool can_zero, can_trim, multi_conn;
+	pthread_mutex_t reconnect_lock;
+	pthread_rwlock_t conns_lock;
+	struct nbd_conn conns[NBD_MAX_CONNS];
+	unsigned nconns;
+	atomic_uint next_conn;
+	atomic_bool lost;
+	uint64_t last_attempt_ns;        /* reconnect_lock */
+	pthread_mutex_t lock;            /* a leaf: what follows */
+	pthread_cond_t retain_room;
+	unsigned reconnects;
+	char state_text[300];            /* "connected" or why not */
+	struct retained *retained_head;  /* newest first */
+	uint64_t retained_bytes;
+	bool flushing;
+};
+
+static struct nbd_target *nbdt(struct target *t) { return (struct nbd_target *)t; }
+
+static void set_state(struct nbd_target *n, const char *fmt, const char *text)
+{
+	pthread_mutex_lock(&n->lock);
+	snprintf(n->state_text, sizeof(n->state_text), fmt, text);
+	pthread_mutex_unlock(&n->lock);
+}
+
+static void *conn_loop(void *arg)
+{
+	struct nbd_conn *c = arg;
+
+	while (!atomic_load(&c->stop)) {
+		int fd = nbd_aio_get_fd(c->h);
+		unsigned dir = nbd_aio_get_direction(c->h);
+		if (fd < 0 || nbd_aio_is_dead(c->h) || nbd_aio_is_closed(c->h))
+			break;
+		struct pollfd p[2] = { { .fd = fd }, { .fd = c->kick, .events = POLLIN } };
+		if (dir & LIBNBD_AIO_DIRECTION_READ)
+			p[0].events |= POLLIN;
+		if (dir & LIBNBD_AIO_DIRECTION_WRITE)
+			p[0].events |= POLLOUT;
+		if (poll(p, 2, -1) < 0)
+			continue;
+		if (p[1].revents & POLLIN) {
+			uint64_t count;
+			if (read(c->kick, &count, sizeof(count)) < 0) {
+				/* Nothing to do: the next poll asks again. */
+			}
+		}
+		if (p[0].revents & (POLLIN | POLLHUP | POLLERR))
+			nbd_aio_notify_read(c->h);
+		else if (p[0].revents & POLLOUT)
+			nbd_aio_notify_write(c->h);
+	}
+	/* Dead: libnbd has failed every request in flight (their callbacks
+	 * ran), and fails new ones at once. */
+	return NULL;
+}
+
+static int conn_start(struct nbd_conn *c, struct nbd_handle *h)
+{
+	c->h = h;
+	atomic_store(&c->stop, false);
+	if (c->kick < 0 && (c->kick = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) < 0)
+		return -errno;
+	int rc = pthread_create(&c->thread, NULL, conn_loop, c);
+	if (rc)
+		return -rc;
+	c->running = true;
+	return 0;
+}
+
+static void conn_kick(struct nbd_conn *c)
+{
+	uint64_t one = 1;
+	if (write(c->kick, &one, sizeof(one)) < 0) {
+		/* The counter is full: the loop is awake anyway. */
+	}
+}
+
+/* Stops the loop and drops the handle (a polite disconnect if it works). */
+static void conn_stop(struct nbd_conn *c, bool polite)
+{
+	if (c->running) {
+		atomic_store(&c->stop, true);
+		conn_kick(c);
+		pthread_join(c->thread, NULL);
+		c->running = false;
+	}
+	if (c->h) {
+		if (polite && nbd_aio_is_ready(c->h))
+			nbd_shutdown(c->h, 0);
+		nbd_close(c->h);
+		c->h = NULL;
+	}
+}
+
+enum nbd_op { OP_WRITE, OP_ZERO, OP_TRIM, OP_FLUSH };
+
+static void mark_lost(struct nbd_target *n, const char *why)
+{
+	set_state(n, "lost: %s", why);
+	atomic_store(&n->lost, true);
+}
+
+/* One request on connection c, waited for. conns_lock held (either way). */
+static int conn_request(struct nbd_target *n, struct nbd_conn *c, enum nbd_op op, uint64_t off, const void *buf,
+			uint64_t len)
+{
+	struct nbd_wait w = { .lock = PTHREAD_MUTEX_INITIALIZER, .done_cond = PTHREAD_COND_INITIALIZER };
+	nbd_completion_callback cb = { .callback = request_done, .user_data = &w };
+	int64_t cookie;
+
+	if (!c->h)
+		return -ENOTCONN;
+	switch (op) {
+	case OP_WRITE:
+		cookie = nbd_aio_pwrite(c->h, buf, len, off, cb, 0);
+		break;
+	case OP_ZERO:
+		cookie = nbd_aio_zero(c->h, len, off, cb, 0);
+		break;
+	case OP_TRIM:
+		cookie = nbd_aio_trim(c->h, len, off, cb, 0);
+		break;
+	default:
+		cookie = nbd_aio_flush(c->h, cb, 0);
+		break;
+	}
+	if (cookie < 0) {
+		if (nbd_aio_is_dead(c->h) || nbd_aio_is_closed(c->h)) {
+			mark_lost(n, nbd_get_error() ? nbd_get_error() : "the connection is closed");
+			return -ENOTCONN;
+		}
+		int e = nbd_get_errno();
+		return -(e ? e : EIO);
+	}
+	if (nbd_aio_get_direction(c->h) & LIBNBD_AIO_DIRECTION_WRITE)
+		conn_kick(c);
+	pthread_mutex_lock(&w.lock);
+	while (!w.done)
+		pthread_cond_wait(&w.done_cond, &w.lock);
+	pthread_mutex_unlock(&w.lock);
+	pthread_mutex_destroy(&w.lock);
+	pthread_cond_destroy(&w.done_cond);
+	if (!w.err)
+		return 0;
+	if (nbd_aio_is_dead(c->h) || nbd_aio_is_closed(c->h)) {
+		mark_lost(n, "the server closed the connection");
+		return -ENOTCONN;
+	}
+	return -w.err;
+}
+
+static void free_list(struct retained *r)
+{
+	while (r) {
+		struct retained *next = r->next;
+		free(r);
+		r = next;
+	}
+}
+
+/* Writes everything retained again, oldest first. conns_lock exclusive. */
+static int resend_retained(struct nbd_target *n)
+{
+	pthread_mutex_lock(&n->lock);
+	unsigned count = 0;
+	for (struct retained *r = n->retained_head; r; r = r->next)
+		count++;
+	struct retained **all = count ? malloc(count * sizeof(*all)) : NULL;
+	unsigned i = count;
+	if (all)
+		for (struct retained *r = n->retained_head; r; r = r->next)
+			all[--i] = r;
+	pthread_mutex_unlock(&n->lock);
+	if (count && !all)
+		return -ENOMEM;
+	/* The list only grows at its head meanwhile and nothing leaves it
+	 * (a flush lets go only after its request, which needs conns_lock),
+	 * so these stay valid. */
+	int rc = 0;
+	for (i = 0; i < count && !rc; i++) {
+		struct retained *r = all[i];
+		enum nbd_op op = r->zero && n->can_zero ? OP_ZERO : OP_WRITE;
+		for (uint64_t done = 0; done < r->len && !rc;) {
+			uint64_t piece = min_u64(r->len - done, r->zero && !n->can_zero ? sizeof(zero_buffer) : n->max_request);
+			const void *buf = r->zero ? (n->can_zero ? NULL : zero_buffer) : r->data + done;
+			rc = conn_request(n, &n->conns[0], op, r->off + done, buf, piece);
+			done += piece;
+		}
+	}
+	free(all);
+	return rc;
+}
+
+/* Makes every connection work again after a loss. reconnect_lock held. */
+static int reconnect_locked(struct nbd_target *n)
+{
+	uint64_t now = clock_monotonic_ns();
+	char err[300] = "";
+	int rc = 0;
+
+	if (!atomic_load(&n->lost))
+		return 0;
+	if (now - n->last_attempt_ns < NBD_RECONNECT_EVERY_NS)
+		return -ENOTCONN;
+	n->last_attempt_ns = now;
+	pthread_rwlock_wrlock(&n->conns_lock);
+	for (unsigned i = 0; i < n->nconns; i++)
+		conn_stop(&n->conns[i], false);
+	struct nbd_options o = { n->uri, n->tls_certs, n->tls_psk };
+	for (unsigned i = 0; i < n->nconns && !rc; i++) {
+		struct nbd_handle *h;
+		if ((rc = nbd_open(&o, &h, err, sizeof(err))))
+			break;
+		if ((uint64_t)nbd_get_size(h) < n->base.size) {
+			snprintf(err, sizeof(err), "the export shrank to %" PRId64 " bytes", nbd_get_size(h));
+			nbd_close(h);
+			rc = -ENOSPC;
+		} else if ((rc = conn_start(&n->conns[i], h))) {
+			nbd_close(h);
+			snprintf(err, sizeof(err), "cannot start an I/O thread");
+		}
+	}
+	if (!rc) {
+		atomic_store(&n->lost, false);
+		if ((rc = resend_retained(n)))
+			snprintf(err, sizeof(err), "writing again what was not flushed: %s", error_text(-rc));
+	}
+	pthread_rwlock_unlock(&n->conns_lock);
+	if (rc) {
+		atomic_store(&n->lost, true);
+		set_state(n, "lost: reconnecting failed: %s", err);
+		return -ENOTCONN;
+	}
+	pthread_mutex_lock(&n->lock);
+	n->reconnects++;
+	snprintf(n->state_text, sizeof(n->state_text), "connected");
+	uint64_t again = n->retained_bytes;
+	pthread_mutex_unlock(&n->lock);
+	log_info("target %s: connected again; wrote again the %" PRIu64 " bytes not yet flushed", n->uri, again);
+	return 0;
+}
+
+/* Runs fn with conns_lock shared, reconnecting first if the connection was
+ * lost. */
+static int with_connection(struct nbd_target *n, enum nbd_op op, uint64_t off, const void *buf, uint64_t len)
+{
+	if (atomic_load(&n->lost)) {
+		pthread_mutex_lock(&n->reconnect_lock);
+		int rc = reconnect_locked(n);
+		pthread_mutex_unlock(&n->reconnect_lock);
+		if (rc)
+			return rc;
+	}
+	int rc = 0;
+	pthread_rwlock_rdlock(&n->conns_lock);
+	if (op == OP_FLUSH) {
+		/* Each connection's writes are flushed on it (multi-conn or not). */
+		for (unsigned i = 0; i < n->nconns && !rc; i++)
+			rc = conn_request(n, &n->conns[i], OP_FLUSH, 0, NULL, 0);
+	} else {
+		rc = conn_request(n, &n->conns[atomic_fetch_add(&n->next_conn, 1) % n->nconns], op, off, buf, len);
+	}
+	pthread_rwlock_unlock(&n->conns_lock);
+	return rc;
+}
+
+/* [off, off + len) in requests the server takes. */
+static int request(struct nbd_target *n, enum nbd_op op, uint64_t off, const void *buf, uint64_t len)
+{
+	if (op == OP_FLUSH)
+		return with_connection(n, op, 0, NULL, 0);
+	while (len) {
+		uint64_t piece = min_u64(len, n->max_request);
+		int rc = with_connection(n, op, off, buf, piece);
+		if (rc)
+			return rc;
+		off += piece;
+		len -= piece;
+		if (buf)
+			buf = (const char *)buf + piece;
+	}
+	return 0;
+}
+
+/* Flushes; every retained write answered before it started is durable
+ * after it and let go. They stay on the list while it runs: a reconnect
+ * meanwhile must write them again before the flush is sent. */
+static int flush_retained(struct nbd_target *n)
+{
+	pthread_mutex_lock(&n->lock);
+	while (n->flushing)
+		pthread_cond_wait(&n->retain_room, &n->lock);
+	n->flushing = true;
+	for (struct retained *r = n->retained_head; r; r = r->next)
+		r->in_flush = r->answered;
+	pthread_mutex_unlock(&n->lock);
+
+	int rc = request(n, OP_FLUSH, 0, NULL, 0);
+
+	struct retained *covered = NULL;
+	pthread_mutex_lock(&n->lock);
+	for (struct retained **at = &n->retained_head; *at;) {
+		struct retained *r = *at;
+		if (r->in_flush && !rc) {
+			*at = r->next;
+			r->next = covered;
+			covered = r;
+			n->retained_bytes -= r->zero ? 0 : r->len;
+		} else {
+			r->in_flush = false;
+			at = &r->next;
+		}
+	}
+	n->flushing = false;
+	pthread_cond_broadcast(&n->retain_room);
+	pthread_mutex_unlock(&n->lock);
+	free_list(covered);
+	return rc;
+}
+
+/* A copy of a write, kept from before it is sent until a flush covers it
+ * (NULL buf: zeroes). */
+static struct retained *retain_begin(struct nbd_target *n, uint64_t off, const void *buf, uint64_t len)
+{
+	struct retained *r = malloc(sizeof(*r) + (buf ? len : 0));
+	if (!r)
+		return NULL;
+	r->off = off;
+	r->len = len;
+	r->zero = !buf;
+	r->answered = false;
+	r->in_flush = false;
+	if (buf)
+		memcpy(r->data, buf, len);
+	pthread_mutex_lock(&n->lock);
+	while (n->flushing && n->retained_bytes >= NBD_RETAIN_MAX)
+		pthread_cond_wait(&n->retain_room, &n->lock);
+	r->next = n->retained_head;
+	n->retained_head = r;
+	n->retained_bytes += buf ? len : 0;
+	pthread_mutex_unlock(&n->lock);
+	return r;
+}
+
+/* The write of r was answered (or failed: then it is sent again at a
+ * reconnect, harmlessly, or the caller writes it again). */
+static int retain_end(struct nbd_target *n, struct retained *r)
+{
+	pthread_mutex_lock(&n->lock);
+	r->answered = true;
+	bool flush_now = !n->flushing && n->retained_bytes >= NBD_RETAIN_FLUSH;
+	pthread_mutex_unlock(&n->lock);
+	return flush_now ? flush_retained(n) : 0;
+}
+
+static int write_retained(struct nbd_target *n, enum nbd_op op, uint64_t off, const void *buf, uint64_t len,
+			  const void *kept)
+{
+	struct retained *r = retain_begin(n, off, kept, len);
+	if (!r)
+		return -ENOMEM;
+	int rc = request(n, op, off, buf, len);
+	int rc2 = retain_end(n, r);
+	return rc ? rc : rc2;
+}
+
+static int nbdt_write(struct target *t, uint64_t off, const void *buf, size_t len, unsigned flags)
+{
+	(void)flags;
+	return write_retained(nbdt(t), OP_WRITE, off, buf, len, buf);
+}
+
+static int nbdt_write_zeroes(struct target *t, uint64_t off, uint64_t len)
+{
+	struct nbd_target *n = nbdt(t);
+
+	if (n->can_zero)   /* the server makes it read as zeroes, a hole where it can */
+		return write_retained(n, OP_ZERO, off, NULL, len, NULL);
+	int rc = 0;
+	for (uint64_t done = 0; done < len && !rc; done += sizeof(zero_buffer)) {
+		uint64_t piece = min_u64(len - done, sizeof(zero_buffer));
+		rc = write_retained(n, OP_WRITE, off + done, zero_buffer, piece, NULL);
+	}
+	return rc;
+}
+
+static int nbdt_discard(struct target *t, uint64_t off, uint64_t len)
+{
+	struct nbd_target *n = nbdt(t);
+	return n->can_trim ? request(n, OP_TRIM, off, NULL, len) : 0;
+}
+
+static int nbdt_set_size(struct target *t, uint64_t size, char *err, size_t errlen)
+{
+	struct nbd_target *n = nbdt(t);
+	if (n->export_size < size)
+		return set_error(err, errlen, ENOSPC, "target %s: the export holds %" PRIu64 " bytes, the image %" PRIu64,
+				 n->uri, n->export_size, size);
+	t->size = size;
+	return 0;
+}
+
+static int nbdt_flush(struct target *t)
+{
+	return flush_retained(nbdt(t));
+}
+
+static void nbdt_describe(struct target *t, struct strbuf *out)
+{
+	struct nbd_target *n = nbdt(t);
+	pthread_mutex_lock(&n->lock);
+	strbuf_printf(out, "target_connection=%s\ntarget_connections=%u\ntarget_reconnects=%u\ntarget_unflushed_bytes=%" PRIu64
+		      "\n", n->state_text, n->nconns, n->reconnects, n->retained_bytes);
+	pthread_mutex_unlock(&n->lock);
+}
+
+/* What a failed job leaves: zeroes where `left` says, as for a new file. */
+static int nbdt_forget(struct target *t, const struct cbitmap *left, unsigned cluster_bits)
+{
+	int rc = 0;
+	for (uint64_t c = cbitmap_next_set(left, 0); c < left->nbits && !rc;) {
+		uint64_t end = cbitmap_next_clear(left, c);
+		uint64_t off = c << cluster_bits;
+		uint64_t len = min_u64((end - c) << cluster_bits, t->size - min_u64(off, t->size));
+		if (len)
+			rc = nbdt_write_zeroes(t, off, len);
+		c = end < left->nbits ? cbitmap_next_set(left, end) : left->nbits;
+	}
+	return rc ? rc : nbdt_flush(t);
+}
+
+/* An export has no name to take: the result stays where it is. */
+static int nbdt_publish(struct target *t, const char *name, char *err, size_t errlen)
+{
+	(void)name;
+	(void)err;
+	(void)errlen;
+	t->published = true;
+	return 0;
+}
+
+static int nbd_close_target(struct target *t, bool keep)
+{
+	struct nbd_target *n = nbdt(t);
+	int rc = 0;
+	/* Kept: durable already (the job flushed); not kept: there is nothing
+	 * to take back on an export, only the job's record says it failed. */
+	(void)keep;
+	for (unsigned i = 0; i < n->nconns; i++)
+		conn_stop(&n->conns[i], true);
+	set_state(n, "%s", "closed");
+	return rc;
+}
+
+static void nbd_free_target(struct target *t)
+{
+	struct nbd_target *n = nbdt(t);
+	for (unsigned i = 0; i < n->nconns; i++) {
+		conn_stop(&n->conns[i], false);
+		if (n->conns[i].kick >= 0)
+			close(n->conns[i].kick);
+	}
+	free_list(n->retained_head);
+	pthread_mutex_destroy(&n->lock);
+	pthread_mutex_destroy(&n->reconnect_lock);
+	pthread_rwlock_destroy(&n->conns_lock);
+	pthread_cond_destroy(&n->retain_room);
+	free(n->uri);
+	free(n->tls_certs);
+	free(n->tls_psk);
+	free(t->path);
+	free(n);
+}
+
+static const struct target_ops nbd_ops = {
+	.write = nbdt_write,
+	.write_zeroes = nbdt_write_zeroes,
+	.discard = nbdt_discard,
+	.set_size = nbdt_set_size,
+	.flush = nbdt_flush,
+	.describe = nbdt_describe,
+	.forget = nbdt_forget,
+	.publish = nbdt_publish,
+	.close = nbd_close_target,
+	.free = nbd_free_target,
+};
+
+static char *dup_or_null(const char *s, bool *failed)
+{
+	char *d = s ? strdup(s) : NULL;
+	if (s && !d)
+		*failed = true;
+	return d;
+}
+
+static int nbd_create_target(const struct target_spec *spec, const char *temp, struct target **out, char *err,
+			     size_t errlen)
+{
+	(void)temp;
+	struct nbd_target *n = calloc(1, sizeof(*n));
+	bool failed = !n;
+	int rc;
+
+	if (n) {
+		n->uri = dup_or_null(spec->location, &failed);
+		n->tls_certs = dup_or_null(spec->tls_certs, &failed);
+		n->tls_psk = dup_or_null(spec->tls_psk, &failed);
+		n->base.path = dup_or_null(spec->location, &failed);
+		for (unsigned i = 0; i < NBD_MAX_CONNS; i++)
+			n->conns[i].kick = -1;
+		pthread_mutex_init(&n->lock, NULL);
+		pthread_mutex_init(&n->reconnect_lock, NULL);
+		pthread_rwlockattr_t attr;
+		pthread_rwlockattr_init(&attr);
+		/* A reconnect must not wait behind a stream of requests. */
+		pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+		pthread_rwlock_init(&n->conns_lock, &attr);
+		pthread_rwlockattr_destroy(&attr);
+		pthread_cond_init(&n->retain_room, NULL);
+		n->nconns = 1;
+	}
+	if (failed) {
+		if (n)
+			nbd_free_target(&n->base);
+		return set_error(err, errlen, ENOMEM, "target %s: out of memory", spec->location);
+	}
+	n->base.ops = &nbd_ops;
+	n->base.writers = NBD_WRITERS;
+	n->base.holes_need_zeroes = true;
+	struct nbd_options o = { n->uri, n->tls_certs, n->tls_psk };
+	struct nbd_handle *h;
+	if ((rc = nbd_open(&o, &h, err, errlen)))
+		goto fail;
+	int64_t size = nbd_get_size(h);
+	n->export_size = size > 0 ? (uint64_t)size : 0;
+	n->can_zero = nbd_can_zero(h) == 1;
+	n->can_trim = nbd_can_trim(h) == 1;
+	n->multi_conn = nbd_can_multi_conn(h) == 1;
+	int64_t max = nbd_get_block_size(h, LIBNBD_SIZE_MAXIMUM);
+	n->max_request = max > 0 && max < NBD_MAX_REQUEST ? (uint32_t)max : NBD_MAX_REQUEST;
+	if ((rc = conn_start(&n->conns[0], h))) {
+		nbd_close(h);
+		set_error(err, errlen, -rc, "target %s: cannot start its I/O thread: %s", n->uri, error_text(-rc));
+		goto fail;
+	}
+	/* More connections only where the server says they see one another's
+	 * writes (multi-conn); one is enough if the others fail. */
+	for (unsigned i = 1; n->multi_conn && i < NBD_MAX_CONNS; i++) {
+		char ignored[300];
+		struct nbd_handle *more;
+		if (nbd_open(&o, &more, ignored, sizeof(ignored)))
+			break;
+		if (conn_start(&n->conns[i], more)) {
+			nbd_close(more);
+			break;
+		}
+		n->nconns++;
+	}
+	snprintf(n->state_text, sizeof(n->state_text), "connected");
+	*out = &n->base;
+	return 0;
+fail:
+	nbd_free_target(&n->base);
+	return rc;
+}
+
+/* Before anything starts: the files TLS needs are there, and the server
+ * answers with a writable export (its size is checked at the point in
+ * time, by set_size). */
+static int nbd_check(const struct target_spec *spec, char *err, size_t errlen)
+{
+	const char *uri = spec->location;
+	bool tls = strncmp(uri, "nbds", 4) == 0;   /* libnbd says if it cannot do TLS */
+	struct stat st;
+
+	if ((spec->tls_certs || spec->tls_psk) && !tls)
+		return set_error(err, errlen, EINVAL, "target %s: tls-certs= and tls-psk= need an nbds:// or nbds+unix:// URI",
+				 uri);
+	if (spec->tls_certs && spec->tls_psk)
+		return set_error(err, errlen, EINVAL, "target %s: give tls-certs= or tls-psk=, not both", uri);
+	if (spec->tls_certs && stat(spec->tls_certs, &st) < 0)
+		return set_error(err, errlen, errno, "target %s: tls-certs=%s: %s", uri, spec->tls_certs, error_text(errno));
+	if (spec->tls_certs && !S_ISDIR(st.st_mode))
+		return set_error(err, errlen, ENOTDIR, "target %s: tls-certs=%s: not a directory", uri, spec->tls_certs);
+	if (spec->tls_psk && access(spec->tls_psk, R_OK) < 0)
+		return set_error(err, errlen, errno, "target %s: tls-psk=%s: %s", uri, spec->tls_psk, error_text(errno));
+	if (spec->in_place || spec->incremental)
+		return set_error(err, errlen, EOPNOTSUPP,
+				 "target %s: sync=incremental into an NBD export is not supported yet (take a full or top "
+				 "backup, or an incremental into a file)", uri);
+	struct nbd_options o = { uri, spec->tls_certs, spec->tls_psk };
+	struct nbd_handle *h;
+	int rc = nbd_open(&o, &h, err, errlen);
+	if (!rc)
+		nbd_close(h);
+	return rc;
+}
+
+const struct target_format_ops target_nbd_format = {
+	.name = "nbd",
+	.incremental_in_place = false,
+	.check = nbd_check,
+	.create = nbd_create_target,
+};
