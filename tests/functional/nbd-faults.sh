@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# NBD targets when the server fails or is slow (issue 14), and pull backups
+# of a snapshot view by NBD clients:
+#   - a server killed mid-backup that loses what it had not flushed (nbdkit
+#     with cache=writeback: writes reach the file only at a flush): with
+#     on-target-error=stop the job pauses; a restarted server and resume
+#     finish it exactly (the writes the dead server dropped are sent again);
+#   - the same with report: the job fails, and the guest's writes all landed;
+#   - a slow server (20 ms per write) with fleecing=on under concurrent
+#     writers: exact;
+#   - qemu-nbd serving a snapshot view read-only, copied with nbdcopy while
+#     the guest writes: equals T.
+. "$TESTS_DIR/lib.sh"
+
+random_image "$SRC/vm.img" 32M
+mount_fleece
+URI="nbd+unix:///?socket=$T/k.sock"
+serve_cached() {
+	nbd_serve k "$T/k.sock" nbdkit -f -U "$T/k.sock" --filter=cache file "$OUT/k.raw" cache=writeback
+}
+
+# 1. stop: pause, reconnect at resume, exact.
+truncate -s 32M "$OUT/k.raw"
+serve_cached
+cp "$SRC/vm.img" "$T/at-t"
+start st "backup vm.img $URI speed=6M on-target-error=stop id=st"
+sleep 1.2
+pwrites vm.img 0:65536 9000000:200000 30000000:4096
+nbd_kill k
+wait_state st paused 30
+want_match "st error" "$(status st error)" "target|connect"
+want_match "st connection" "$(status st target_connection)" "^lost"
+[ "$(status st target_unflushed_bytes)" -gt 0 ] || log "note: nothing was unflushed at the kill"
+pwrites vm.img 20000000:300000
+serve_cached
+ctl "resume st" >/dev/null || fail "resume st"
+ctl "set st speed=0" >/dev/null || fail "set st speed=0"
+want_eq "st after resume" "$(wait_job st 60)" completed
+[ "$(status st target_reconnects)" -ge 1 ] || fail "st: no reconnect counted"
+nbd_kill k   # what it holds now is only what was flushed to the file
+same "the backup across a server crash" "$T/at-t" "$OUT/k.raw"
+
+# 2. report: the job fails; the guest never notices.
+rm -f "$OUT/k.raw"
+truncate -s 32M "$OUT/k.raw"
+serve_cached
+start rp "backup vm.img $URI speed=4M id=rp"
+sleep 0.5
+nbd_kill k
+head -c 1000000 /dev/urandom > "$T/guest.data"
+dd if="$T/guest.data" of="$MNT/vm.img" bs=1000000 seek=5000000 oflag=seek_bytes conv=notrunc,fsync status=none ||
+	fail "a guest write failed while the target was gone"
+want_eq "rp" "$(wait_job rp 30)" failed
+want_match "rp error" "$(status rp error)" "target|connect"
+cmp -s <(tail -c +5000001 "$SRC/vm.img" | head -c 1000000) "$T/guest.data" ||
+	fail "the guest's write did not land in the image"
+
+# 3. A slow server (20 ms per write) with fleecing=on: exact under writers.
+rm -f "$OUT/slow.raw"
+truncate -s 32M "$OUT/slow.raw"
+nbd_serve slow "$T/slow.sock" nbdkit -f -U "$T/slow.sock" --filter=delay file "$OUT/slow.raw" wdelay=20ms
+cp "$SRC/vm.img" "$T/base"
+"$PY" "$TESTS_DIR/pit_writers.py" --mnt "$MNT" --base "$T/base" --target "nbd+unix:///?socket=$T/slow.sock" \
+	--writers 4 --options "fleecing=on" || fail "slow server with fleecing: point in time broken"
+
+# 4. Pull: a snapshot view served by qemu-nbd (read-only), copied by nbdcopy
+# while the guest writes.
+cp "$SRC/vm.img" "$T/at-t"
+ctl "snapshot pull vm.img" >/dev/null || fail "snapshot pull"
+nbd_serve view "$T/view.sock" qemu-nbd -r -t -f raw -k "$T/view.sock" "$MNT/.fleece/snapshots/pull/vm.img"
+"$PY" - "$MNT/vm.img" <<'PY' &
+import os, random, sys, time
+fd = os.open(sys.argv[1], os.O_WRONLY)
+end = time.monotonic() + 3
+while time.monotonic() < end:
+    os.pwrite(fd, os.urandom(random.randint(1, 200000)), random.randrange((32 << 20) - 200000))
+PY
+writer=$!
+BG_PIDS+=("$writer")
+truncate -s 32M "$T/pulled.raw"
+nbdcopy -- "nbd+unix:///?socket=$T/view.sock" "$T/pulled.raw" || fail "nbdcopy from the view"
+wait "$writer" || fail "guest writer"
+same "the pulled view" "$T/at-t" "$T/pulled.raw"
+cmp -s "$T/at-t" "$SRC/vm.img" && fail "the guest writes did not change the image (nothing was tested)"
+nbd_kill view
+ctl "release pull" >/dev/null || fail "release pull"
+
+unmount_fleece
+want_eq "daemon exit" "$DAEMON_RC" 0
+end_test
