@@ -605,6 +605,14 @@ static void nbdt_describe(struct target *t, struct strbuf *out)
 	pthread_mutex_unlock(&n->lock);
 }
 
+static void nbdt_explain(struct target *t, int err, char *buf, size_t len)
+{
+	struct nbd_target *n = nbdt(t);
+	pthread_mutex_lock(&n->lock);
+	snprintf(buf, len, "%s (NBD server %s, connection %s)", error_text(err), n->uri, n->state_text);
+	pthread_mutex_unlock(&n->lock);
+}
+
 /* What a failed job leaves: zeroes where `left` says, as for a new file. */
 static int nbdt_forget(struct target *t, const struct cbitmap *left, unsigned cluster_bits)
 {
@@ -670,6 +678,7 @@ static const struct target_ops nbd_ops = {
 	.set_size = nbdt_set_size,
 	.flush = nbdt_flush,
 	.describe = nbdt_describe,
+	.explain = nbdt_explain,
 	.forget = nbdt_forget,
 	.publish = nbdt_publish,
 	.close = nbd_close_target,

@@ -261,6 +261,11 @@ const struct target_format_ops *target_format(enum target_format format)
 
 const char *target_error_text(struct target *t, int err)
 {
+	static __thread char said[400];   /* per thread, as error_text's */
+	if (t && t->ops->explain) {
+		t->ops->explain(t, err, said, sizeof(said));
+		return said;
+	}
 	return t && t->error[0] ? t->error : error_text(err);
 }
 

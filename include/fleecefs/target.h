@@ -97,6 +97,9 @@ struct target_ops {
 	/* For status: key=value lines about where the target is (an NBD
 	 * target: its server and the connection's state). NULL: none. */
 	void (*describe)(struct target *t, struct strbuf *out);
+	/* What error err of this target means, in its own words (a server's
+	 * state), into buf; any thread. NULL: t->error or errno's text. */
+	void (*explain)(struct target *t, int err, char *buf, size_t len);
 	/* The clusters set in `left` did not (durably) get their new content:
 	 * make them hold again what they held before the job (zeroes for a new
 	 * file), durably. */
@@ -169,7 +172,8 @@ const struct target_format_ops *target_format(enum target_format format);
  * writing it; not in SOURCE_DIR; then the format's own checks. EINVAL, ENOENT, ENOTDIR, EEXIST,
  * EOPNOTSUPP with a message (no "line N:": the caller says where). */
 int target_check(struct target_spec *spec, const struct target_limits *limits, char *err, size_t errlen);
-/* What the last failure of t was, as text (its own words, or errno's). */
+/* What the last failure of t was, as text (its own words, or errno's);
+ * valid in this thread until its next call. */
 const char *target_error_text(struct target *t, int err);
 
 /* DIR/.NAME.fleecefs-PID-SERIAL.TAG for the file `path` (NAME cut to fit). */
