@@ -354,7 +354,8 @@ static void undecide(struct backup *b)
 static int publish(struct backup *b, const char *name, char *what, size_t len)
 {
 	char mname[PATH_MAX + 8], mold[PATH_MAX + 8];
-	bool replace = b->in_place && strcmp(b->target->path, name) == 0;
+	/* An export is overwritten by every backup into it: so is its manifest. */
+	bool replace = (b->in_place && strcmp(b->target->path, name) == 0) || b->format == FORMAT_NBD;
 	int rc;
 
 	manifest_path(b->target->path, mold, sizeof(mold));
@@ -404,7 +405,8 @@ static void settle(struct backup *b)
 static int complete_result(struct backup *b)
 {
 	char what[PATH_MAX + 200], mname[PATH_MAX + 8];
-	bool same_name = b->in_place && !b->from_partial;   /* updated where it is */
+	/* Updated where it is (an export is always where it is). */
+	bool same_name = (b->in_place && !b->from_partial) || b->format == FORMAT_NBD;
 	int rc;
 
 	if (!same_name && ((rc = target_name_free(b->target_path, what, sizeof(what))) ||

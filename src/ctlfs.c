@@ -18,6 +18,7 @@
 #include "fleecefs/control.h"
 #include "fleecefs/compress.h"
 #include "fleecefs/ctlfs.h"
+#include "fleecefs/manifest.h"
 #include "fleecefs/events.h"
 #include "fleecefs/inject.h"
 #include "fleecefs/list.h"
@@ -432,8 +433,9 @@ static char *version_text(void)
 	struct strbuf sb = { 0 };
 	strbuf_printf(&sb, "version=%s\nfeatures=backup sync-full sync-top sync-none format-raw format-qcow2 backing "
 			   "checksum-xxh3 events pause error-policies groups inject snapshot fleecing bitmaps "
-			   "sync-incremental mirror%s\ncluster_size=%" PRIu32 "\nctl_max_write=%zu\n", PACKAGE_VERSION,
-		      compress_available() ? " compress-zstd" : "", daemon_ctx->cluster_size, ctlfs_write_limit());
+			   "sync-incremental mirror nbd%s\ncluster_size=%" PRIu32 "\nctl_max_write=%zu\nnbd_manifests=%s\n",
+		      PACKAGE_VERSION, compress_available() ? " compress-zstd" : "", daemon_ctx->cluster_size,
+		      ctlfs_write_limit(), manifest_nbd_dir() ? manifest_nbd_dir() : "");
 	return strbuf_steal(&sb);
 }
 

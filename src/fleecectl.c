@@ -19,7 +19,9 @@
 #include <unistd.h>
 
 #include "fleecefs/ctlclient.h"
+#include "fleecefs/manifest.h"
 #include "fleecefs/restore.h"
+#include "fleecefs/target.h"
 #include "fleecefs/util.h"
 #include "fleecefs/verify.h"
 
@@ -588,6 +590,25 @@ static int cmd_verify(struct options *o, int argc, char **argv)
 
 	if (argc < 1)
 		return usage_error(find_verb("verify"), "which backup?");
+	for (int i = 0; i < argc; i++) {
+		/* An export's manifest is in the daemon's state directory, which
+		 * the mount names. */
+		if (target_is_nbd_uri(argv[i]) && !manifest_nbd_dir()) {
+			struct strbuf sb = { 0 };
+			char dir[PATH_MAX] = "", err[PATH_MAX + 200] = "";
+			if ((!o->mount[0] && ctl_find_mount(o->mount_given, o->mount, sizeof(o->mount), err, sizeof(err))) ||
+			    ctl_read(o->mount, "version", &sb) ||
+			    !ctl_value(sb.data ? sb.data : "", "nbd_manifests", dir, sizeof(dir)) || !dir[0]) {
+				strbuf_free(&sb);
+				fprintf(stderr, "fleecectl: verify %s: the manifest of an NBD backup is in the state directory "
+					"of the daemon that took it, which its mount names: cannot ask %s%s%s\n", argv[i],
+					o->mount[0] ? o->mount : "a mount (-m)", err[0] ? ": " : "", err);
+				return EXIT_UNREACHABLE;
+			}
+			strbuf_free(&sb);
+			manifest_use_nbd_dir(dir);
+		}
+	}
 	for (int i = 0; i < argc; i++) {
 		enum verify_result r;
 		if (o->json) {

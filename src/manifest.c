@@ -310,6 +310,16 @@ void manifest_free(struct manifest *m)
 
 static char *nbd_manifest_dir;
 
+int manifest_use_nbd_dir(const char *dir)
+{
+	char *copy = strdup(dir);
+	if (!copy)
+		return -ENOMEM;
+	free(nbd_manifest_dir);
+	nbd_manifest_dir = copy;
+	return 0;
+}
+
 int manifest_set_state_dir(const char *state_dir)
 {
 	char dir[PATH_MAX];
@@ -317,12 +327,12 @@ int manifest_set_state_dir(const char *state_dir)
 		return -ENAMETOOLONG;
 	if (mkdir(dir, 0700) < 0 && errno != EEXIST)
 		return -errno;
-	char *copy = strdup(dir);
-	if (!copy)
-		return -ENOMEM;
-	free(nbd_manifest_dir);
-	nbd_manifest_dir = copy;
-	return 0;
+	return manifest_use_nbd_dir(dir);
+}
+
+const char *manifest_nbd_dir(void)
+{
+	return nbd_manifest_dir;
 }
 
 const char *manifest_path(const char *target, char *buf, size_t len)

@@ -13,9 +13,12 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <libnbd.h>
+
 #include "fleecefs/compress.h"
 #include "fleecefs/qcow2.h"
 #include "fleecefs/reader.h"
+#include "fleecefs/target.h"
 #include "fleecefs/util.h"
 
 /* Bits of L1 and L2 entries the specification reserves (must be zero). */
@@ -25,6 +28,7 @@
 struct layer {
 	char *path;
 	int fd;
+	struct nbd_handle *nbd;     /* an NBD export (always raw): read through it */
 	bool qcow2;
 	dev_t dev;
 	ino_t ino;
@@ -139,6 +143,16 @@ static int open_layer(struct reader *r, const char *path, const char *format, co
 	if (!(l->path = strdup(path)))
 		return set_error(err, errlen, ENOMEM, "%s: out of memory", path);
 	r->nlayers++;
+	if (!named_by && target_is_nbd_uri(path)) {
+		if (format && strcmp(format, "raw"))
+			return set_error(err, errlen, EOPNOTSUPP, "%s: an NBD export is read as a raw disk, not %s", path,
+					 format);
+		if ((rc = target_nbd_connect_reader(path, &l->nbd, err, errlen)))
+			return rc;
+		int64_t size = nbd_get_size(l->nbd);
+		l->size = l->file_size = size > 0 ? (uint64_t)size : 0;
+		return 0;
+	}
 	if ((l->fd = open(path, O_RDONLY | O_CLOEXEC)) < 0 || fstat(l->fd, &st) < 0) {
 		int e = errno;
 		if (named_by)
@@ -210,6 +224,10 @@ void reader_close(struct reader *r)
 		struct layer *l = &r->layers[i];
 		if (l->fd >= 0)
 			close(l->fd);
+		if (l->nbd) {
+			nbd_shutdown(l->nbd, 0);
+			nbd_close(l->nbd);
+		}
 		free(l->path);
 		free(l->l1);
 		free(l->l2);
@@ -398,6 +416,20 @@ static void read_layer(struct reader *r, unsigned i, uint64_t off, size_t len, u
 	}
 	if (l->qcow2) {
 		read_qcow2(r, i, off, len, buf, o);
+		return;
+	}
+	if (l->nbd) {
+		for (size_t done = 0; done < len;) {
+			size_t piece = len - done < (32u << 20) ? len - done : (32u << 20);
+			if (nbd_pread(l->nbd, buf + done, piece, off + done, 0) < 0) {
+				memset(buf + done, 0, len - done);
+				damage(o, "%s: cannot read %zu bytes at %" PRIu64 ": %s", l->path, len - done, off + done,
+				       nbd_get_error() ? nbd_get_error() : "?");
+				break;
+			}
+			done += piece;
+		}
+		supplied(o, i, off);
 		return;
 	}
 	ssize_t got = pread_full(l->fd, buf, len, off);

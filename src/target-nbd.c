@@ -77,6 +77,7 @@ bool target_is_nbd_uri(const char *location)
 
 struct nbd_options {
 	const char *uri, *tls_certs, *tls_psk;
+	bool read_only;   /* a reader: no writes, no flushes needed */
 };
 
 /* What the server said, as one line. */
@@ -125,6 +126,10 @@ static int nbd_open(const struct nbd_options *o, struct nbd_handle **out, char *
 		rc = server_error(err, errlen, o->uri, "cannot connect");
 		goto fail;
 	}
+	if (o->read_only) {
+		*out = h;
+		return 0;
+	}
 	if (nbd_is_read_only(h) == 1) {
 		rc = set_error(err, errlen, EROFS, "target %s: the server exports it read-only", o->uri);
 		goto fail;
@@ -139,6 +144,12 @@ static int nbd_open(const struct nbd_options *o, struct nbd_handle **out, char *
 fail:
 	nbd_close(h);
 	return rc;
+}
+
+int target_nbd_connect_reader(const char *uri, struct nbd_handle **out, char *err, size_t errlen)
+{
+	struct nbd_options o = { .uri = uri, .read_only = true };
+	return nbd_open(&o, out, err, errlen);
 }
 
 /* ---- one request ----------------------------------------------------------- */
@@ -397,7 +408,7 @@ static int reconnect_locked(struct nbd_target *n)
 	pthread_rwlock_wrlock(&n->conns_lock);
 	for (unsigned i = 0; i < n->nconns; i++)
 		conn_stop(&n->conns[i], false);
-	struct nbd_options o = { n->uri, n->tls_certs, n->tls_psk };
+	struct nbd_options o = { n->uri, n->tls_certs, n->tls_psk, false };
 	for (unsigned i = 0; i < n->nconns && !rc; i++) {
 		struct nbd_handle *h;
 		if ((rc = nbd_open(&o, &h, err, sizeof(err))))
@@ -727,7 +738,7 @@ static int nbd_create_target(const struct target_spec *spec, const char *temp, s
 	n->base.ops = &nbd_ops;
 	n->base.writers = NBD_WRITERS;
 	n->base.holes_need_zeroes = true;
-	struct nbd_options o = { n->uri, n->tls_certs, n->tls_psk };
+	struct nbd_options o = { n->uri, n->tls_certs, n->tls_psk, false };
 	struct nbd_handle *h;
 	if ((rc = nbd_open(&o, &h, err, errlen)))
 		goto fail;
@@ -788,7 +799,7 @@ static int nbd_check(const struct target_spec *spec, char *err, size_t errlen)
 		return set_error(err, errlen, EOPNOTSUPP,
 				 "target %s: sync=incremental into an NBD export is not supported yet (take a full or top "
 				 "backup, or an incremental into a file)", uri);
-	struct nbd_options o = { uri, spec->tls_certs, spec->tls_psk };
+	struct nbd_options o = { uri, spec->tls_certs, spec->tls_psk, false };
 	struct nbd_handle *h;
 	int rc = nbd_open(&o, &h, err, errlen);
 	if (!rc)

@@ -53,8 +53,11 @@ struct manifest {
 const char *manifest_path(const char *target, char *buf, size_t len);
 /* Where manifests of NBD targets live: STATE_DIR/nbd/HASH.xxh3 (HASH the
  * XXH3-64 of the URI), since an export has no directory beside it. Once
- * at start (the daemon; fleecectl reads file targets only). */
+ * at start by the daemon, which creates the directory; fleecectl learns it
+ * from the mount's .fleece/version (nbd_manifests=) and uses it as is. */
 int manifest_set_state_dir(const char *state_dir);
+int manifest_use_nbd_dir(const char *dir);
+const char *manifest_nbd_dir(void);   /* NULL: not set */
 /* A new manifest, created empty under temp_path (O_EXCL); sized at T. */
 int manifest_create(const char *temp_path, uint32_t cluster_size, struct manifest **out, char *err, size_t errlen);
 /* An in-place update of the manifest at `existing` (which must describe a

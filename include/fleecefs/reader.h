@@ -6,7 +6,8 @@
  * the header extension or else from the magic, and clusters may be zero
  * clusters, unallocated (read from the backing file, or zeroes past its end
  * or without one) or compressed with zlib or zstd. The chain is a list of
- * layers, the top (the file opened) first.
+ * layers, the top (the file opened) first. The top may also be an NBD
+ * export (a URI, target.h): a raw disk read through libnbd.
  *
  * A reader never stops at damage. A piece it cannot read (an L1 or L2
  * entry that points past the end of the file or is not aligned, reserved

@@ -163,6 +163,11 @@ struct target_format_ops {
  * rather than a path? */
 bool target_is_nbd_uri(const char *location);
 
+/* A connection to read the export `uri` (TLS files as URI parameters),
+ * for readers of backups (reader.h). 0 or -errno with the server's answer. */
+struct nbd_handle;
+int target_nbd_connect_reader(const char *uri, struct nbd_handle **out, char *err, size_t errlen);
+
 /* The format's operations; NULL for one this version cannot write. */
 const struct target_format_ops *target_format(enum target_format format);
 /* Resolves spec->location into spec->resolved (its directory's real path and

@@ -25,6 +25,17 @@ nbd_serve q "$T/q.sock" qemu-nbd -f raw -t -e 16 -k "$T/q.sock" --cache=writebac
 pit "qemu-nbd raw file, unix socket, sync=full" "nbd+unix:///?socket=$T/q.sock" "speed=8M"
 # Its manifest is in the state directory (an export has no directory).
 ls "$SRC"/.fleecefs/nbd/*.xxh3 >/dev/null 2>&1 || fail "no manifest of the NBD backup in STATE_DIR/nbd"
+# fleecectl verify reads the export through libnbd against that manifest
+# (the mount says where it is); a changed byte on the server is found.
+export FLEECE_MOUNT=$MNT
+Q="nbd+unix:///?socket=$T/q.sock"
+verify_rc 0 "$Q" "ok"
+printf 'X' | dd of="$OUT/q.raw" bs=1 seek=5000000 conv=notrunc status=none
+verify_rc 1 "$Q" "offset 49[0-9]{5}"
+# fleecectl takes URIs where it takes targets.
+out=$("$FLEECECTL" backup --wait vm.img "$Q" id=ctl 2>&1) || fail "fleecectl backup --wait into $Q: $out: $(status ctl state) $(status ctl error)"
+want_eq "ctl" "$(status ctl state)" completed
+verify_rc 0 "$Q" "ok"
 
 # 2. qemu-nbd, a qcow2 file, over TCP: the export is the qcow2's disk; the
 # file stays a clean qcow2 (qemu-img check) holding T.
@@ -104,7 +115,7 @@ PY
 refused ENOTSUP "incremental into an NBD export" \
 	"backup vm.img nbd+unix:///?socket=$T/k.sock sync=incremental bitmap=nb id=bad"
 refused EINVAL "absolute path" "mirror vm.img nbd+unix:///?socket=$T/k.sock id=bad"
-[ -z "$(ls -A "$MNT/.fleece/jobs" | grep -v -e '^job-' -e '^qc$' -e '^kf$' -e '^tl$' || true)" ] ||
+[ -z "$(ls -A "$MNT/.fleece/jobs" | grep -v -e '^job-' -e '^qc$' -e '^kf$' -e '^tl$' -e '^ctl$' || true)" ] ||
 	fail "a refused command left a job: $(ls "$MNT/.fleece/jobs")"
 
 unmount_fleece
