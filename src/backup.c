@@ -703,7 +703,8 @@ static const struct job_driver backup_driver = {
 static int claim_names(struct backup *b, char *err, size_t errlen)
 {
 	int rc = target_name_claim(b->target_path);
-	if (!rc && (rc = target_name_claim(b->partial_path)))
+	/* (An export keeps a partial result where it is: one name.) */
+	if (!rc && strcmp(b->partial_path, b->target_path) && (rc = target_name_claim(b->partial_path)))
 		target_name_release(b->target_path);
 	if (rc == -EEXIST)
 		return set_error(err, errlen, EEXIST, "backup %s: target %s is being written by another job", b->image_path,
@@ -726,7 +727,13 @@ static int stage_files(struct backup *b, const struct backup_params *p, const st
 
 	if (!(b->record = pending_new(b->job.serial)))
 		return set_error(err, errlen, ENOMEM, "backup %s: out of memory", cmd->image);
-	pending_set(b->record, "kind", b->in_place ? "in-place" : b->format == FORMAT_NBD ? "nbd" : "new");
+	bool export = b->format == FORMAT_NBD;
+	pending_set(b->record, "kind", export ? (b->in_place ? "nbd-in-place" : "nbd") : b->in_place ? "in-place" : "new");
+	if (export) {
+		/* How the next mount reaches the export to roll it back. */
+		pending_set(b->record, "tls_certs", p->target->tls_certs);
+		pending_set(b->record, "tls_psk", p->target->tls_psk);
+	}
 	pending_set(b->record, "file", data);
 	pending_set(b->record, "final", b->target_path);
 	pending_set(b->record, "partial", b->partial_path);
@@ -741,7 +748,7 @@ static int stage_files(struct backup *b, const struct backup_params *p, const st
 				 error_text(-rc));
 	const struct target_format_ops *format = target_format(p->target->format);
 	if (b->in_place)
-		rc = format->open_existing(data, (dev_t)p->chain->dev, (ino_t)p->chain->ino, journal, p->cluster_size,
+		rc = format->open_existing(p->target, data, (dev_t)p->chain->dev, (ino_t)p->chain->ino, journal, p->cluster_size,
 					   &b->target, err, errlen);
 	else
 		rc = format->create(p->target, temp, &b->target, err, errlen);

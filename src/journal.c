@@ -2,6 +2,7 @@
 #include "config.h"
 
 #include <errno.h>
+#include <stdint.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -38,7 +39,7 @@ struct record_header {
 struct journal {
 	char *path;
 	int fd;
-	int file_fd;
+	struct journal_file file;
 	uint64_t file_size;
 	uint32_t cluster_size;
 	unsigned cluster_bits;
@@ -59,21 +60,76 @@ static uint64_t record_hash(const struct record_header *r)
 	return XXH3_64bits(r, offsetof(struct record_header, hash));
 }
 
+/* ---- a local file, through its descriptor ---------------------------------- */
+
+static int fd_of(void *ctx) { return (int)(intptr_t)ctx; }
+
+static int fd_read(void *ctx, void *buf, uint64_t len, uint64_t off)
+{
+	ssize_t got = pread_full(fd_of(ctx), buf, (size_t)len, off);
+	if (got < 0)
+		return (int)got;
+	if ((uint64_t)got < len)   /* past the end: zeroes */
+		memset((char *)buf + got, 0, (size_t)(len - (uint64_t)got));
+	return 0;
+}
+
+static int fd_write(void *ctx, const void *buf, uint64_t len, uint64_t off)
+{
+	return pwrite_full(fd_of(ctx), buf, (size_t)len, off) < 0 ? -errno : 0;
+}
+
+static int fd_zero(void *ctx, uint64_t off, uint64_t len)
+{
+	int fd = fd_of(ctx);
+	if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len) == 0)
+		return 0;
+	static const char zeroes[65536];
+	for (uint64_t done = 0; done < len;) {
+		size_t n = (size_t)min_u64(len - done, sizeof(zeroes));
+		if (pwrite_full(fd, zeroes, n, off + done) < 0)
+			return -errno;
+		done += n;
+	}
+	return 0;
+}
+
+static int fd_sync(void *ctx)
+{
+	return fdatasync(fd_of(ctx)) < 0 ? -errno : 0;
+}
+
+static int file_of_fd(int fd, struct journal_file *out)
+{
+	struct stat st;
+	if (fstat(fd, &st) < 0)
+		return -errno;
+	*out = (struct journal_file){ .read = fd_read, .write = fd_write, .zero = fd_zero, .sync = fd_sync,
+				      .ctx = (void *)(intptr_t)fd, .dev = (uint64_t)st.st_dev, .ino = (uint64_t)st.st_ino };
+	return 0;
+}
+
 int journal_create(const char *path, int file_fd, uint64_t file_size, uint32_t cluster_size,
 		   struct journal **out, char *err, size_t errlen)
 {
+	struct journal_file file;
+	int rc = file_of_fd(file_fd, &file);
+	if (rc)
+		return set_error(err, errlen, -rc, "journal %s: %s", path, error_text(-rc));
+	return journal_create_on(path, &file, file_size, cluster_size, out, err, errlen);
+}
+
+int journal_create_on(const char *path, const struct journal_file *file, uint64_t file_size, uint32_t cluster_size,
+		      struct journal **out, char *err, size_t errlen)
+{
 	struct journal *j = calloc(1, sizeof(*j));
-	struct stat st;
 	int e;
 
-	if (!j || !(j->path = strdup(path)) || fstat(file_fd, &st) < 0) {
-		e = j && j->path ? errno : ENOMEM;
-		if (j)
-			free(j->path);
+	if (!j || !(j->path = strdup(path))) {
 		free(j);
-		return set_error(err, errlen, e, "journal %s: %s", path, error_text(e));
+		return set_error(err, errlen, ENOMEM, "journal %s: %s", path, error_text(ENOMEM));
 	}
-	j->file_fd = file_fd;
+	j->file = *file;
 	j->file_size = file_size;
 	j->cluster_size = cluster_size;
 	j->cluster_bits = log2_u64(cluster_size);
@@ -88,7 +144,7 @@ int journal_create(const char *path, int file_fd, uint64_t file_size, uint32_t c
 		goto fail;
 	}
 	struct journal_header h = { .version = JOURNAL_VERSION, .cluster_size = cluster_size,
-				    .file_size = file_size, .dev = (uint64_t)st.st_dev, .ino = (uint64_t)st.st_ino };
+				    .file_size = file_size, .dev = file->dev, .ino = file->ino };
 	memcpy(h.magic, JOURNAL_MAGIC, 8);
 	h.hash = header_hash(&h);
 	if (pwrite_full(j->fd, &h, sizeof(h), 0) < 0 || fdatasync(j->fd) < 0 || fsync_parent_dir(path) < 0) {
@@ -153,11 +209,9 @@ static int save_run(struct journal *j, uint64_t first, uint64_t count, void *buf
 		uint64_t n = min_u64(count, max_u64(buf_len >> j->cluster_bits, 1));
 		uint64_t off = first << j->cluster_bits;
 		uint64_t len = min_u64(n << j->cluster_bits, j->file_size - off);
-		ssize_t got = pread_full(j->file_fd, buf, (size_t)len, off);
+		int got = j->file.read(j->file.ctx, buf, len, off);
 		if (got < 0)
-			return (int)got;
-		if ((uint64_t)got < len)
-			memset((char *)buf + got, 0, (size_t)(len - (uint64_t)got));
+			return got;
 		/* Split into runs of zero and of data clusters. */
 		for (uint64_t pos = 0; pos < len;) {
 			bool zero = buffer_is_zero((char *)buf + pos, (size_t)min_u64(cs, len - pos));
@@ -227,24 +281,10 @@ int journal_protect(struct journal *j, const struct journal_range *ranges, unsig
 
 /* ---- applying records ---------------------------------------------------- */
 
-static int write_back_zero(int fd, uint64_t off, uint64_t len)
-{
-	if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len) == 0)
-		return 0;
-	static const char zeroes[65536];
-	for (uint64_t done = 0; done < len;) {
-		size_t n = (size_t)min_u64(len - done, sizeof(zeroes));
-		if (pwrite_full(fd, zeroes, n, off + done) < 0)
-			return -errno;
-		done += n;
-	}
-	return 0;
-}
-
 /* Writes back [off, off + len) of one record (data in buf, NULL: zeroes),
  * restricted to the clusters in `only` when given. */
-static int write_back(int fd, uint64_t off, uint64_t len, const char *buf, const struct cbitmap *only,
-		      unsigned cluster_bits)
+static int write_back(const struct journal_file *file, uint64_t off, uint64_t len, const char *buf,
+		      const struct cbitmap *only, unsigned cluster_bits)
 {
 	uint64_t cs = 1ull << cluster_bits;
 
@@ -267,8 +307,7 @@ static int write_back(int fd, uint64_t off, uint64_t len, const char *buf, const
 		} else {
 			piece = len - pos;
 		}
-		int rc = buf ? (pwrite_full(fd, buf + pos, (size_t)piece, off + pos) < 0 ? -errno : 0)
-			     : write_back_zero(fd, off + pos, piece);
+		int rc = buf ? file->write(file->ctx, buf + pos, piece, off + pos) : file->zero(file->ctx, off + pos, piece);
 		if (rc)
 			return rc;
 		pos += piece;
@@ -278,8 +317,8 @@ static int write_back(int fd, uint64_t off, uint64_t len, const char *buf, const
 
 /* Applies the records of the journal open on jfd to file_fd, newest first,
  * so that if a cluster was ever saved twice its oldest content wins. */
-static int apply(int jfd, int file_fd, uint64_t from, const struct journal_header *h, const struct cbitmap *only,
-		 uint64_t *applied)
+static int apply(int jfd, const struct journal_file *file, uint64_t from, const struct journal_header *h,
+		 const struct cbitmap *only, uint64_t *applied)
 {
 	unsigned bits = log2_u64(h->cluster_size);
 	uint64_t *where = NULL;
@@ -330,13 +369,13 @@ static int apply(int jfd, int file_fd, uint64_t from, const struct journal_heade
 				continue;
 			data = buf;
 		}
-		if (!(rc = write_back(file_fd, r.off, r.len, data, only, bits)))
+		if (!(rc = write_back(file, r.off, r.len, data, only, bits)))
 			(*applied)++;
 	}
 	free(buf);
 	free(where);
-	if (!rc && fdatasync(file_fd) < 0)
-		rc = -errno;
+	if (!rc)
+		rc = file->sync(file->ctx);
 	return rc;
 }
 
@@ -347,7 +386,7 @@ int journal_rollback(struct journal *j, const struct cbitmap *only)
 
 	if (pread_full(j->fd, &h, sizeof(h), 0) != sizeof(h))
 		return -EIO;
-	return apply(j->fd, j->file_fd, sizeof(h), &h, only, &applied);
+	return apply(j->fd, &j->file, sizeof(h), &h, only, &applied);
 }
 
 int journal_close(struct journal *j, bool remove)
@@ -372,17 +411,21 @@ int journal_close(struct journal *j, bool remove)
 
 int journal_recover(const char *path, int file_fd, char *err, size_t errlen)
 {
+	struct journal_file file;
+	int rc = file_of_fd(file_fd, &file);
+	if (rc)
+		return set_error(err, errlen, -rc, "journal %s: %s", path, error_text(-rc));
+	return journal_recover_on(path, &file, err, errlen);
+}
+
+int journal_recover_on(const char *path, const struct journal_file *file, char *err, size_t errlen)
+{
 	struct journal_header h;
-	struct stat st;
 	uint64_t applied = 0;
 	int jfd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC), rc;
 
 	if (jfd < 0)
 		return errno == ENOENT ? -ENOENT : set_error(err, errlen, errno, "journal %s: %s", path, error_text(errno));
-	if (fstat(file_fd, &st) < 0) {
-		rc = set_error(err, errlen, errno, "journal %s: %s", path, error_text(errno));
-		goto out;
-	}
 	if (pread_full(jfd, &h, sizeof(h), 0) != sizeof(h) || memcmp(h.magic, JOURNAL_MAGIC, 8) ||
 	    h.hash != header_hash(&h) || h.version != JOURNAL_VERSION || !is_power_of_two(h.cluster_size)) {
 		/* The header is written and synced before the first record: a
@@ -390,12 +433,12 @@ int journal_recover(const char *path, int file_fd, char *err, size_t errlen)
 		rc = 0;
 		goto out;
 	}
-	if (h.dev != (uint64_t)st.st_dev || h.ino != (uint64_t)st.st_ino) {
+	if (h.dev != file->dev || h.ino != file->ino) {
 		rc = set_error(err, errlen, EINVAL, "journal %s belongs to another file (inode %llu, not %llu)", path,
-			       (unsigned long long)h.ino, (unsigned long long)st.st_ino);
+			       (unsigned long long)h.ino, (unsigned long long)file->ino);
 		goto out;
 	}
-	rc = apply(jfd, file_fd, sizeof(h), &h, NULL, &applied);
+	rc = apply(jfd, file, sizeof(h), &h, NULL, &applied);
 	if (rc)
 		set_error(err, errlen, -rc, "journal %s: cannot roll back: %s", path, error_text(-rc));
 	else

@@ -185,7 +185,7 @@ static const char *locate(const struct pending *p)
 	const char *kind = get(p, "kind");
 	struct stat st;
 
-	if (kind && strcmp(kind, "nbd") == 0)
+	if (kind && strncmp(kind, "nbd", 3) == 0)
 		return names[0] ? names[0] : "";   /* an export: never a file here */
 
 	for (unsigned i = 0; i < 3; i++) {
@@ -219,7 +219,8 @@ static void write_chain(const struct pending *p)
 	strbuf_free(&sb);
 }
 
-static void undo(const struct pending *p, const char *where)
+/* Returns false if the record must stay (a rollback to retry). */
+static bool undo(const struct pending *p, const char *where)
 {
 	const char *kind = get(p, "kind"), *file = get(p, "file"), *journal = get(p, "journal");
 	char err[300];
@@ -227,7 +228,18 @@ static void undo(const struct pending *p, const char *where)
 	remove_file(get(p, "manifest_temp"));
 	if (kind && strcmp(kind, "nbd") == 0) {
 		log_warn("recovery: the backup into %s was interrupted: the export holds no complete backup", file);
-		return;
+		return true;
+	}
+	if (kind && strcmp(kind, "nbd-in-place") == 0) {
+		int rc = journal && file ? target_nbd_recover(file, get(p, "tls_certs"), get(p, "tls_psk"), journal, err,
+							     sizeof(err)) : 0;
+		if (rc && rc != -ENOENT) {
+			log_error("recovery: %s; the journal and its record are kept: the next mount tries again", err);
+			return false;
+		}
+		remove_file(journal);
+		log_info("recovery: %s rolled back to its earlier backup (an incremental was interrupted)", file);
+		return true;
 	}
 	if (!kind || strcmp(kind, "in-place") != 0) {
 		/* A new file that never got its name. */
@@ -235,12 +247,12 @@ static void undo(const struct pending *p, const char *where)
 			remove_file(file);
 			log_info("recovery: removed %s, the unfinished target of an interrupted backup", file);
 		}
-		return;
+		return true;
 	}
 	if (!*where) {
 		if (journal && access(journal, F_OK) == 0)
 			log_error("recovery: %s is gone; its journal %s is kept", file, journal);
-		return;
+		return true;
 	}
 	int fd = open(where, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
 	int rc = fd < 0 ? -errno : journal ? journal_recover(journal, fd, err, sizeof(err)) : 0;
@@ -248,12 +260,13 @@ static void undo(const struct pending *p, const char *where)
 		close(fd);
 	if (rc && rc != -ENOENT) {
 		log_error("recovery: %s: %s; the journal is kept", where, fd < 0 ? error_text(-rc) : err);
-		return;
+		return true;
 	}
 	remove_file(journal);
 	if (file && strcmp(where, file) != 0 && rename_noreplace(where, file) < 0)
 		log_error("recovery: cannot rename %s back to %s: %s", where, file, error_text(errno));
 	log_info("recovery: %s rolled back to its earlier backup (an incremental was interrupted)", file);
+	return true;
 }
 
 static void redo(const struct pending *p, const char *where, const char *decision)
@@ -270,7 +283,7 @@ static void redo(const struct pending *p, const char *where, const char *decisio
 		return;
 	}
 	const char *kind = get(p, "kind");
-	bool export = kind && strcmp(kind, "nbd") == 0;   /* nothing to rename */
+	bool export = kind && strncmp(kind, "nbd", 3) == 0;   /* nothing to rename */
 	if (!export && strcmp(where, name) != 0 && rename_noreplace(where, name) < 0) {
 		log_error("recovery: cannot rename %s to %s: %s", where, name, error_text(errno));
 		return;
@@ -285,6 +298,28 @@ static void redo(const struct pending *p, const char *where, const char *decisio
 	write_chain(p);
 	remove_file(get(p, "journal"));
 	log_info("recovery: finished publishing %s (the daemon stopped after the backup was decided)", name);
+}
+
+bool pending_names(const char *final)
+{
+	DIR *d = pending_dir[0] ? opendir(pending_dir) : NULL;
+	bool found = false;
+	char path[PATH_MAX + 256];
+
+	for (struct dirent *e; d && !found && (e = readdir(d));) {
+		if (e->d_name[0] == '.')
+			continue;
+		snprintf(path, sizeof(path), "%s/%s", pending_dir, e->d_name);
+		struct pending *p = load(path);
+		if (!p)
+			continue;
+		const char *name = get(p, "final");
+		found = name && strcmp(name, final) == 0 && get(p, "journal") && !get(p, "decision");
+		pending_free(p);
+	}
+	if (d)
+		closedir(d);
+	return found;
 }
 
 void pending_recover(const char *state_dir)
@@ -306,11 +341,15 @@ void pending_recover(const char *state_dir)
 			continue;
 		const char *decision = get(p, "decision");
 		const char *where = locate(p);
+		bool settled = true;
 		if (decision)
 			redo(p, where, decision);
 		else
-			undo(p, where);
-		pending_finish(p);
+			settled = undo(p, where);
+		if (settled)
+			pending_finish(p);
+		else
+			pending_free(p);
 	}
 	if (d)
 		closedir(d);

@@ -19,10 +19,19 @@
  * for room while one runs). If the connection drops, nothing acknowledged
  * is lost even if the server lost its cache: the reconnect writes
  * everything retained again, oldest first, before any other request. That
- * is only right because every byte of a new backup is written with its
- * content at T (a write repeated later, even one that had failed, carries
- * the same bytes; forget's zeroes come after all of them), so this kind
- * takes no in-place updates.
+ * is right because a job writes each cluster once with its content at its
+ * point in time (a write repeated later, even one that had failed, carries
+ * the same bytes), and what comes after that for a cluster (forget's
+ * zeroes, a rollback's old content) is written later through the same
+ * list, so it is sent again later too.
+ *
+ * In place (sync=incremental onto the chain's last backup in the export):
+ * before a cluster is first overwritten, its old content is read from the
+ * export and made durable in a local journal (journal.h, in STATE_DIR/nbd),
+ * exactly as for a raw file; a failed or cancelled job writes it back, and
+ * the next mount does if the daemon (or the server) was gone. An export's
+ * identity is the XXH3-64 of its URI (dev 0): the chain names it, nothing
+ * on the server does.
  *
  * A dropped connection is a target error (-ENOTCONN): the job's policy
  * decides (stop pauses it; after resume the next write reconnects, at most
@@ -51,8 +60,10 @@
 #include <unistd.h>
 
 #include <libnbd.h>
+#include <xxhash.h>
 
 #include "fleecefs/cbitmap.h"
+#include "fleecefs/journal.h"
 #include "fleecefs/target.h"
 #include "fleecefs/util.h"
 
@@ -210,6 +221,7 @@ struct nbd_target {
 	pthread_cond_t retain_room;
 	unsigned reconnects;
 	char state_text[300];            /* "connected" or why not */
+	struct journal *journal;         /* in place: the undo journal */
 	struct retained *retained_head;  /* newest first */
 	uint64_t retained_bytes;
 	bool flushing;
@@ -294,7 +306,7 @@ static void conn_stop(struct nbd_conn *c, bool polite)
 	}
 }
 
-enum nbd_op { OP_WRITE, OP_ZERO, OP_TRIM, OP_FLUSH };
+enum nbd_op { OP_WRITE, OP_ZERO, OP_TRIM, OP_FLUSH, OP_READ };
 
 static void mark_lost(struct nbd_target *n, const char *why)
 {
@@ -321,6 +333,9 @@ static int conn_request(struct nbd_target *n, struct nbd_conn *c, enum nbd_op op
 		break;
 	case OP_TRIM:
 		cookie = nbd_aio_trim(c->h, len, off, cb, 0);
+		break;
+	case OP_READ:
+		cookie = nbd_aio_pread(c->h, (void *)buf, len, off, cb, 0);
 		break;
 	default:
 		cookie = nbd_aio_flush(c->h, cb, 0);
@@ -566,16 +581,31 @@ static int write_retained(struct nbd_target *n, enum nbd_op op, uint64_t off, co
 	return rc ? rc : rc2;
 }
 
+static uint64_t export_identity(const char *uri)
+{
+	uint64_t h = XXH3_64bits(uri, strlen(uri));
+	return h ? h : 1;
+}
+
+/* In place, nothing is overwritten before its old content is journaled. */
+static int protect(struct nbd_target *n, uint64_t off, uint64_t len)
+{
+	if (!n->journal || journal_covers(n->journal, off, len))
+		return 0;
+	struct journal_range range = { off, len };
+	return journal_protect(n->journal, &range, 1);
+}
+
 static int nbdt_write(struct target *t, uint64_t off, const void *buf, size_t len, unsigned flags)
 {
 	(void)flags;
-	return write_retained(nbdt(t), OP_WRITE, off, buf, len, buf);
+	struct nbd_target *n = nbdt(t);
+	int rc = protect(n, off, len);
+	return rc ? rc : write_retained(n, OP_WRITE, off, buf, len, buf);
 }
 
-static int nbdt_write_zeroes(struct target *t, uint64_t off, uint64_t len)
+static int zero_range(struct nbd_target *n, uint64_t off, uint64_t len)
 {
-	struct nbd_target *n = nbdt(t);
-
 	if (n->can_zero)   /* the server makes it read as zeroes, a hole where it can */
 		return write_retained(n, OP_ZERO, off, NULL, len, NULL);
 	int rc = 0;
@@ -584,6 +614,52 @@ static int nbdt_write_zeroes(struct target *t, uint64_t off, uint64_t len)
 		rc = write_retained(n, OP_WRITE, off + done, zero_buffer, piece, NULL);
 	}
 	return rc;
+}
+
+static int nbdt_write_zeroes(struct target *t, uint64_t off, uint64_t len)
+{
+	struct nbd_target *n = nbdt(t);
+	int rc = protect(n, off, len);
+	return rc ? rc : zero_range(n, off, len);
+}
+
+static int nbdt_prepare_writes(struct target *t, const struct journal_range *ranges, unsigned count)
+{
+	struct nbd_target *n = nbdt(t);
+	return n->journal ? journal_protect(n->journal, ranges, count) : 0;
+}
+
+/* ---- the export as a journal sees it ---------------------------------------- */
+
+static int jf_read(void *ctx, void *buf, uint64_t len, uint64_t off)
+{
+	struct nbd_target *n = ctx;
+	uint64_t inside = off < n->export_size ? min_u64(len, n->export_size - off) : 0;
+	int rc = inside ? request(n, OP_READ, off, buf, inside) : 0;
+	if (!rc && inside < len)
+		memset((char *)buf + inside, 0, (size_t)(len - inside));
+	return rc;
+}
+
+static int jf_write(void *ctx, const void *buf, uint64_t len, uint64_t off)
+{
+	return write_retained(ctx, OP_WRITE, off, buf, len, buf);
+}
+
+static int jf_zero(void *ctx, uint64_t off, uint64_t len)
+{
+	return zero_range(ctx, off, len);
+}
+
+static int jf_sync(void *ctx)
+{
+	return flush_retained(ctx);
+}
+
+static struct journal_file journal_file_of(struct nbd_target *n)
+{
+	return (struct journal_file){ .read = jf_read, .write = jf_write, .zero = jf_zero, .sync = jf_sync, .ctx = n,
+				      .dev = 0, .ino = export_identity(n->uri) };
 }
 
 static int nbdt_discard(struct target *t, uint64_t off, uint64_t len)
@@ -624,9 +700,13 @@ static void nbdt_explain(struct target *t, int err, char *buf, size_t len)
 	pthread_mutex_unlock(&n->lock);
 }
 
-/* What a failed job leaves: zeroes where `left` says, as for a new file. */
+/* What a failed job leaves: zeroes where `left` says, as for a new file;
+ * in place, the old content back. */
 static int nbdt_forget(struct target *t, const struct cbitmap *left, unsigned cluster_bits)
 {
+	struct nbd_target *n = nbdt(t);
+	if (n->journal)   /* only what the journal saved was touched at all */
+		return journal_rollback(n->journal, left);
 	int rc = 0;
 	for (uint64_t c = cbitmap_next_set(left, 0); c < left->nbits && !rc;) {
 		uint64_t end = cbitmap_next_clear(left, c);
@@ -649,13 +729,20 @@ static int nbdt_publish(struct target *t, const char *name, char *err, size_t er
 	return 0;
 }
 
-static int nbd_close_target(struct target *t, bool keep)
+static int nbdt_close_target(struct target *t, bool keep)
 {
 	struct nbd_target *n = nbdt(t);
 	int rc = 0;
-	/* Kept: durable already (the job flushed); not kept: there is nothing
-	 * to take back on an export, only the job's record says it failed. */
-	(void)keep;
+	/* Kept: durable already (the job flushed). Not kept: a new backup
+	 * cannot be taken back on an export (only its record says it failed);
+	 * one in place is rolled back, or its journal stays for the next mount. */
+	if (n->journal) {
+		if (!keep)
+			rc = journal_rollback(n->journal, NULL);
+		int rc2 = journal_close(n->journal, rc == 0);
+		rc = rc ? rc : rc2;
+		n->journal = NULL;
+	}
 	for (unsigned i = 0; i < n->nconns; i++)
 		conn_stop(&n->conns[i], true);
 	set_state(n, "%s", "closed");
@@ -665,6 +752,8 @@ static int nbd_close_target(struct target *t, bool keep)
 static void nbd_free_target(struct target *t)
 {
 	struct nbd_target *n = nbdt(t);
+	if (n->journal)
+		journal_close(n->journal, false);
 	for (unsigned i = 0; i < n->nconns; i++) {
 		conn_stop(&n->conns[i], false);
 		if (n->conns[i].kick >= 0)
@@ -685,6 +774,7 @@ static void nbd_free_target(struct target *t)
 static const struct target_ops nbd_ops = {
 	.write = nbdt_write,
 	.write_zeroes = nbdt_write_zeroes,
+	.prepare_writes = nbdt_prepare_writes,
 	.discard = nbdt_discard,
 	.set_size = nbdt_set_size,
 	.flush = nbdt_flush,
@@ -692,7 +782,7 @@ static const struct target_ops nbd_ops = {
 	.explain = nbdt_explain,
 	.forget = nbdt_forget,
 	.publish = nbdt_publish,
-	.close = nbd_close_target,
+	.close = nbdt_close_target,
 	.free = nbd_free_target,
 };
 
@@ -738,6 +828,7 @@ static int nbd_create_target(const struct target_spec *spec, const char *temp, s
 	n->base.ops = &nbd_ops;
 	n->base.writers = NBD_WRITERS;
 	n->base.holes_need_zeroes = true;
+	n->base.ino = (ino_t)export_identity(n->uri);
 	struct nbd_options o = { n->uri, n->tls_certs, n->tls_psk, false };
 	struct nbd_handle *h;
 	if ((rc = nbd_open(&o, &h, err, errlen)))
@@ -795,10 +886,6 @@ static int nbd_check(const struct target_spec *spec, char *err, size_t errlen)
 		return set_error(err, errlen, ENOTDIR, "target %s: tls-certs=%s: not a directory", uri, spec->tls_certs);
 	if (spec->tls_psk && access(spec->tls_psk, R_OK) < 0)
 		return set_error(err, errlen, errno, "target %s: tls-psk=%s: %s", uri, spec->tls_psk, error_text(errno));
-	if (spec->in_place || spec->incremental)
-		return set_error(err, errlen, EOPNOTSUPP,
-				 "target %s: sync=incremental into an NBD export is not supported yet (take a full or top "
-				 "backup, or an incremental into a file)", uri);
 	struct nbd_options o = { uri, spec->tls_certs, spec->tls_psk, false };
 	struct nbd_handle *h;
 	int rc = nbd_open(&o, &h, err, errlen);
@@ -807,9 +894,47 @@ static int nbd_check(const struct target_spec *spec, char *err, size_t errlen)
 	return rc;
 }
 
+/* The chain's last backup in the export at `path`, updated in place. */
+static int nbd_open_existing(const struct target_spec *spec, const char *path, dev_t dev, ino_t ino,
+			     const char *journal_path, uint32_t cluster_size, struct target **out, char *err,
+			     size_t errlen)
+{
+	if (dev != 0 || (uint64_t)ino != export_identity(path))
+		return set_error(err, errlen, EINVAL, "target %s: is not the export the chain's last backup went to", path);
+	struct target_spec at = *spec;
+	at.location = path;
+	int rc = nbd_create_target(&at, NULL, out, err, errlen);
+	if (rc)
+		return rc;
+	struct nbd_target *n = nbdt(*out);
+	struct journal_file file = journal_file_of(n);
+	if ((rc = journal_create_on(journal_path, &file, n->export_size, cluster_size, &n->journal, err, errlen))) {
+		nbd_free_target(*out);
+		*out = NULL;
+	}
+	return rc;
+}
+
+int target_nbd_recover(const char *uri, const char *tls_certs, const char *tls_psk, const char *journal_path,
+		       char *err, size_t errlen)
+{
+	struct target_spec spec = { .format = FORMAT_NBD, .location = uri, .tls_certs = tls_certs, .tls_psk = tls_psk };
+	struct target *t;
+	int rc = nbd_create_target(&spec, NULL, &t, err, errlen);
+	if (rc)
+		return rc;
+	struct journal_file file = journal_file_of(nbdt(t));
+	rc = journal_recover_on(journal_path, &file, err, errlen);   /* flushes when done */
+	nbdt_close_target(t, true);
+	nbd_free_target(t);
+	return rc;
+}
+
 const struct target_format_ops target_nbd_format = {
 	.name = "nbd",
-	.incremental_in_place = false,
+	.incremental_in_place = true,
 	.check = nbd_check,
 	.create = nbd_create_target,
+	.open_existing = nbd_open_existing,
 };
+

@@ -691,9 +691,10 @@ static int load_map(struct qcow2_target *q, uint64_t file_size, char *err, size_
 /* A partial qcow2 backup this daemon wrote (bitmap-mode=always), completed
  * by the next incremental: new clusters and metadata go after everything
  * in it, and only the header is overwritten, journaled first. */
-static int q2_open_existing(const char *path, dev_t dev, ino_t ino, const char *journal_path, uint32_t cluster_size,
-			    struct target **out, char *err, size_t errlen)
+static int q2_open_existing(const struct target_spec *spec, const char *path, dev_t dev, ino_t ino,
+			    const char *journal_path, uint32_t cluster_size, struct target **out, char *err, size_t errlen)
 {
+	(void)spec;
 	struct qcow2_target *q = new_q2(path, cluster_size);
 	uint8_t *first = malloc(1u << QCOW2_MAX_CLUSTER_BITS);
 	struct stat st;

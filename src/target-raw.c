@@ -302,6 +302,13 @@ static int raw_format_create(const struct target_spec *spec, const char *temp, s
 	return target_raw_create(spec->resolved, temp, out, err, errlen);
 }
 
+static int raw_open_existing(const struct target_spec *spec, const char *path, dev_t dev, ino_t ino,
+			     const char *journal, uint32_t cluster_size, struct target **out, char *err, size_t errlen)
+{
+	(void)spec;
+	return target_raw_open_in_place(path, dev, ino, journal, cluster_size, out, err, errlen);
+}
+
 static int raw_disk_size(int fd, uint64_t *size, char *err, size_t errlen)
 {
 	struct stat st;
@@ -315,6 +322,6 @@ const struct target_format_ops target_raw_format = {
 	.name = "raw",
 	.incremental_in_place = true,
 	.create = raw_format_create,
-	.open_existing = target_raw_open_in_place,
+	.open_existing = raw_open_existing,
 	.disk_size = raw_disk_size,
 };

@@ -46,15 +46,17 @@ int target_files_for(const char *final, const char *in_place_file, uint64_t seri
 	char manifest_temp_of[PATH_MAX + 8];
 
 	if (target_is_nbd_uri(final)) {
-		/* An export: written where it is; only its manifest is a file
-		 * (in the state directory, manifest.h). */
+		/* An export: written where it is, also when kept partial; its
+		 * manifest and an in-place update's journal are files in the
+		 * state directory (manifest.h). */
 		manifest_path(final, manifest_temp_of, sizeof(manifest_temp_of));
 		if (snprintf(out->temp, sizeof(out->temp), "%s", final) >= (int)sizeof(out->temp) ||
 		    snprintf(out->manifest, sizeof(out->manifest), "%s", manifest_temp_of) >= (int)sizeof(out->manifest) ||
 		    target_hidden_name(manifest_temp_of, serial, "tmp", out->manifest_temp, sizeof(out->manifest_temp)) ||
-		    snprintf(out->partial, sizeof(out->partial), "%s#partial", final) >= (int)sizeof(out->partial))
+		    target_hidden_name(manifest_temp_of, serial, "journal", out->journal, sizeof(out->journal)) ||
+		    snprintf(out->partial, sizeof(out->partial), "%s", final) >= (int)sizeof(out->partial))
 			return -ENAMETOOLONG;
-		out->journal[0] = '\0';
+		(void)in_place_file;   /* the export itself, always */
 		return 0;
 	}
 	if (target_hidden_name(final, serial, "tmp", out->temp, sizeof(out->temp)) ||

@@ -19,6 +19,7 @@
 #include "fleecefs/image.h"
 #include "fleecefs/job.h"
 #include "fleecefs/mirror.h"
+#include "fleecefs/pending.h"
 #include "fleecefs/qcow2.h"
 #include "fleecefs/snapshot.h"
 #include "fleecefs/snapstore.h"
@@ -367,6 +368,11 @@ static int check_backup_bitmap(struct txn_state *s, unsigned i)
 	if (target_name_taken(chain->final))
 		return set_error(s->err, sizeof(s->err), EEXIST, "line %u: target %s: is being written by another job",
 				 c->line, chain->final);
+	if (in_place && pending_names(chain->final))
+		return set_error(s->err, sizeof(s->err), EBUSY,
+				 "line %u: backup: %s, the chain's last backup, still waits for the rollback of an "
+				 "interrupted incremental (its journal is in the state directory; the next mount applies "
+				 "it)", c->line, chain->final);
 	if (chain->partial) {
 		/* Completed, it gets TARGET's name: nothing may be there. */
 		struct target_spec final = { .format = s->res[i].backup->format, .location = chain->final,

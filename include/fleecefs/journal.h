@@ -1,4 +1,4 @@
-/* journal: the undo log of a backup file updated in place.
+/* journal: the undo log of a backup file (or NBD export) updated in place.
  *
  * An incremental onto an earlier raw backup overwrites some of its clusters.
  * Before any byte of a cluster changes, the cluster's old content is appended
@@ -43,10 +43,26 @@ struct journal_range {
 	uint64_t off, len;
 };
 
+/* The file a journal protects, as the journal reads and restores it: a
+ * local file through its descriptor, or an NBD export (target-nbd.c). All
+ * four return 0 or -errno; read fills the whole buffer (zeroes past the
+ * end); any thread may call them. */
+struct journal_file {
+	int (*read)(void *ctx, void *buf, uint64_t len, uint64_t off);
+	int (*write)(void *ctx, const void *buf, uint64_t len, uint64_t off);
+	int (*zero)(void *ctx, uint64_t off, uint64_t len);  /* reads as zeroes after */
+	int (*sync)(void *ctx);                              /* all written is durable */
+	void *ctx;
+	uint64_t dev, ino;  /* its identity, recorded in the header */
+};
+
 /* Creates the journal file `path` (O_EXCL) for the file open on file_fd
  * (read and written through that descriptor), header durable. */
 int journal_create(const char *path, int file_fd, uint64_t file_size, uint32_t cluster_size,
 		   struct journal **out, char *err, size_t errlen);
+/* The same for any journal_file (copied). */
+int journal_create_on(const char *path, const struct journal_file *file, uint64_t file_size, uint32_t cluster_size,
+		      struct journal **out, char *err, size_t errlen);
 /* Saves the old content of every cluster overlapping the ranges that is not
  * saved yet; returns once it is durable. */
 int journal_protect(struct journal *j, const struct journal_range *ranges, unsigned n);
@@ -63,5 +79,6 @@ const char *journal_path(const struct journal *j);
  * (which must be the file it was made for) and fdatasyncs the file. The
  * journal itself is left for the caller to remove. -ENOENT: no journal. */
 int journal_recover(const char *path, int file_fd, char *err, size_t errlen);
+int journal_recover_on(const char *path, const struct journal_file *file, char *err, size_t errlen);
 
 #endif

@@ -3,7 +3,9 @@
  *
  * Every backup with a file target keeps a record, STATE_DIR/pending/PID-SERIAL,
  * key=value lines, replaced atomically (write_file_atomic) at each step:
- *   kind=new|in-place       a new file, or an earlier backup updated in place
+ *   kind=new|in-place|nbd|nbd-in-place   a new file, an earlier backup updated
+ *                           in place, a backup into an NBD export (file= its
+ *                           URI; tls_certs= tls_psk= how to reach it)
  *   file=PATH               where the data file is while the job runs (new:
  *                           its hidden temporary name)
  *   dev= ino=               the data file, once it exists
@@ -32,6 +34,7 @@
 #ifndef FLEECEFS_PENDING_H
 #define FLEECEFS_PENDING_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -41,6 +44,11 @@ struct pending;
 int pending_setup(const char *state_dir);
 /* Finishes or undoes what earlier runs left (see above); logs what it did. */
 void pending_recover(const char *state_dir);
+
+/* Is there a record of an in-place update of `final` that was neither
+ * decided nor rolled back (its rollback failed; the next mount retries)?
+ * Then `final` does not hold its earlier backup now. */
+bool pending_names(const char *final);
 
 /* A new record (in memory) for the job with this serial. */
 struct pending *pending_new(uint64_t serial);

@@ -151,8 +151,9 @@ struct target_format_ops {
 	 * hidden name `temp`. */
 	int (*create)(const struct target_spec *spec, const char *temp, struct target **out, char *err, size_t errlen);
 	/* The chain's backup at `path`, the file (dev, ino), updated in place
-	 * with the undo journal `journal`. */
-	int (*open_existing)(const char *path, dev_t dev, ino_t ino, const char *journal, uint32_t cluster_size,
+	 * with the undo journal `journal` (spec: how to reach it, e.g. TLS). */
+	int (*open_existing)(const struct target_spec *spec, const char *path, dev_t dev, ino_t ino,
+			     const char *journal, uint32_t cluster_size,
 			     struct target **out, char *err, size_t errlen);
 	/* How large the disk is that the file open on fd holds (a backing file
 	 * an incremental reads through). */
@@ -167,6 +168,10 @@ bool target_is_nbd_uri(const char *location);
  * for readers of backups (reader.h). 0 or -errno with the server's answer. */
 struct nbd_handle;
 int target_nbd_connect_reader(const char *uri, struct nbd_handle **out, char *err, size_t errlen);
+/* After a crash: applies the undo journal of an in-place incremental to the
+ * export `uri` and flushes it (journal.h journal_recover). */
+int target_nbd_recover(const char *uri, const char *tls_certs, const char *tls_psk, const char *journal_path,
+		       char *err, size_t errlen);
 
 /* The format's operations; NULL for one this version cannot write. */
 const struct target_format_ops *target_format(enum target_format format);

@@ -112,7 +112,7 @@ refused EINVAL "raw disk" "backup vm.img nbd+unix:///?socket=$T/small.sock forma
 import os, sys
 fd = os.open(sys.argv[1], os.O_RDWR); os.write(fd, b"bitmap add vm.img nb\n")
 PY
-refused ENOTSUP "incremental into an NBD export" \
+refused EINVAL "bitmap nb has no full backup yet" \
 	"backup vm.img nbd+unix:///?socket=$T/k.sock sync=incremental bitmap=nb id=bad"
 refused EINVAL "absolute path" "mirror vm.img nbd+unix:///?socket=$T/k.sock id=bad"
 [ -z "$(ls -A "$MNT/.fleece/jobs" | grep -v -e '^job-' -e '^qc$' -e '^kf$' -e '^tl$' -e '^ctl$' || true)" ] ||
