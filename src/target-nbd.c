@@ -118,6 +118,12 @@ static int nbd_open(const struct nbd_options *o, struct nbd_handle **out, char *
 		rc = server_error(err, errlen, o->uri, "TLS settings");
 		goto fail;
 	}
+	/* A writer asks which parts of the export read as zeroes (to skip
+	 * writing zeroes there); harmless where the server does not say. */
+	if (!o->read_only && nbd_add_meta_context(h, LIBNBD_CONTEXT_BASE_ALLOCATION) < 0) {
+		rc = server_error(err, errlen, o->uri, "cannot ask for block status");
+		goto fail;
+	}
 	if (nbd_aio_connect_uri(h, o->uri) < 0) {
 		rc = server_error(err, errlen, o->uri, "cannot connect");
 		goto fail;
@@ -210,6 +216,10 @@ struct nbd_target {
 	uint64_t export_size;
 	uint32_t max_request;
 	bool can_zero, can_trim, multi_conn;
+	/* The whole export read as zeroes when the job began (the server's
+	 * block status said so): zero clusters need no write, as on a new
+	 * sparse file. Never in place. */
+	bool fresh;
 	pthread_mutex_t reconnect_lock;
 	pthread_rwlock_t conns_lock;
 	struct nbd_conn conns[NBD_MAX_CONNS];
@@ -619,6 +629,8 @@ static int zero_range(struct nbd_target *n, uint64_t off, uint64_t len)
 static int nbdt_write_zeroes(struct target *t, uint64_t off, uint64_t len)
 {
 	struct nbd_target *n = nbdt(t);
+	if (n->fresh)
+		return 0;
 	int rc = protect(n, off, len);
 	return rc ? rc : zero_range(n, off, len);
 }
@@ -713,7 +725,7 @@ static int nbdt_forget(struct target *t, const struct cbitmap *left, unsigned cl
 		uint64_t off = c << cluster_bits;
 		uint64_t len = min_u64((end - c) << cluster_bits, t->size - min_u64(off, t->size));
 		if (len)
-			rc = nbdt_write_zeroes(t, off, len);
+			rc = zero_range(n, off, len);   /* whatever a fresh export read */
 		c = end < left->nbits ? cbitmap_next_set(left, end) : left->nbits;
 	}
 	return rc ? rc : nbdt_flush(t);
@@ -794,6 +806,43 @@ static char *dup_or_null(const char *s, bool *failed)
 	return d;
 }
 
+struct zero_walk {
+	uint64_t pos;
+	bool all_zero;
+};
+
+static int extent_seen(void *user_data, const char *context, uint64_t offset, uint32_t *entries, size_t n,
+		       int *error)
+{
+	(void)offset;
+	(void)error;
+	struct zero_walk *w = user_data;
+	if (strcmp(context, LIBNBD_CONTEXT_BASE_ALLOCATION) != 0)
+		return 0;
+	for (size_t i = 0; i + 1 < n; i += 2) {
+		if (!(entries[i + 1] & LIBNBD_STATE_ZERO))
+			w->all_zero = false;
+		w->pos += entries[i];
+	}
+	return 0;
+}
+
+/* Does every byte of the export read as zeroes (block status)? No answer,
+ * or any doubt: no. */
+static bool reads_as_zeroes(struct nbd_handle *h, uint64_t size)
+{
+	if (nbd_can_meta_context(h, LIBNBD_CONTEXT_BASE_ALLOCATION) != 1)
+		return false;
+	struct zero_walk w = { .pos = 0, .all_zero = true };
+	while (w.pos < size && w.all_zero) {
+		uint64_t before = w.pos;
+		nbd_extent_callback cb = { .callback = extent_seen, .user_data = &w };
+		if (nbd_block_status(h, min_u64(size - w.pos, 1u << 30), w.pos, cb, 0) < 0 || w.pos == before)
+			return false;
+	}
+	return w.all_zero;
+}
+
 static int nbd_create_target(const struct target_spec *spec, const char *temp, struct target **out, char *err,
 			     size_t errlen)
 {
@@ -827,7 +876,6 @@ static int nbd_create_target(const struct target_spec *spec, const char *temp, s
 	}
 	n->base.ops = &nbd_ops;
 	n->base.writers = NBD_WRITERS;
-	n->base.holes_need_zeroes = true;
 	n->base.ino = (ino_t)export_identity(n->uri);
 	struct nbd_options o = { n->uri, n->tls_certs, n->tls_psk, false };
 	struct nbd_handle *h;
@@ -838,6 +886,8 @@ static int nbd_create_target(const struct target_spec *spec, const char *temp, s
 	n->can_zero = nbd_can_zero(h) == 1;
 	n->can_trim = nbd_can_trim(h) == 1;
 	n->multi_conn = nbd_can_multi_conn(h) == 1;
+	n->fresh = !spec->in_place && reads_as_zeroes(h, n->export_size);
+	n->base.holes_need_zeroes = !n->fresh;
 	int64_t max = nbd_get_block_size(h, LIBNBD_SIZE_MAXIMUM);
 	n->max_request = max > 0 && max < NBD_MAX_REQUEST ? (uint32_t)max : NBD_MAX_REQUEST;
 	if ((rc = conn_start(&n->conns[0], h))) {
@@ -918,7 +968,8 @@ static int nbd_open_existing(const struct target_spec *spec, const char *path, d
 int target_nbd_recover(const char *uri, const char *tls_certs, const char *tls_psk, const char *journal_path,
 		       char *err, size_t errlen)
 {
-	struct target_spec spec = { .format = FORMAT_NBD, .location = uri, .tls_certs = tls_certs, .tls_psk = tls_psk };
+	struct target_spec spec = { .format = FORMAT_NBD, .location = uri, .tls_certs = tls_certs, .tls_psk = tls_psk,
+				    .in_place = true };
 	struct target *t;
 	int rc = nbd_create_target(&spec, NULL, &t, err, errlen);
 	if (rc)

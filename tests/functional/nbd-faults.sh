@@ -8,8 +8,8 @@
 #   - the same with report: the job fails, and the guest's writes all landed;
 #   - a slow server (20 ms per write) with fleecing=on under concurrent
 #     writers: exact;
-#   - qemu-nbd serving a snapshot view read-only, copied with nbdcopy while
-#     the guest writes: equals T.
+#   - qemu-nbd (and nbdkit) serving a snapshot view read-only, copied with
+#     nbdcopy while the guest writes: equals T.
 . "$TESTS_DIR/lib.sh"
 
 random_image "$SRC/vm.img" 32M
@@ -83,6 +83,12 @@ wait "$writer" || fail "guest writer"
 same "the pulled view" "$T/at-t" "$T/pulled.raw"
 cmp -s "$T/at-t" "$SRC/vm.img" && fail "the guest writes did not change the image (nothing was tested)"
 nbd_kill view
+# The same view through nbdkit (read-only file plugin).
+nbd_serve kview "$T/kview.sock" nbdkit -f -r -U "$T/kview.sock" file "$MNT/.fleece/snapshots/pull/vm.img"
+truncate -s 32M "$T/pulled2.raw"
+nbdcopy -- "nbd+unix:///?socket=$T/kview.sock" "$T/pulled2.raw" || fail "nbdcopy from nbdkit"
+same "the view pulled through nbdkit" "$T/at-t" "$T/pulled2.raw"
+nbd_kill kview
 ctl "release pull" >/dev/null || fail "release pull"
 
 unmount_fleece

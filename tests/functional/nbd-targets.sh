@@ -66,6 +66,19 @@ for off in (0, 3 << 20, 9 << 20, 17 << 20):
 PY
 pit "nbdkit memory, TCP, sync=top of a sparse image" "nbd://127.0.0.1:$port" "sync=top" sparse.img
 
+# ... and into an export that reads as zeroes (a new sparse file behind
+# nbdkit, whose block status says so), where zero clusters need no write:
+# nbdkit's stats filter counts no zero request.
+truncate -s 24M "$OUT/z.raw" "$SRC/zero.img"
+head -c 2M /dev/urandom | dd of="$SRC/zero.img" bs=1M seek=10 conv=notrunc status=none
+nbd_serve z "$T/z.sock" nbdkit -f -U "$T/z.sock" --filter=stats file "$OUT/z.raw" statsfile="$T/z.stats"
+run_ok zf "backup zero.img nbd+unix:///?socket=$T/z.sock id=zf"
+same "a sparse image into a fresh export" "$SRC/zero.img" "$OUT/z.raw"
+kill -TERM "$NBD_PID_z"
+wait "$NBD_PID_z" || true
+grep -q "^write:" "$T/z.stats" || fail "no stats from nbdkit: $(cat "$T/z.stats")"
+! grep -E "^zero: [1-9]" "$T/z.stats" || fail "zeroes were written into an export that read as zeroes"
+
 # 4. nbdkit file plugin over a unix socket, with a job status that names the
 # connection while it runs.
 truncate -s 24M "$OUT/k.raw"
@@ -115,7 +128,7 @@ PY
 refused EINVAL "bitmap nb has no full backup yet" \
 	"backup vm.img nbd+unix:///?socket=$T/k.sock sync=incremental bitmap=nb id=bad"
 refused EINVAL "absolute path" "mirror vm.img nbd+unix:///?socket=$T/k.sock id=bad"
-[ -z "$(ls -A "$MNT/.fleece/jobs" | grep -v -e '^job-' -e '^qc$' -e '^kf$' -e '^tl$' -e '^ctl$' || true)" ] ||
+[ -z "$(ls -A "$MNT/.fleece/jobs" | grep -v -e '^job-' -e '^qc$' -e '^kf$' -e '^tl$' -e '^ctl$' -e '^zf$' || true)" ] ||
 	fail "a refused command left a job: $(ls "$MNT/.fleece/jobs")"
 
 unmount_fleece
