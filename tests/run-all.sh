@@ -95,7 +95,7 @@ pass() {  # NAME CONFIGURE-ARGS...
 	fi
 }
 
-TSAN_TESTS="tests/functional/backup-pit.sh tests/functional/nbd-faults.sh tests/functional/nbd-incremental.sh tests/functional/mirror.sh tests/functional/job-control.sh tests/functional/transactions.sh tests/functional/stop-resume.sh tests/functional/shutdown.sh tests/functional/ctl-begin-commit.sh tests/functional/publication.sh tests/functional/qcow2-targets.sh tests/functional/qcow2-compress.sh"
+TSAN_TESTS="tests/functional/backup-pit.sh tests/functional/mirror.sh tests/functional/job-control.sh tests/functional/transactions.sh tests/functional/stop-resume.sh tests/functional/shutdown.sh tests/functional/ctl-begin-commit.sh tests/functional/publication.sh tests/functional/qcow2-targets.sh tests/functional/qcow2-compress.sh"
 start=$(date +%s)
 pass build-check --enable-werror
 # A daemon built without libzstd refuses compress=zstd, saying why (the
