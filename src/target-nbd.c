@@ -34,8 +34,11 @@
  * on the server does.
  *
  * A dropped connection is a target error (-ENOTCONN): the job's policy
- * decides (stop pauses it; after resume the next write reconnects, at most
- * one attempt per NBD_RECONNECT_EVERY_NS).
+ * decides (stop pauses it; after resume the next write reconnects). Every
+ * request that finds the connection lost gets one attempt of its own, at
+ * least NBD_RECONNECT_EVERY_NS after the one before (it waits out the rest);
+ * requests that queued behind an attempt that failed share its result, so a
+ * dead server costs one attempt per interval, not one per request.
  *
  * Locking: a request holds `conns_lock` shared while it uses a connection;
  * a reconnect (one thread at a time, `reconnect_lock`, taken first) holds
@@ -228,6 +231,7 @@ struct nbd_target {
 	atomic_uint next_conn;
 	atomic_bool lost;
 	uint64_t last_attempt_ns;        /* reconnect_lock */
+	atomic_uint attempts;            /* written under reconnect_lock */
 	pthread_mutex_t lock;            /* a leaf: what follows */
 	pthread_cond_t retain_room;
 	unsigned reconnects;
@@ -425,7 +429,7 @@ static int resend_retained(struct nbd_target *n)
 }
 
 /* Makes every connection work again after a loss. reconnect_lock held. */
-static int reconnect_locked(struct nbd_target *n)
+static int reconnect_locked(struct nbd_target *n, unsigned attempts_seen)
 {
 	uint64_t now = clock_monotonic_ns();
 	char err[300] = "";
@@ -433,9 +437,16 @@ static int reconnect_locked(struct nbd_target *n)
 
 	if (!atomic_load(&n->lost))
 		return 0;
-	if (now - n->last_attempt_ns < NBD_RECONNECT_EVERY_NS)
+	if (atomic_load(&n->attempts) != attempts_seen)
 		return -ENOTCONN;
-	n->last_attempt_ns = now;
+	if (n->last_attempt_ns && now - n->last_attempt_ns < NBD_RECONNECT_EVERY_NS) {
+		uint64_t rest = NBD_RECONNECT_EVERY_NS - (now - n->last_attempt_ns);
+		struct timespec ts = { (time_t)(rest / 1000000000ull), (long)(rest % 1000000000ull) };
+		while (nanosleep(&ts, &ts) && errno == EINTR)
+			;
+	}
+	n->last_attempt_ns = clock_monotonic_ns();
+	atomic_fetch_add(&n->attempts, 1);
 	pthread_rwlock_wrlock(&n->conns_lock);
 	for (unsigned i = 0; i < n->nconns; i++)
 		conn_stop(&n->conns[i], false);
@@ -478,8 +489,9 @@ static int reconnect_locked(struct nbd_target *n)
 static int with_connection(struct nbd_target *n, enum nbd_op op, uint64_t off, const void *buf, uint64_t len)
 {
 	if (atomic_load(&n->lost)) {
+		unsigned attempts_seen = atomic_load(&n->attempts);
 		pthread_mutex_lock(&n->reconnect_lock);
-		int rc = reconnect_locked(n);
+		int rc = reconnect_locked(n, attempts_seen);
 		pthread_mutex_unlock(&n->reconnect_lock);
 		if (rc)
 			return rc;
