@@ -30,8 +30,9 @@
  * export and made durable in a local journal (journal.h, in STATE_DIR/nbd),
  * exactly as for a raw file; a failed or cancelled job writes it back, and
  * the next mount does if the daemon (or the server) was gone. An export's
- * identity is the XXH3-64 of its URI (dev 0): the chain names it, nothing
- * on the server does.
+ * identity (dev 0, ino) is the XXH3-64 of its URI and its generation, the
+ * count of backups that wrote into it (see "which backup the export
+ * holds"): the chain names it, nothing on the server does.
  *
  * A dropped connection is a target error (-ENOTCONN): the job's policy
  * decides (stop pauses it; after resume the next write reconnects). Every
@@ -50,7 +51,9 @@
 #include "config.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
+#include <limits.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -67,6 +70,7 @@
 
 #include "fleecefs/cbitmap.h"
 #include "fleecefs/journal.h"
+#include "fleecefs/manifest.h"
 #include "fleecefs/target.h"
 #include "fleecefs/util.h"
 
@@ -224,6 +228,7 @@ struct nbd_target {
 	 * block status said so): zero clusters need no write, as on a new
 	 * sparse file. Never in place. */
 	bool fresh;
+	bool in_place;                   /* updates the chain's last backup */
 	pthread_mutex_t reconnect_lock;
 	pthread_rwlock_t conns_lock;
 	struct nbd_conn conns[NBD_MAX_CONNS];
@@ -639,9 +644,59 @@ static int write_retained(struct nbd_target *n, enum nbd_op op, uint64_t off, co
 	return rc ? rc : rc2;
 }
 
-static uint64_t export_identity(const char *uri)
+/* ---- which backup the export holds ------------------------------------------
+ * Nothing on the server says which backup an export holds, so the state
+ * directory counts the backups that began writing into it
+ * (STATE_DIR/nbd/HASH.gen, HASH the URI's as for its manifest): a full or
+ * top backup takes the next generation at its point in time, before its
+ * first write, and the chain record names the export by URI and generation.
+ * A chain whose last backup was overwritten since (by another chain, or by
+ * a backup that failed) no longer matches, and its next incremental in
+ * place is refused instead of completing on foreign content. An in-place
+ * incremental keeps the generation: it ends as T2 or rolls back to T1.
+ * Exports written before generations existed are generation 0. */
+
+static void generation_path(const char *uri, char *buf, size_t len)
 {
-	uint64_t h = XXH3_64bits(uri, strlen(uri));
+	snprintf(buf, len, "%s/%016llx.gen", manifest_nbd_dir(), (unsigned long long)XXH3_64bits(uri, strlen(uri)));
+}
+
+/* The export's generation, 0 if none was recorded (or no state directory). */
+static uint64_t export_generation(const char *uri)
+{
+	char path[PATH_MAX], text[32] = "";
+	if (!manifest_nbd_dir())
+		return 0;
+	generation_path(uri, path, sizeof(path));
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return 0;
+	ssize_t got = read(fd, text, sizeof(text) - 1);
+	close(fd);
+	return got > 0 ? strtoull(text, NULL, 10) : 0;
+}
+
+/* Durably records that a new backup begins writing into the export. */
+static int next_generation(const char *uri, uint64_t *generation)
+{
+	char path[PATH_MAX], text[32];
+	if (!manifest_nbd_dir()) {
+		*generation = 0;
+		return 0;
+	}
+	generation_path(uri, path, sizeof(path));
+	uint64_t next = export_generation(uri) + 1;
+	int len = snprintf(text, sizeof(text), "%" PRIu64 "\n", next);
+	int rc = write_file_atomic(path, text, (size_t)len, true);
+	if (!rc)
+		*generation = next;
+	return rc;
+}
+
+static uint64_t export_identity(const char *uri, uint64_t generation)
+{
+	size_t len = strlen(uri);
+	uint64_t h = generation ? XXH3_64bits_withSeed(uri, len, generation) : XXH3_64bits(uri, len);
 	return h ? h : 1;
 }
 
@@ -719,7 +774,7 @@ static int jf_sync(void *ctx)
 static struct journal_file journal_file_of(struct nbd_target *n)
 {
 	return (struct journal_file){ .read = jf_read, .write = jf_write, .zero = jf_zero, .sync = jf_sync, .ctx = n,
-				      .dev = 0, .ino = export_identity(n->uri) };
+				      .dev = 0, .ino = export_identity(n->uri, 0) };
 }
 
 static int nbdt_discard(struct target *t, uint64_t off, uint64_t len)
@@ -734,6 +789,14 @@ static int nbdt_set_size(struct target *t, uint64_t size, char *err, size_t errl
 	if (n->export_size < size)
 		return set_error(err, errlen, ENOSPC, "target %s: the export holds %" PRIu64 " bytes, the image %" PRIu64,
 				 n->uri, n->export_size, size);
+	if (!n->in_place) {
+		uint64_t generation;
+		int rc = next_generation(n->uri, &generation);
+		if (rc)
+			return set_error(err, errlen, -rc, "target %s: cannot record the new backup in %s: %s", n->uri,
+					 manifest_nbd_dir(), error_text(-rc));
+		t->ino = (ino_t)export_identity(n->uri, generation);
+	}
 	t->size = size;
 	return 0;
 }
@@ -933,7 +996,8 @@ static int nbd_create_target(const struct target_spec *spec, const char *temp, s
 	}
 	n->base.ops = &nbd_ops;
 	n->base.writers = NBD_WRITERS;
-	n->base.ino = (ino_t)export_identity(n->uri);
+	n->in_place = spec->in_place;
+	n->base.ino = (ino_t)export_identity(n->uri, export_generation(n->uri));
 	struct nbd_options o = { n->uri, n->tls_certs, n->tls_psk, false };
 	struct nbd_handle *h;
 	if ((rc = nbd_open(&o, &h, err, errlen)))
@@ -1006,8 +1070,12 @@ static int nbd_open_existing(const struct target_spec *spec, const char *path, d
 			     const char *journal_path, uint32_t cluster_size, struct target **out, char *err,
 			     size_t errlen)
 {
-	if (dev != 0 || (uint64_t)ino != export_identity(path))
+	if (dev != 0)
 		return set_error(err, errlen, EINVAL, "target %s: is not the export the chain's last backup went to", path);
+	if ((uint64_t)ino != export_identity(path, export_generation(path)))
+		return set_error(err, errlen, EINVAL,
+				 "target %s: another backup has written into the export since the chain's last backup went "
+				 "there; start the chain again with a full backup", path);
 	struct target_spec at = *spec;
 	at.location = path;
 	int rc = nbd_create_target(&at, NULL, out, err, errlen);

@@ -8,6 +8,8 @@
 # mount rolls back once the server is back; meanwhile a new incremental on
 # the chain is refused); with on-target-error=stop a lost server pauses the
 # incremental and resume finishes it. fleecectl verify agrees each time.
+# Once another backup wrote into the export, the chain's next incremental
+# in place is refused.
 . "$TESTS_DIR/lib.sh"
 
 random_image "$SRC/vm.img" 32M
@@ -87,6 +89,24 @@ ctl "set p1 speed=0" >/dev/null
 want_eq "p1" "$(wait_job p1 60)" completed
 same "the incremental across a server crash" "$T/at-t2" "$OUT/exp.raw"
 verify_rc 0 "$URI" "ok"
+
+# 7. Another backup into the export (here one that fails halfway) leaves it
+# holding no backup of chain b: b's next incremental is refused, also after
+# a remount, instead of completing on foreign content; a new chain's full
+# and incremental into it work.
+inject "target-write offset=12M-13M"
+start ff "backup vm.img $URI id=ff"
+want_eq "ff" "$(wait_job ff)" failed
+inject "clear"
+refused EINVAL "another backup has written into the export" "backup vm.img $URI sync=incremental bitmap=b id=bad"
+ctl "bitmap add vm.img b2" >/dev/null || fail "bitmap add b2"
+run_ok full2 "backup vm.img $URI bitmap=b2 id=full2"
+pwrites vm.img 3000000:70000
+run_ok inc2 "backup vm.img $URI sync=incremental bitmap=b2 id=inc2"
+same "the new chain's incremental" "$SRC/vm.img" "$OUT/exp.raw"
+unmount_fleece
+mount_fleece
+refused EINVAL "another backup has written into the export" "backup vm.img $URI sync=incremental bitmap=b id=bad"
 
 unmount_fleece
 want_eq "daemon exit" "$DAEMON_RC" 0
