@@ -96,6 +96,10 @@ bool target_is_nbd_uri(const char *location)
 struct nbd_options {
 	const char *uri, *tls_certs, *tls_psk;
 	bool read_only;   /* a reader: no writes, no flushes needed */
+	/* Ask for block status (base:allocation). Only the connection that
+	 * looks at the export's zeroes does: the option is one more round
+	 * trip in every handshake. */
+	bool block_status;
 };
 
 /* What the server said, as one line. */
@@ -125,9 +129,9 @@ static int nbd_open(const struct nbd_options *o, struct nbd_handle **out, char *
 		rc = server_error(err, errlen, o->uri, "TLS settings");
 		goto fail;
 	}
-	/* A writer asks which parts of the export read as zeroes (to skip
-	 * writing zeroes there); harmless where the server does not say. */
-	if (!o->read_only && nbd_add_meta_context(h, LIBNBD_CONTEXT_BASE_ALLOCATION) < 0) {
+	/* Which parts of the export read as zeroes (to skip writing zeroes
+	 * there); harmless where the server does not say. */
+	if (o->block_status && nbd_add_meta_context(h, LIBNBD_CONTEXT_BASE_ALLOCATION) < 0) {
 		rc = server_error(err, errlen, o->uri, "cannot ask for block status");
 		goto fail;
 	}
@@ -455,7 +459,7 @@ static int reconnect_locked(struct nbd_target *n, unsigned attempts_seen)
 	pthread_rwlock_wrlock(&n->conns_lock);
 	for (unsigned i = 0; i < n->nconns; i++)
 		conn_stop(&n->conns[i], false);
-	struct nbd_options o = { n->uri, n->tls_certs, n->tls_psk, false };
+	struct nbd_options o = { n->uri, n->tls_certs, n->tls_psk, false, false };
 	for (unsigned i = 0; i < n->nconns && !rc; i++) {
 		struct nbd_handle *h;
 		if ((rc = nbd_open(&o, &h, err, sizeof(err))))
@@ -963,6 +967,47 @@ static bool reads_as_zeroes(struct nbd_handle *h, uint64_t size)
 	return w.all_zero;
 }
 
+struct opener {
+	pthread_t thread;
+	const struct nbd_options *options;
+	struct nbd_handle *h;   /* NULL: failed */
+	bool started;
+};
+
+static void *opener_thread(void *arg)
+{
+	struct opener *op = arg;
+	char ignored[300];
+	if (nbd_open(op->options, &op->h, ignored, sizeof(ignored)))
+		op->h = NULL;
+	return NULL;
+}
+
+/* `count` more connections, their handshakes at once (over TCP each takes
+ * a few round trips, which servers without TCP_NODELAY stretch to tens of
+ * ms) and while the caller goes on: openers_start, then openers_finish,
+ * which returns how many opened, in out[0..]. */
+static void openers_start(struct opener *ops, const struct nbd_options *o, unsigned count)
+{
+	for (unsigned i = 0; i < count; i++) {
+		ops[i] = (struct opener){ .options = o };
+		ops[i].started = pthread_create(&ops[i].thread, NULL, opener_thread, &ops[i]) == 0;
+	}
+}
+
+static unsigned openers_finish(struct opener *ops, unsigned count, struct nbd_handle **out)
+{
+	unsigned got = 0;
+	for (unsigned i = 0; i < count; i++) {
+		if (!ops[i].started)
+			continue;
+		pthread_join(ops[i].thread, NULL);
+		if (ops[i].h)
+			out[got++] = ops[i].h;
+	}
+	return got;
+}
+
 static int nbd_create_target(const struct target_spec *spec, const char *temp, struct target **out, char *err,
 			     size_t errlen)
 {
@@ -998,37 +1043,39 @@ static int nbd_create_target(const struct target_spec *spec, const char *temp, s
 	n->base.writers = NBD_WRITERS;
 	n->in_place = spec->in_place;
 	n->base.ino = (ino_t)export_identity(n->uri, export_generation(n->uri));
-	struct nbd_options o = { n->uri, n->tls_certs, n->tls_psk, false };
+	struct nbd_options o = { n->uri, n->tls_certs, n->tls_psk, false, !spec->in_place };
 	struct nbd_handle *h;
 	if ((rc = nbd_open(&o, &h, err, errlen)))
 		goto fail;
+	o.block_status = false;
 	int64_t size = nbd_get_size(h);
 	n->export_size = size > 0 ? (uint64_t)size : 0;
 	n->can_zero = nbd_can_zero(h) == 1;
 	n->can_trim = nbd_can_trim(h) == 1;
 	n->multi_conn = nbd_can_multi_conn(h) == 1;
+	/* More connections only where the server says they see one another's
+	 * writes (multi-conn); one is enough if the others fail. */
+	struct opener openers[NBD_MAX_CONNS - 1];
+	unsigned more = n->multi_conn ? NBD_MAX_CONNS - 1 : 0;
+	openers_start(openers, &o, more);
 	n->fresh = !spec->in_place && reads_as_zeroes(h, n->export_size);
 	n->base.holes_need_zeroes = !n->fresh;
 	int64_t max = nbd_get_block_size(h, LIBNBD_SIZE_MAXIMUM);
 	n->max_request = max > 0 && max < NBD_MAX_REQUEST ? (uint32_t)max : NBD_MAX_REQUEST;
+	struct nbd_handle *extra[NBD_MAX_CONNS - 1];
+	unsigned got = openers_finish(openers, more, extra);
 	if ((rc = conn_start(&n->conns[0], h))) {
 		nbd_close(h);
+		for (unsigned i = 0; i < got; i++)
+			nbd_close(extra[i]);
 		set_error(err, errlen, -rc, "target %s: cannot start its I/O thread: %s", n->uri, error_text(-rc));
 		goto fail;
 	}
-	/* More connections only where the server says they see one another's
-	 * writes (multi-conn); one is enough if the others fail. */
-	for (unsigned i = 1; n->multi_conn && i < NBD_MAX_CONNS; i++) {
-		char ignored[300];
-		struct nbd_handle *more;
-		if (nbd_open(&o, &more, ignored, sizeof(ignored)))
-			break;
-		if (conn_start(&n->conns[i], more)) {
-			nbd_close(more);
-			break;
-		}
-		n->nconns++;
-	}
+	for (unsigned i = 0; i < got; i++)
+		if (conn_start(&n->conns[n->nconns], extra[i]))
+			nbd_close(extra[i]);
+		else
+			n->nconns++;
 	snprintf(n->state_text, sizeof(n->state_text), "connected");
 	*out = &n->base;
 	return 0;
@@ -1057,7 +1104,7 @@ static int nbd_check(const struct target_spec *spec, char *err, size_t errlen)
 		return set_error(err, errlen, ENOTDIR, "target %s: tls-certs=%s: not a directory", uri, spec->tls_certs);
 	if (spec->tls_psk && access(spec->tls_psk, R_OK) < 0)
 		return set_error(err, errlen, errno, "target %s: tls-psk=%s: %s", uri, spec->tls_psk, error_text(errno));
-	struct nbd_options o = { uri, spec->tls_certs, spec->tls_psk, false };
+	struct nbd_options o = { uri, spec->tls_certs, spec->tls_psk, false, false };
 	struct nbd_handle *h;
 	int rc = nbd_open(&o, &h, err, errlen);
 	if (!rc)

@@ -1,4 +1,4 @@
-/* Unit tests for util, ratelimit and latency (src/util.c, src/ratelimit.c,
+/* Unit tests for util, bufpool, ratelimit and latency (src/util.c, src/bufpool.c, src/ratelimit.c,
  * src/latency.c). */
 #include "config.h"
 
@@ -12,6 +12,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "fleecefs/bufpool.h"
 #include "fleecefs/latency.h"
 #include "fleecefs/ratelimit.h"
 #include "fleecefs/util.h"
@@ -614,4 +615,80 @@ Test(latency, concurrent_records_all_counted)
 	cr_assert_eq(total, 400000);
 	assert_within(latency_percentile(&hist, 500), 100, 500);
 	assert_within(latency_percentile(&hist, 501), 5000, 501);
+}
+
+/* ---- bufpool --------------------------------------------------------------- */
+
+Test(bufpool, buffers_come_back_aligned_and_are_used_again)
+{
+	bufpool_trim();
+	void *a = bufpool_get(1 << 20);
+	cr_assert_not_null(a);
+	cr_assert_eq((uintptr_t)a % 4096, 0);
+	memset(a, 0xab, 1 << 20);   /* the whole length is usable */
+	bufpool_put(a, 1 << 20);
+	cr_assert_eq(bufpool_pooled_bytes(), 1 << 20);
+	/* A run of another length in the same class gets the same buffer. */
+	void *b = bufpool_get(768 << 10);
+	cr_assert_eq(b, a, "a pooled buffer of the class was not used again");
+	cr_assert_eq(bufpool_pooled_bytes(), 0);
+	/* Another class does not get it. */
+	bufpool_put(b, 768 << 10);
+	void *c = bufpool_get(64 << 10);
+	cr_assert_neq(c, a);
+	memset(c, 1, 64 << 10);
+	bufpool_put(c, 64 << 10);
+	cr_assert_eq(bufpool_pooled_bytes(), (1 << 20) + (64 << 10));
+	bufpool_trim();
+	cr_assert_eq(bufpool_pooled_bytes(), 0);
+}
+
+Test(bufpool, keeps_at_most_its_share_and_never_pools_huge_ones)
+{
+	bufpool_trim();
+	enum { N = BUFPOOL_KEEP / (4 << 20) + 4 };
+	void *bufs[N];
+	for (int i = 0; i < N; i++)
+		cr_assert_not_null(bufs[i] = bufpool_get(4 << 20));
+	for (int i = 0; i < N; i++)
+		bufpool_put(bufs[i], 4 << 20);
+	cr_assert_eq(bufpool_pooled_bytes(), BUFPOOL_KEEP, "pooled %llu", (unsigned long long)bufpool_pooled_bytes());
+	void *huge = bufpool_get(BUFPOOL_LARGEST + 1);
+	cr_assert_not_null(huge);
+	cr_assert_eq((uintptr_t)huge % 4096, 0);
+	bufpool_put(huge, BUFPOOL_LARGEST + 1);
+	cr_assert_eq(bufpool_pooled_bytes(), BUFPOOL_KEEP);
+	bufpool_trim();
+}
+
+/* Threads getting and putting at once: every buffer handed out is handed
+ * to one thread only (each fills and checks its own). */
+static void *pool_churn(void *arg)
+{
+	unsigned char tag = (unsigned char)(uintptr_t)arg;
+	for (int i = 0; i < 2000; i++) {
+		size_t len = (size_t)(4096u << (i % 6));
+		unsigned char *buf = bufpool_get(len);
+		if (!buf)
+			return (void *)1;
+		memset(buf, tag, len);
+		for (size_t j = 0; j < len; j += 512)
+			if (buf[j] != tag)
+				return (void *)1;
+		bufpool_put(buf, len);
+	}
+	return NULL;
+}
+
+Test(bufpool, threads_never_share_a_buffer)
+{
+	pthread_t t[4];
+	for (uintptr_t i = 0; i < 4; i++)
+		cr_assert_eq(pthread_create(&t[i], NULL, pool_churn, (void *)(i + 1)), 0);
+	for (int i = 0; i < 4; i++) {
+		void *ret;
+		pthread_join(t[i], &ret);
+		cr_assert_null(ret, "thread %d saw another thread's bytes", i);
+	}
+	bufpool_trim();
 }
