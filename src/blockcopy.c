@@ -21,7 +21,7 @@ struct writebehind_item {
 	struct writebehind_item *next;
 	uint64_t first, count;       /* clusters */
 	uint64_t len;                /* bytes of data in buf */
-	void *buf;
+	struct shared_buffer *buf;   /* shared with a target that keeps it */
 };
 
 static void *writer_thread(void *arg);
@@ -63,10 +63,9 @@ static void engine_stopped(void)
 	pthread_mutex_lock(&budget_lock);
 	bool idle = --engines_running == 0;
 	pthread_mutex_unlock(&budget_lock);
-	if (idle) {
-		bufpool_trim();
+	bufpool_detach();
+	if (idle)
 		malloc_trim(0);
-	}
 }
 
 int blockcopy_init(struct blockcopy *bc, struct copy_source *source, struct target *target,
@@ -112,6 +111,7 @@ int blockcopy_init(struct blockcopy *bc, struct copy_source *source, struct targ
 		pthread_mutex_lock(&budget_lock);
 		engines_running++;
 		pthread_mutex_unlock(&budget_lock);
+		bufpool_attach();
 	}
 	return 0;
 }
@@ -133,7 +133,7 @@ void blockcopy_stop_writers(struct blockcopy *bc)
 		bc->queue_head = item->next;
 		bc->queued_bytes -= item->len;
 		budget_give(item->len);
-		bufpool_put(item->buf, item->len);
+		shared_buffer_release(item->buf);
 		free(item);
 	}
 	bc->queue_tail = NULL;
@@ -191,7 +191,8 @@ static int copy_hole(struct blockcopy *bc, uint64_t first, uint64_t count, uint6
 /* Writes a run read by read_run: non-zero clusters as data (adjacent ones in
  * one write), zero clusters as zeroes (nothing at all on a fresh target).
  * On success the run counts as done. */
-static int write_run(struct blockcopy *bc, uint64_t first, uint64_t len, const void *buf, unsigned flags)
+static int write_run(struct blockcopy *bc, uint64_t first, uint64_t len, const void *buf, unsigned flags,
+		     struct shared_buffer *owner)
 {
 	uint64_t off = first << bc->cluster_bits, write_from = 0, pos = 0;
 	bool in_data = false;
@@ -206,8 +207,8 @@ static int write_run(struct blockcopy *bc, uint64_t first, uint64_t len, const v
 			write_from = pos;
 			in_data = true;
 		} else if (zero && in_data) {
-			rc = target_write(bc->target, off + write_from, (const char *)buf + write_from,
-					  (size_t)(pos - write_from), flags);
+			rc = target_write_from(bc->target, off + write_from, (const char *)buf + write_from,
+					       (size_t)(pos - write_from), flags, owner);
 			if (rc)
 				return rc;
 			atomic_fetch_add(&bc->bytes_written, pos - write_from);
@@ -217,8 +218,8 @@ static int write_run(struct blockcopy *bc, uint64_t first, uint64_t len, const v
 			return rc;
 	}
 	if (in_data) {
-		rc = target_write(bc->target, off + write_from, (const char *)buf + write_from,
-				  (size_t)(len - write_from), flags);
+		rc = target_write_from(bc->target, off + write_from, (const char *)buf + write_from,
+				       (size_t)(len - write_from), flags, owner);
 		if (rc)
 			return rc;
 		atomic_fetch_add(&bc->bytes_written, len - write_from);
@@ -302,7 +303,7 @@ static void *writer_thread(void *arg)
 				break;
 			}
 			pthread_mutex_unlock(&bc->queue_lock);
-			int rc = discard ? 0 : write_run(bc, item->first, item->len, item->buf, 0);
+			int rc = discard ? 0 : write_run(bc, item->first, item->len, item->buf->data, 0, item->buf);
 			/* Hand what was written to writeback as we go: dirty pages
 			 * stay bounded, and the final sync finds little to do. */
 			unwritten += item->len;
@@ -341,7 +342,7 @@ static void *writer_thread(void *arg)
 			if (!rc && !discard)
 				cbitmap_clear_range(&bc->queued, item->first, item->count);
 			pthread_cond_broadcast(&bc->queue_changed);
-			bufpool_put(item->buf, item->len);
+			shared_buffer_release(item->buf);
 			free(item);
 		}
 	}
@@ -386,16 +387,19 @@ static void unreserve_room(struct blockcopy *bc, uint64_t bytes)
 	pthread_mutex_unlock(&bc->queue_lock);
 }
 
-/* Hands a run's data (buf, malloc'd, owned by the queue from now on) to the
+/* Hands a run's data (buf, from bufpool_get, owned by the queue from now on) to the
  * writers, in `reserved` bytes booked by reserve_room (0: none booked, it
  * takes room now if there is some). False: not queued, the caller writes. */
 static bool enqueue_run(struct blockcopy *bc, uint64_t first, uint64_t count, uint64_t len, void *buf,
 			uint64_t reserved)
 {
 	struct writebehind_item *item = malloc(sizeof(*item));
-	if (!item)
+	struct shared_buffer *shared = item ? bufpool_share(buf, (size_t)len) : NULL;
+	if (!shared) {
+		free(item);
 		return false;
-	*item = (struct writebehind_item){ .first = first, .count = count, .len = len, .buf = buf };
+	}
+	*item = (struct writebehind_item){ .first = first, .count = count, .len = len, .buf = shared };
 	pthread_mutex_lock(&bc->queue_lock);
 	bool room = bc->nwriters && !bc->stopping && (reserved || budget_take(len, BLOCKCOPY_BUDGET));
 	if (room) {
@@ -410,8 +414,10 @@ static bool enqueue_run(struct blockcopy *bc, uint64_t first, uint64_t count, ui
 		pthread_cond_broadcast(&bc->queue_changed);
 	}
 	pthread_mutex_unlock(&bc->queue_lock);
-	if (!room)
+	if (!room) {
+		free(shared);   /* buf stays the caller's */
 		free(item);
+	}
 	return room;
 }
 
@@ -511,7 +517,7 @@ static int copy_claimed_run(struct blockcopy *bc, uint64_t run_first, uint64_t r
 		buf = NULL;
 		reserved = 0;
 	} else if (!rc) {
-		rc = write_run(bc, run_first, bytes, buf, by_guest ? TARGET_WRITE_GUEST_WAITS : 0);
+		rc = write_run(bc, run_first, bytes, buf, by_guest ? TARGET_WRITE_GUEST_WAITS : 0, NULL);
 		e->target = rc != 0;
 	}
 	if (reserved)

@@ -31,6 +31,7 @@ struct pooled {
 static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct pooled *free_lists[NCLASSES];   /* pool_lock */
 static uint64_t pooled_bytes;                 /* pool_lock */
+static unsigned users;                        /* pool_lock */
 
 /* The class of len, or -1 for one too large to pool. */
 static int class_of(size_t len)
@@ -80,7 +81,7 @@ void bufpool_put(void *buf, size_t len)
 
 	if (class >= 0) {
 		pthread_mutex_lock(&pool_lock);
-		if (pooled_bytes + cap <= BUFPOOL_KEEP) {
+		if (users && pooled_bytes + cap <= BUFPOOL_KEEP) {
 			struct pooled *p = buf;
 			p->next = free_lists[class];
 			free_lists[class] = p;
@@ -114,10 +115,51 @@ void bufpool_trim(void)
 		}
 }
 
+void bufpool_attach(void)
+{
+	pthread_mutex_lock(&pool_lock);
+	users++;
+	pthread_mutex_unlock(&pool_lock);
+}
+
+void bufpool_detach(void)
+{
+	pthread_mutex_lock(&pool_lock);
+	bool last = --users == 0;
+	pthread_mutex_unlock(&pool_lock);
+	if (last)
+		bufpool_trim();
+}
+
 uint64_t bufpool_pooled_bytes(void)
 {
 	pthread_mutex_lock(&pool_lock);
 	uint64_t bytes = pooled_bytes;
 	pthread_mutex_unlock(&pool_lock);
 	return bytes;
+}
+
+struct shared_buffer *bufpool_share(void *data, size_t len)
+{
+	struct shared_buffer *b = malloc(sizeof(*b));
+	if (!b)
+		return NULL;
+	b->data = data;
+	b->len = len;
+	atomic_init(&b->holders, 1);
+	return b;
+}
+
+void shared_buffer_hold(struct shared_buffer *b)
+{
+	atomic_fetch_add_explicit(&b->holders, 1, memory_order_relaxed);
+}
+
+void shared_buffer_release(struct shared_buffer *b)
+{
+	/* acq_rel: every holder's reads of the bytes happen before the put. */
+	if (b && atomic_fetch_sub_explicit(&b->holders, 1, memory_order_acq_rel) == 1) {
+		bufpool_put(b->data, b->len);
+		free(b);
+	}
 }

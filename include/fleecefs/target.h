@@ -38,6 +38,7 @@ struct target;
 struct cbitmap;
 struct journal_range;
 struct strbuf;
+struct shared_buffer;
 
 enum target_format { FORMAT_RAW, FORMAT_QCOW2, FORMAT_NBD };
 
@@ -78,6 +79,11 @@ struct target_limits {
 
 struct target_ops {
 	int (*write)(struct target *t, uint64_t off, const void *buf, size_t len, unsigned flags);
+	/* The same, with buf inside `owner` (bufpool.h), which the target may
+	 * hold for as long as it needs the bytes instead of copying them.
+	 * NULL: write is used. */
+	int (*write_shared)(struct target *t, uint64_t off, const void *buf, size_t len, unsigned flags,
+			    struct shared_buffer *owner);
 	/* Make [off, off + len) read as zeroes (a hole where possible). */
 	int (*write_zeroes)(struct target *t, uint64_t off, uint64_t len);
 	/* Give back the space of [off, off + len) (its content is not needed
@@ -220,6 +226,14 @@ int target_raw_open_in_place(const char *path, dev_t dev, ino_t ino, const char 
 
 static inline int target_write(struct target *t, uint64_t off, const void *buf, size_t len, unsigned flags)
 {
+	return t->ops->write(t, off, buf, len, flags);
+}
+/* buf lies inside owner (NULL: a buffer of the caller's only). */
+static inline int target_write_from(struct target *t, uint64_t off, const void *buf, size_t len, unsigned flags,
+				    struct shared_buffer *owner)
+{
+	if (owner && t->ops->write_shared)
+		return t->ops->write_shared(t, off, buf, len, flags, owner);
 	return t->ops->write(t, off, buf, len, flags);
 }
 static inline int target_write_zeroes(struct target *t, uint64_t off, uint64_t len)

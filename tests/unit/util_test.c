@@ -621,7 +621,7 @@ Test(latency, concurrent_records_all_counted)
 
 Test(bufpool, buffers_come_back_aligned_and_are_used_again)
 {
-	bufpool_trim();
+	bufpool_attach();
 	void *a = bufpool_get(1 << 20);
 	cr_assert_not_null(a);
 	cr_assert_eq((uintptr_t)a % 4096, 0);
@@ -639,13 +639,33 @@ Test(bufpool, buffers_come_back_aligned_and_are_used_again)
 	memset(c, 1, 64 << 10);
 	bufpool_put(c, 64 << 10);
 	cr_assert_eq(bufpool_pooled_bytes(), (1 << 20) + (64 << 10));
-	bufpool_trim();
+	bufpool_detach();
+	cr_assert_eq(bufpool_pooled_bytes(), 0, "the last user's detach did not empty the pool");
+	/* With no user, what comes back is freed, not kept. */
+	void *d = bufpool_get(64 << 10);
+	bufpool_put(d, 64 << 10);
 	cr_assert_eq(bufpool_pooled_bytes(), 0);
+}
+
+Test(bufpool, a_shared_buffer_goes_back_when_its_last_holder_lets_go)
+{
+	bufpool_attach();
+	void *data = bufpool_get(256 << 10);
+	struct shared_buffer *b = bufpool_share(data, 256 << 10);
+	cr_assert_not_null(b);
+	shared_buffer_hold(b);      /* a target keeps it */
+	shared_buffer_release(b);   /* the queue is done */
+	cr_assert_eq(bufpool_pooled_bytes(), 0, "put back while a holder still had it");
+	shared_buffer_release(b);   /* the target lets go */
+	cr_assert_eq(bufpool_pooled_bytes(), 256 << 10);
+	cr_assert_eq(bufpool_get(256 << 10), data);
+	bufpool_put(data, 256 << 10);
+	bufpool_detach();
 }
 
 Test(bufpool, keeps_at_most_its_share_and_never_pools_huge_ones)
 {
-	bufpool_trim();
+	bufpool_attach();
 	enum { N = BUFPOOL_KEEP / (4 << 20) + 4 };
 	void *bufs[N];
 	for (int i = 0; i < N; i++)
@@ -658,7 +678,7 @@ Test(bufpool, keeps_at_most_its_share_and_never_pools_huge_ones)
 	cr_assert_eq((uintptr_t)huge % 4096, 0);
 	bufpool_put(huge, BUFPOOL_LARGEST + 1);
 	cr_assert_eq(bufpool_pooled_bytes(), BUFPOOL_KEEP);
-	bufpool_trim();
+	bufpool_detach();
 }
 
 /* Threads getting and putting at once: every buffer handed out is handed
@@ -683,6 +703,7 @@ static void *pool_churn(void *arg)
 Test(bufpool, threads_never_share_a_buffer)
 {
 	pthread_t t[4];
+	bufpool_attach();
 	for (uintptr_t i = 0; i < 4; i++)
 		cr_assert_eq(pthread_create(&t[i], NULL, pool_churn, (void *)(i + 1)), 0);
 	for (int i = 0; i < 4; i++) {
@@ -690,5 +711,5 @@ Test(bufpool, threads_never_share_a_buffer)
 		pthread_join(t[i], &ret);
 		cr_assert_null(ret, "thread %d saw another thread's bytes", i);
 	}
-	bufpool_trim();
+	bufpool_detach();
 }
