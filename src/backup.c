@@ -16,6 +16,7 @@
 #include "fleecefs/control.h"
 #include "fleecefs/daemon.h"
 #include "fleecefs/image.h"
+#include "fleecefs/inject.h"
 #include "fleecefs/job.h"
 #include "fleecefs/manifest.h"
 #include "fleecefs/pending.h"
@@ -486,6 +487,31 @@ static void undo_result(struct backup *b)
 	settle(b);
 }
 
+/* The target made durable at the end; a failure is a target error like any
+ * other: stop pauses the job and resume flushes again (an NBD target first
+ * sends again what the failed flush did not cover), ignore retries after a
+ * pause, report fails. -ECANCELED: stopped meanwhile. */
+static int flush_target(struct backup *b)
+{
+	for (;;) {
+		int rc = inject_check(INJECT_TARGET_FLUSH, 0, b->bc.size);
+		if (!rc)
+			rc = target_flush(b->target);
+		if (!rc || b->on_target_error == POLICY_REPORT)
+			return rc;
+		const char *text = target_error_text(b->target, -rc);
+		if (b->on_target_error == POLICY_STOP) {
+			job_pause_on_error(&b->job, "target %s: cannot flush (on-target-error=stop): %s", b->target_path, text);
+		} else {
+			log_warn("backup %s: target %s: cannot flush: %s (on-target-error=ignore: retrying)", b->job.id,
+				 b->target_path, text);
+			job_sleep(&b->job, clock_monotonic_ns() + IGNORED_ERROR_BACKOFF_NS);
+		}
+		if (!job_wait_running(&b->job))
+			return -ECANCELED;
+	}
+}
+
 /* Everything of T is read: the guest needs us no more; wait for the queued
  * writes, make the target durable, conclude with the group. */
 static int finish_copy(struct backup *b)
@@ -511,8 +537,9 @@ static int finish_copy(struct backup *b)
 		struct blockcopy_error e = { .err = rc, .target = true, .offset = where };
 		describe_error(b, &e, what, sizeof(what));
 		job_fail(job, "%s", what);
-	} else if ((rc = target_flush(b->target))) {
-		job_fail(job, "target %s: cannot flush: %s", b->target_path, error_text(-rc));
+	} else if ((rc = flush_target(b))) {
+		if (rc != -ECANCELED)
+			job_fail(job, "target %s: cannot flush: %s", b->target_path, error_text(-rc));
 	} else if (b->manifest && (rc = manifest_write(b->manifest))) {
 		job_fail(job, "manifest %s.xxh3: cannot write: %s", b->target_path, error_text(-rc));
 	}

@@ -242,6 +242,7 @@ struct nbd_target {
 	unsigned nconns;
 	atomic_uint next_conn;
 	atomic_bool lost;
+	atomic_bool resend_before_flush; /* the last flush failed */
 	uint64_t last_attempt_ns;        /* reconnect_lock */
 	atomic_uint attempts;            /* written under reconnect_lock */
 	pthread_mutex_t lock;            /* a leaf: what follows */
@@ -553,6 +554,18 @@ static int request(struct nbd_target *n, enum nbd_op op, uint64_t off, const voi
  * meanwhile must write them again before the flush is sent. */
 static int flush_retained(struct nbd_target *n)
 {
+	/* A flush that failed may have lost what it was to cover (a server's
+	 * failed fsync drops dirty pages): send it all again first. After a
+	 * lost connection the reconnect does that. */
+	if (atomic_exchange(&n->resend_before_flush, false)) {
+		pthread_rwlock_wrlock(&n->conns_lock);
+		int rc = atomic_load(&n->lost) ? 0 : resend_retained(n);
+		pthread_rwlock_unlock(&n->conns_lock);
+		if (rc) {
+			atomic_store(&n->resend_before_flush, true);
+			return rc;
+		}
+	}
 	pthread_mutex_lock(&n->lock);
 	while (n->flushing)
 		pthread_cond_wait(&n->retain_room, &n->lock);
@@ -562,6 +575,8 @@ static int flush_retained(struct nbd_target *n)
 	pthread_mutex_unlock(&n->lock);
 
 	int rc = request(n, OP_FLUSH, 0, NULL, 0);
+	if (rc)
+		atomic_store(&n->resend_before_flush, true);
 
 	struct retained *covered = NULL;
 	pthread_mutex_lock(&n->lock);

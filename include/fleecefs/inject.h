@@ -19,6 +19,8 @@
  *                             truncate, fallocate collapse/insert), after
  *                             its check that no job runs on the file and
  *                             before it acts (offset: the new size)
+ *               target-flush  a backup making its target durable at its end
+ *                             (offset: the whole target)
  *   offset=     the rule applies to operations overlapping [START, END)
  *               (sizes with K, M, G, T; END may be omitted: to the end)
  *   once        the first matching operation only (the default)
@@ -43,7 +45,8 @@
 #include <stdint.h>
 
 enum inject_point {
-	INJECT_SOURCE_READ, INJECT_TARGET_WRITE, INJECT_CBW, INJECT_STORE_WRITE, INJECT_TRUNCATE, INJECT_POINTS
+	INJECT_SOURCE_READ, INJECT_TARGET_WRITE, INJECT_CBW, INJECT_STORE_WRITE, INJECT_TRUNCATE, INJECT_TARGET_FLUSH,
+	INJECT_POINTS
 };
 
 extern atomic_bool inject_active;

@@ -5,6 +5,8 @@
 #     with cache=writeback: writes reach the file only at a flush): with
 #     on-target-error=stop the job pauses; a restarted server and resume
 #     finish it exactly (the writes the dead server dropped are sent again);
+#   - the same when the server dies at the final flush (stop: paused,
+#     resumed, exact); a failing final flush with report fails the job;
 #   - the same with report: the job fails, and the guest's writes all landed;
 #   - a slow server (20 ms per write) with fleecing=on under concurrent
 #     writers: exact;
@@ -39,6 +41,37 @@ want_eq "st after resume" "$(wait_job st 60)" completed
 [ "$(status st target_reconnects)" -ge 1 ] || fail "st: no reconnect counted"
 nbd_kill k   # what it holds now is only what was flushed to the file
 same "the backup across a server crash" "$T/at-t" "$OUT/k.raw"
+
+# 1b. The server dies just before the final flush (held there by an injected
+# delay): stop pauses the job; after resume the reconnect sends again all
+# the dead server dropped, the flush succeeds, and the export is exact.
+rm -f "$OUT/k.raw"
+truncate -s 32M "$OUT/k.raw"
+serve_cached
+inject "target-flush delay=1500"
+start sf "backup vm.img $URI on-target-error=stop id=sf"
+for _ in $(seq 300); do grep -q "matched=1" "$MNT/.fleece/inject" && break; sleep 0.05; done
+grep -q "matched=1" "$MNT/.fleece/inject" || fail "sf never reached its final flush"
+cp "$SRC/vm.img" "$T/at-t"   # no writes since its start: T
+nbd_kill k
+wait_state sf paused 30
+want_match "sf error" "$(status sf error)" "cannot flush \(on-target-error=stop\): .*connection lost"
+inject "clear"
+serve_cached
+ctl "resume sf" >/dev/null || fail "resume sf"
+want_eq "sf after resume" "$(wait_job sf 60)" completed
+nbd_kill k
+same "the backup whose final flush met a dead server" "$T/at-t" "$OUT/k.raw"
+
+# 1c. A final flush that fails with report: the job fails, saying so.
+rm -f "$OUT/k.raw"
+truncate -s 32M "$OUT/k.raw"
+serve_cached
+inject "target-flush errno=EIO"
+start ff "backup vm.img $URI id=ff"
+want_eq "ff" "$(wait_job ff 30)" failed
+want_match "ff error" "$(status ff error)" "cannot flush: Input/output error"
+inject "clear"
 
 # 2. report: the job fails; the guest never notices.
 rm -f "$OUT/k.raw"
