@@ -252,7 +252,11 @@ print(f"{len(lat)} guest writes: p50 {p50 * 1000:.2f} ms, p99 {p99 * 1000:.2f} m
 ok = True
 if p99 > 0.050:
     print(f"the guest waited: p99 write latency {p99 * 1000:.1f} ms (the target delays each write by 100 ms)"); ok = False
-if p99_job > 50000:
+# The job's histogram has log-linear buckets: one wait for a 100 ms target
+# write puts the p99 at 98304 us or more. A busy sanitizer build on a slow
+# disk reached the 49-61 ms bucket without any such wait (frozen reads of
+# the background copy); the guest's own p99 above stays the strict check.
+if p99_job > 90000:
     print(f"cbw_wait_us_p99={p99_job}: guest writes waited for the slow target"); ok = False
 grown = max((x[2] for x in samples if x[1]), default=0)
 if grown < (512 << 10):
