@@ -249,6 +249,9 @@ struct nbd_target {
 	pthread_cond_t retain_room;
 	unsigned reconnects;
 	char state_text[300];            /* "connected" or why not */
+	/* Why the connection was last lost: an ENOTCONN is explained by it
+	 * even once another thread has connected again. */
+	char loss_text[300];
 	struct journal *journal;         /* in place: the undo journal */
 	struct retained *retained_head;  /* newest first */
 	uint64_t retained_bytes;
@@ -343,7 +346,10 @@ enum nbd_op { OP_WRITE, OP_ZERO, OP_TRIM, OP_FLUSH, OP_READ };
 
 static void mark_lost(struct nbd_target *n, const char *why)
 {
-	set_state(n, "lost: %s", why);
+	pthread_mutex_lock(&n->lock);
+	snprintf(n->state_text, sizeof(n->state_text), "lost: %s", why);
+	snprintf(n->loss_text, sizeof(n->loss_text), "%s", why);
+	pthread_mutex_unlock(&n->lock);
 	atomic_store(&n->lost, true);
 }
 
@@ -871,7 +877,11 @@ static void nbdt_explain(struct target *t, int err, char *buf, size_t len)
 {
 	struct nbd_target *n = nbdt(t);
 	pthread_mutex_lock(&n->lock);
-	snprintf(buf, len, "%s (NBD server %s, connection %s)", error_text(err), n->uri, n->state_text);
+	if (err == ENOTCONN && n->loss_text[0] && strncmp(n->state_text, "lost", 4) != 0)
+		snprintf(buf, len, "%s (NBD server %s, connection lost: %s; now %s)", error_text(err), n->uri,
+			 n->loss_text, n->state_text);
+	else
+		snprintf(buf, len, "%s (NBD server %s, connection %s)", error_text(err), n->uri, n->state_text);
 	pthread_mutex_unlock(&n->lock);
 }
 
