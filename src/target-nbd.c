@@ -235,7 +235,6 @@ struct nbd_target {
 	 * block status said so): zero clusters need no write, as on a new
 	 * sparse file. Never in place. */
 	bool fresh;
-	bool in_place;                   /* updates the chain's last backup */
 	pthread_mutex_t reconnect_lock;
 	pthread_rwlock_t conns_lock;
 	struct nbd_conn conns[NBD_MAX_CONNS];
@@ -584,7 +583,11 @@ static int flush_retained(struct nbd_target *n)
 	if (rc)
 		atomic_store(&n->resend_before_flush, true);
 
+	/* A reconnect re-sends the list under conns_lock exclusive, reading
+	 * entries without n->lock: what this flush covered may leave the list
+	 * (its buffer going back to the pool) only while no re-send runs. */
 	struct retained *covered = NULL;
+	pthread_rwlock_rdlock(&n->conns_lock);
 	pthread_mutex_lock(&n->lock);
 	for (struct retained **at = &n->retained_head; *at;) {
 		struct retained *r = *at;
@@ -616,6 +619,7 @@ static int flush_retained(struct nbd_target *n)
 	n->flushing = false;
 	pthread_cond_broadcast(&n->retain_room);
 	pthread_mutex_unlock(&n->lock);
+	pthread_rwlock_unlock(&n->conns_lock);
 	free_list(drop);
 	return rc;
 }
@@ -695,8 +699,9 @@ static int write_retained(struct nbd_target *n, enum nbd_op op, uint64_t off, co
  * Nothing on the server says which backup an export holds, so the state
  * directory counts the backups that began writing into it
  * (STATE_DIR/nbd/HASH.gen, HASH the URI's as for its manifest): a full or
- * top backup takes the next generation at its point in time, before its
- * first write, and the chain record names the export by URI and generation.
+ * top backup takes the next generation when its target is created, before
+ * its first write, and the chain record names the export by URI and
+ * generation.
  * A chain whose last backup was overwritten since (by another chain, or by
  * a backup that failed) no longer matches, and its next incremental in
  * place is refused instead of completing on foreign content. An in-place
@@ -847,14 +852,6 @@ static int nbdt_set_size(struct target *t, uint64_t size, char *err, size_t errl
 	if (n->export_size < size)
 		return set_error(err, errlen, ENOSPC, "target %s: the export holds %" PRIu64 " bytes, the image %" PRIu64,
 				 n->uri, n->export_size, size);
-	if (!n->in_place) {
-		uint64_t generation;
-		int rc = next_generation(n->uri, &generation);
-		if (rc)
-			return set_error(err, errlen, -rc, "target %s: cannot record the new backup in %s: %s", n->uri,
-					 manifest_nbd_dir(), error_text(-rc));
-		t->ino = (ino_t)export_identity(n->uri, generation);
-	}
 	t->size = size;
 	return 0;
 }
@@ -1100,8 +1097,16 @@ static int nbd_create_target(const struct target_spec *spec, const char *temp, s
 	}
 	n->base.ops = &nbd_ops;
 	n->base.writers = NBD_WRITERS;
-	n->in_place = spec->in_place;
-	n->base.ino = (ino_t)export_identity(n->uri, export_generation(n->uri));
+	/* A new backup takes the next generation before the gates close (no
+	 * fsync at T): a transaction that aborts after this only makes the
+	 * chain's next incremental refuse, the safe side. */
+	uint64_t generation = export_generation(n->uri);
+	if (!spec->in_place && (rc = next_generation(n->uri, &generation))) {
+		set_error(err, errlen, -rc, "target %s: cannot record the new backup in %s: %s", n->uri,
+			  manifest_nbd_dir(), error_text(-rc));
+		goto fail;
+	}
+	n->base.ino = (ino_t)export_identity(n->uri, generation);
 	struct nbd_options o = { n->uri, n->tls_certs, n->tls_psk, false, !spec->in_place };
 	struct nbd_handle *h;
 	if ((rc = nbd_open(&o, &h, err, errlen)))
