@@ -25,7 +25,7 @@ uint64_t ratelimit_delay(const struct ratelimit *rl, uint64_t now_ns);
 void ratelimit_charge(struct ratelimit *rl, uint64_t now_ns, uint64_t n);
 /* n bytes charged were not sent after all. */
 void ratelimit_refund(struct ratelimit *rl, uint64_t now_ns, uint64_t n);
-/* The chunk size that keeps pacing smooth: a twentieth of a second's worth,
+/* The chunk size that keeps pacing smooth: a fiftieth of a second's worth,
  * rounded down to a multiple of `unit`, between unit and max. */
 uint64_t ratelimit_chunk(const struct ratelimit *rl, uint64_t unit, uint64_t max);
 

@@ -3,7 +3,9 @@
 # with two copy workers (the default) they never pass the throttle together,
 # and no idle time is banked. bytes_done (what reached the target) is
 # sampled every 20 ms for 4 s; over every window of one second after the
-# first chunk the rate stays within 10 % of speed=. Then the same after a
+# first chunk the rate stays within 10 % of speed= (a chunk is 2 % of a
+# second's worth; a window may hold one more admitted and the two that were
+# in flight when it opened). Then the same after a
 # pause (no burst to catch up) and after `set` to a new speed.
 # A sample is timed by the middle of its status read and dropped if the read
 # took over 10 ms (an early timestamp paired with a later count would look

@@ -463,13 +463,14 @@ Test(ratelimit, chunk)
 
 	cr_assert_eq(ratelimit_chunk(&rl, unit, max), max, "unlimited: the largest chunk");
 	ratelimit_set(&rl, MiB);
-	/* A twentieth of 1 MiB is 52428 B: never below one 64K unit. */
+	/* A fiftieth of 1 MiB is 20971 B: never below one 64K unit. */
 	cr_assert_eq(ratelimit_chunk(&rl, unit, max), unit);
 	ratelimit_set(&rl, 6 * MiB);
-	/* 314572 B, rounded down to 4 units. */
-	cr_assert_eq(ratelimit_chunk(&rl, unit, max), 4 * unit);
+	/* 125829 B, rounded down to one unit. */
+	cr_assert_eq(ratelimit_chunk(&rl, unit, max), unit);
 	ratelimit_set(&rl, 20 * MiB);
-	cr_assert_eq(ratelimit_chunk(&rl, unit, max), MiB);
+	/* 419430 B: 6 units. */
+	cr_assert_eq(ratelimit_chunk(&rl, unit, max), 6 * unit);
 	ratelimit_set(&rl, 1000);
 	cr_assert_eq(ratelimit_chunk(&rl, unit, max), unit, "never below one unit");
 	ratelimit_set(&rl, 1);
@@ -477,6 +478,9 @@ Test(ratelimit, chunk)
 	ratelimit_set(&rl, 1ull << 40);
 	cr_assert_eq(ratelimit_chunk(&rl, unit, max), max, "never above max");
 	ratelimit_set(&rl, 80 * MiB);
+	/* 1677721 B: 25 units. */
+	cr_assert_eq(ratelimit_chunk(&rl, unit, max), 25 * unit);
+	ratelimit_set(&rl, 400 * MiB);
 	cr_assert_eq(ratelimit_chunk(&rl, unit, max), max);
 	for (uint64_t rate = 1000; rate < 100 * MiB; rate = rate * 3 + 7) {
 		ratelimit_set(&rl, rate);
@@ -484,7 +488,7 @@ Test(ratelimit, chunk)
 		cr_assert_eq(c % unit, 0, "rate %llu: chunk %llu", (unsigned long long)rate, (unsigned long long)c);
 		cr_assert_geq(c, unit);
 		cr_assert_leq(c, max);
-		cr_assert_leq(c, rate / 10 > unit ? rate / 10 : unit);
+		cr_assert_leq(c, rate / 50 > unit ? rate / 50 : unit);
 	}
 }
 
