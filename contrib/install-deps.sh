@@ -5,7 +5,7 @@
 set -euo pipefail
 pkgs=(build-essential autoconf automake libtool pkg-config libfuse3-dev fuse3
       libzstd-dev zlib1g-dev libxxhash-dev libnbd-dev libcriterion-dev python3)
-[ "${1:-}" = --tests ] && pkgs+=(fio qemu-utils qemu-system-x86 cpio util-linux libnbd-bin nbdkit)
+[ "${1:-}" = --tests ] && pkgs+=(fio qemu-utils qemu-system-x86 cpio util-linux libnbd-bin nbdkit xfsprogs)
 missing=()
 for p in "${pkgs[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -57,6 +57,7 @@ struct backup {
 	struct job *snapshot;           /* reading one of its views; referenced */
 	struct snapstore fleece;        /* fleecing=on: the frozen image */
 	bool fleecing;
+	bool reflink;                   /* reflink=auto: copies may share blocks */
 	bool in_place;                  /* raw incremental onto an earlier backup */
 	bool from_partial;              /* ... which is a partial one, completed now */
 	struct dirty_bitmap *bitmap;    /* bitmap=NAME, busy while we run */
@@ -648,8 +649,11 @@ static void backup_status(struct job *job, struct strbuf *out)
 	/* Only set once concluded (the run's end writes it before the state). */
 	if (job_state_concluded(job->state))
 		strbuf_printf(out, "partial=%s\n", b->kept_partial ? b->kept_partial : "");
+	strbuf_printf(out, "reflink=%s\ncloned_bytes=%" PRIu64 "\n", b->reflink ? "auto" : "off",
+		      (uint64_t)atomic_load(&b->bc.bytes_cloned));
 	if (b->fleecing)
-		strbuf_printf(out, "store_bytes=%" PRIu64 "\n", (uint64_t)atomic_load(b->fleece.store_used));
+		strbuf_printf(out, "store_bytes=%" PRIu64 "\nstore_cloned_bytes=%" PRIu64 "\n",
+			      (uint64_t)atomic_load(b->fleece.store_used), (uint64_t)atomic_load(&b->fleece.bc.bytes_cloned));
 	if (b->target)
 		target_describe(b->target, out);
 	strbuf_printf(out, "on_source_error=%s\non_target_error=%s\non_cbw_error=%s\ncbw_timeout=%" PRIu64 "\n",
@@ -822,6 +826,7 @@ int backup_stage(const struct backup_params *p, struct job **out, char *err, siz
 	b->format = p->target->format;
 	b->source_format = p->source_format;
 	b->checksum = cmd->checksum;
+	b->reflink = cmd->reflink;
 	b->on_source_error = cmd->on_source_error;
 	b->on_target_error = cmd->on_target_error;
 	b->on_cbw_error = cmd->on_cbw_error;
@@ -893,6 +898,7 @@ static int choose_source(struct backup *b, const struct backup_params *p, uint64
 					 fleece_broke, b, msg, sizeof(msg))))
 			return set_error(err, errlen, -rc, "backup %s: fleecing store: %s", cmd->image, msg);
 		b->fleecing = true;
+		blockcopy_allow_clone(&b->fleece.bc, cmd->reflink);
 		b->fleece.cbw_wait = &b->job.cbw_wait;
 		/* break-guest-write holds for the store's copies too. */
 		b->fleece.fail_guest = b->on_cbw_error == CBW_BREAK_GUEST_WRITE;
@@ -920,6 +926,7 @@ static int build_engine(struct backup *b, const struct ctl_backup *cmd, uint64_t
 				 div_round_up(size, b->copy_unit));
 	b->bc_ready = true;
 	b->bc.cbw_write_through = b->on_cbw_error == CBW_BREAK_GUEST_WRITE;
+	blockcopy_allow_clone(&b->bc, cmd->reflink);
 	if (cmd->sync == SYNC_INCREMENTAL)
 		atomic_store(&b->bytes_total, blockcopy_restrict(&b->bc, &b->bitmap->frozen, b->bitmap->gran_bits));
 	else

@@ -480,6 +480,48 @@ static uint64_t run_bytes(const struct blockcopy *bc, uint64_t first, uint64_t c
 	return min_u64(count << bc->cluster_bits, bc->size - off);
 }
 
+void blockcopy_allow_clone(struct blockcopy *bc, bool allow)
+{
+	atomic_store(&bc->clone, allow && bc->source->ops->clone_to && bc->target->ops->clone_range);
+}
+
+/* Shares a claimed run's blocks with the target (reflink) instead of copying
+ * it; with a manifest its data is read first for the checksums. 0: the run
+ * is in the target; 1: copy it instead; -errno: the target failed (an
+ * injected write error: the clone stands for the write). */
+static int clone_run(struct blockcopy *bc, uint64_t first, uint64_t count, uint64_t bytes, uint64_t *read_bytes)
+{
+	uint64_t off = first << bc->cluster_bits;
+	int rc = inject_check((enum inject_point)bc->write_inject_point, off, bytes);
+
+	if (rc)
+		return rc;
+	if (bc->manifest) {
+		void *buf = bufpool_get((size_t)bytes);
+		if (!buf)
+			return 1;
+		rc = read_run(bc, first, count, buf, read_bytes);
+		bufpool_put(buf, (size_t)bytes);
+		if (rc)
+			return 1; /* the copy reads again and reports it */
+	}
+	rc = source_clone_to(bc->source, bc->target, off, bytes);
+	if (rc == 0) {
+		atomic_fetch_add(&bc->bytes_done, bytes);
+		atomic_fetch_add(&bc->bytes_cloned, bytes);
+		return 0;
+	}
+	/* The file systems cannot (not reflink, not one file system, blocks
+	 * larger than a cluster): stop trying. A run ending in a partial last
+	 * block (EINVAL unless it ends the source file) or a failure of the
+	 * moment (ENOSPC, EIO) only falls back, and the copy says what fails. */
+	bool tail = first + count == bc->nclusters && bc->size % 4096;
+	if (rc == -EOPNOTSUPP || rc == -EXDEV || rc == -ENOTTY || rc == -EPERM || rc == -ETXTBSY ||
+	    rc == -EBADF || (rc == -EINVAL && !tail))
+		atomic_store(&bc->clone, false);
+	return 1;
+}
+
 /* Copies a run this thread has claimed and releases the claim: reads it
  * into a buffer of its own, which the write-behind queue takes over (or, if
  * there is no room, or the engine writes through, writes it right away). The
@@ -499,6 +541,16 @@ static int copy_claimed_run(struct blockcopy *bc, uint64_t run_first, uint64_t r
 	 * guest's own I/O for the inode). */
 	if (!by_guest && !source_has_data(bc->source, run_first << bc->cluster_bits, bytes)) {
 		rc = copy_hole(bc, run_first, run_count, bytes);
+		e->target = rc != 0;
+		if (reserved)
+			unreserve_room(bc, reserved);
+		inflight_release(&bc->inflight, &bc->pending, run_first, run_count, rc == 0);
+		return e->err = rc;
+	}
+	/* A guest copy with a manifest reads anyway: the queue hides its write
+	 * better than a clone, which takes the image's inode lock. */
+	if (atomic_load_explicit(&bc->clone, memory_order_relaxed) && !(by_guest && bc->manifest) &&
+	    (rc = clone_run(bc, run_first, run_count, bytes, read_bytes)) <= 0) {
 		e->target = rc != 0;
 		if (reserved)
 			unreserve_room(bc, reserved);

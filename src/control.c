@@ -236,6 +236,7 @@ static const struct choice cbw_choices[] = {
 };
 static const struct choice checksum_choices[] = { { "xxh3", 1 }, { "none", 0 }, { 0 } };
 static const struct choice on_off_choices[] = { { "on", 1 }, { "off", 0 }, { 0 } };
+static const struct choice reflink_choices[] = { { "auto", 1 }, { "off", 0 }, { 0 } };
 static const struct choice copy_mode_choices[] = {
 	{ "background", COPY_MODE_BACKGROUND }, { "write-blocking", COPY_MODE_WRITE_BLOCKING }, { 0 }
 };
@@ -263,12 +264,12 @@ static int parse_compress(const struct where *w, const char *value, struct ctl_b
 enum backup_key {
 	BK_SYNC, BK_FORMAT, BK_BITMAP, BK_BITMAP_MODE, BK_BACKING, BK_COMPRESS, BK_CHECKSUM, BK_SPEED,
 	BK_ON_SOURCE_ERROR, BK_ON_TARGET_ERROR, BK_ON_CBW_ERROR, BK_CBW_TIMEOUT, BK_FLEECING, BK_MAX_STORE,
-	BK_ID, BK_GROUP, BK_TLS_CERTS, BK_TLS_PSK,
+	BK_ID, BK_GROUP, BK_TLS_CERTS, BK_TLS_PSK, BK_REFLINK,
 };
 static const char *const backup_keys[] = {
 	"sync", "format", "bitmap", "bitmap-mode", "backing", "compress", "checksum", "speed",
 	"on-source-error", "on-target-error", "on-cbw-error", "cbw-timeout", "fleecing", "max-store",
-	"id", "group", "tls-certs", "tls-psk", NULL,
+	"id", "group", "tls-certs", "tls-psk", "reflink", NULL,
 };
 
 /* One key=value option of backup into b. */
@@ -342,6 +343,10 @@ static int parse_backup_option(const struct where *w, enum backup_key key, const
 	case BK_TLS_PSK:
 		rc = parse_target_arg(w, "tls-psk", v, &b->tls_psk);
 		break;
+	case BK_REFLINK:
+		rc = parse_choice(w, k, v, reflink_choices, &choice);
+		b->reflink = choice;
+		break;
 	}
 	return rc;
 }
@@ -381,7 +386,7 @@ static int parse_backup(const struct where *w, struct words *words, struct ctl_b
 	uint64_t seen = 0;
 	int rc;
 
-	*b = (struct ctl_backup){ .checksum = true };
+	*b = (struct ctl_backup){ .checksum = true, .reflink = true };
 	if (words->argc < 3)
 		return fail(w, "usage: backup IMAGE TARGET [key=value ...]");
 	bool nbd = target_is_nbd_uri(words->argv[2]);
@@ -474,21 +479,27 @@ static int parse_mirror(const struct where *w, struct words *words, struct ctl_m
 
 static int parse_snapshot(const struct where *w, struct words *words, struct ctl_snapshot *s)
 {
-	static const char *const keys[] = { "max-store", NULL };
+	static const char *const keys[] = { "max-store", "reflink", NULL };
 	uint64_t seen = 0;
 	int rc;
 
-	*s = (struct ctl_snapshot){ 0 };
+	*s = (struct ctl_snapshot){ .reflink = true };
 	if (words->argc < 3)
-		return fail(w, "usage: snapshot NAME IMAGE [IMAGE ...] [max-store=SIZE]");
+		return fail(w, "usage: snapshot NAME IMAGE [IMAGE ...] [max-store=SIZE] [reflink=auto|off]");
 	if ((rc = parse_name_option(w, "snapshot name", words->argv[1], &s->name)))
 		return rc;
 	for (unsigned i = 2; i < words->argc; i++) {
 		if (strchr(words->argv[i], '=')) {
 			unsigned key;
 			const char *v;
-			if ((rc = split_option(w, words->argv[i], keys, &seen, &key, &v)) ||
-			    (rc = parse_size_option(w, "max-store", v, &s->max_store)))
+			int choice = 0;
+			if ((rc = split_option(w, words->argv[i], keys, &seen, &key, &v)))
+				return rc;
+			if (key == 0)
+				rc = parse_size_option(w, "max-store", v, &s->max_store);
+			else if (!(rc = parse_choice(w, "reflink", v, reflink_choices, &choice)))
+				s->reflink = choice;
+			if (rc)
 				return rc;
 			continue;
 		}
@@ -504,7 +515,7 @@ static int parse_snapshot(const struct where *w, struct words *words, struct ctl
 		s->nimages++;
 	}
 	if (!s->nimages)
-		return fail(w, "usage: snapshot NAME IMAGE [IMAGE ...] [max-store=SIZE]");
+		return fail(w, "usage: snapshot NAME IMAGE [IMAGE ...] [max-store=SIZE] [reflink=auto|off]");
 	return 0;
 }
 

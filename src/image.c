@@ -14,6 +14,7 @@
 
 #include "fleecefs/image.h"
 #include "fleecefs/redirect.h"
+#include "fleecefs/target.h"
 #include "fleecefs/util.h"
 
 /* Direct requests must be aligned to this (and are served buffered else). */
@@ -209,10 +210,19 @@ static bool image_source_has_data(struct copy_source *src, uint64_t off, uint64_
 	return (uint64_t)data < off + len;
 }
 
+static int image_source_clone_to(struct copy_source *src, struct target *t, uint64_t off, uint64_t len)
+{
+	struct image_backend *b = backend_get(image_of_source(src));
+	int rc = b->read_fd >= 0 ? target_clone_range(t, b->read_fd, off, len) : -EOPNOTSUPP;
+	backend_put(b);
+	return rc;
+}
+
 static const struct copy_source_ops image_source_ops = {
 	.read = image_source_read,
 	.has_data = image_source_has_data,
 	.seek = image_source_seek,
+	.clone_to = image_source_clone_to,
 };
 
 /* ---- the registry ---------------------------------------------------------------- */

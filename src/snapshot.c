@@ -40,6 +40,7 @@ struct snapshot {
 	struct view_dir *dirs;
 	unsigned ndirs;
 	uint64_t max_store;
+	bool reflink;                   /* reflink=auto: stores may share blocks */
 	atomic_uint_fast64_t store_used;
 	atomic_uint users;              /* backups reading a view */
 	pthread_mutex_t users_lock;
@@ -217,8 +218,12 @@ static void snapshot_status(struct job *job, struct strbuf *out)
 	strbuf_printf(out, "image=%s\nimages=%u\n", s->nmembers ? s->members[0].path : "", s->nmembers);
 	for (unsigned i = 0; i < s->nmembers; i++)
 		strbuf_printf(out, "image.%u=%s\n", i, s->members[i].path);
+	uint64_t cloned = 0;
+	for (unsigned i = 0; i < s->nmembers; i++)
+		cloned += atomic_load(&s->members[i].store.bc.bytes_cloned);
 	strbuf_printf(out, "target=\nsync=none\nstore_bytes=%" PRIu64 "\nmax_store=%" PRIu64 "\n",
 		      (uint64_t)atomic_load(&s->store_used), s->max_store);
+	strbuf_printf(out, "reflink=%s\ncloned_bytes=%" PRIu64 "\n", s->reflink ? "auto" : "off", cloned);
 }
 
 static void snapshot_abandon(struct job *job)
@@ -305,6 +310,7 @@ int snapshot_prepare(const struct snapshot_params *p, struct job **out, char *er
 		return rc;
 	}
 	s->max_store = cmd->max_store;
+	s->reflink = cmd->reflink;
 	atomic_init(&s->store_used, 0);
 	atomic_init(&s->users, 0);
 	atomic_init(&s->released, false);
@@ -344,6 +350,7 @@ int snapshot_prepare(const struct snapshot_params *p, struct job **out, char *er
 		}
 		m->open = true;
 		m->image = p->images[i];
+		blockcopy_allow_clone(&m->store.bc, cmd->reflink);
 	}
 	if ((rc = job_spawn(&s->job, err, errlen)))
 		goto fail;

@@ -352,6 +352,15 @@ static void mark_lost(struct nbd_target *n, const char *why)
 	atomic_store(&n->lost, true);
 }
 
+/* Did a request fail with err because the connection is gone? libnbd fails
+ * the requests in flight with ENOTCONN as the connection dies, possibly
+ * before the handle reads as dead. */
+static bool connection_gone(struct nbd_handle *h, int err)
+{
+	return err == ENOTCONN || err == EPIPE || err == ECONNRESET || err == ESHUTDOWN || nbd_aio_is_dead(h) ||
+	       nbd_aio_is_closed(h);
+}
+
 /* One request on connection c, waited for. conns_lock held (either way). */
 static int conn_request(struct nbd_target *n, struct nbd_conn *c, enum nbd_op op, uint64_t off, const void *buf,
 			uint64_t len)
@@ -360,8 +369,10 @@ static int conn_request(struct nbd_target *n, struct nbd_conn *c, enum nbd_op op
 	nbd_completion_callback cb = { .callback = request_done, .user_data = &w };
 	int64_t cookie;
 
-	if (!c->h)
+	if (!c->h) {
+		mark_lost(n, "the connection is not open");
 		return -ENOTCONN;
+	}
 	switch (op) {
 	case OP_WRITE:
 		cookie = nbd_aio_pwrite(c->h, buf, len, off, cb, 0);
@@ -380,11 +391,11 @@ static int conn_request(struct nbd_target *n, struct nbd_conn *c, enum nbd_op op
 		break;
 	}
 	if (cookie < 0) {
-		if (nbd_aio_is_dead(c->h) || nbd_aio_is_closed(c->h)) {
+		int e = nbd_get_errno();
+		if (connection_gone(c->h, e)) {
 			mark_lost(n, nbd_get_error() ? nbd_get_error() : "the connection is closed");
 			return -ENOTCONN;
 		}
-		int e = nbd_get_errno();
 		return -(e ? e : EIO);
 	}
 	if (nbd_aio_get_direction(c->h) & LIBNBD_AIO_DIRECTION_WRITE)
@@ -397,7 +408,7 @@ static int conn_request(struct nbd_target *n, struct nbd_conn *c, enum nbd_op op
 	pthread_cond_destroy(&w.done_cond);
 	if (!w.err)
 		return 0;
-	if (nbd_aio_is_dead(c->h) || nbd_aio_is_closed(c->h)) {
+	if (connection_gone(c->h, w.err)) {
 		mark_lost(n, "the server closed the connection");
 		return -ENOTCONN;
 	}

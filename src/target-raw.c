@@ -15,7 +15,9 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stdlib.h>
+#include <linux/fs.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -56,6 +58,18 @@ static int raw_write(struct target *t, uint64_t off, const void *buf, size_t len
 		return rc;
 	ssize_t n = pwrite_full(r->fd, buf, len, off);
 	return n < 0 ? (int)n : 0;
+}
+
+static int raw_clone_range(struct target *t, int src_fd, uint64_t off, uint64_t len)
+{
+	struct raw_target *r = raw(t);
+	int rc = protect(r, off, len);
+	if (rc)
+		return rc;
+	struct file_clone_range range = {
+		.src_fd = src_fd, .src_offset = off, .src_length = len, .dest_offset = off,
+	};
+	return ioctl(r->fd, FICLONERANGE, &range) < 0 ? -errno : 0;
 }
 
 static int raw_discard(struct target *t, uint64_t off, uint64_t len)
@@ -194,6 +208,7 @@ static void raw_free(struct target *t)
 
 static const struct target_ops raw_ops = {
 	.write = raw_write,
+	.clone_range = raw_clone_range,
 	.write_zeroes = raw_write_zeroes,
 	.discard = raw_discard,
 	.start_writeback = raw_start_writeback,
@@ -211,6 +226,7 @@ static const struct target_ops raw_ops = {
  * disk, where its writeback would compete with the guest's own I/O. */
 static const struct target_ops raw_scratch_ops = {
 	.write = raw_write,
+	.clone_range = raw_clone_range,
 	.write_zeroes = raw_write_zeroes,
 	.discard = raw_discard,
 	.set_size = raw_set_size,

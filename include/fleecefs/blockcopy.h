@@ -120,6 +120,10 @@ struct blockcopy {
 	/* Guest copies never queue: each writes the target before the guest
 	 * write goes on (on-cbw-error=break-guest-write). */
 	bool cbw_write_through;
+	/* Copies share the source's blocks instead (blockcopy_allow_clone);
+	 * cleared for good when the file systems refuse. */
+	atomic_bool clone;
+	atomic_uint_fast64_t bytes_cloned; /* of bytes_done: shared, not written */
 	atomic_uint_fast64_t bytes_done;   /* bytes that reached the target */
 	atomic_uint_fast64_t cbw_bytes;    /* copied by guest writes (safe: in the
 					    * target or the queue) */
@@ -146,6 +150,14 @@ struct blockcopy {
 int blockcopy_init(struct blockcopy *bc, struct copy_source *source, struct target *target,
 		   struct manifest *manifest, uint64_t size, uint32_t cluster_size,
 		   const struct blockcopy_ops *ops, void *owner);
+/* Copies of this engine may share blocks (reflink) instead of reading and
+ * writing: where both its source and its target are files on one file
+ * system that can (target.h clone_range). A cloned run is in the target at
+ * once (nothing queued), so a guest waits for no read and no write. With a
+ * manifest, a guest copy does not clone (the checksum needs the data; the
+ * queue hides the write) and the background copy reads, then clones. Where
+ * the kernel refuses, the engine copies as before, from that run on. */
+void blockcopy_allow_clone(struct blockcopy *bc, bool allow);
 /* Writers stop taking queued writes while held (and go on when released). */
 void blockcopy_hold_writes(struct blockcopy *bc, bool hold);
 /* Stops the writer threads, discarding what is still queued (after a drain

@@ -59,6 +59,7 @@ struct ctl_backup {
 	const char *group;           /* NULL: none */
 	const char *tls_certs;       /* nbds:// TARGET: certificates directory */
 	const char *tls_psk;         /* nbds:// TARGET: PSK file */
+	bool reflink;                /* reflink=auto (default): copies may share blocks */
 };
 
 struct ctl_mirror {
@@ -76,6 +77,7 @@ struct ctl_snapshot {
 	const char *images[CTL_MAX_IMAGES];
 	unsigned nimages;
 	uint64_t max_store;
+	bool reflink;                /* reflink=auto (default) */
 };
 
 struct ctl_bitmap {

@@ -11,10 +11,12 @@
 #ifndef FLEECEFS_SOURCE_H
 #define FLEECEFS_SOURCE_H
 
+#include <errno.h>
 #include <stdbool.h>
 #include <stdint.h>
 
 struct copy_source;
+struct target;
 
 struct copy_source_ops {
 	/* [off, off + len) into buf (page aligned, with room for len rounded
@@ -24,6 +26,10 @@ struct copy_source_ops {
 	bool (*has_data)(struct copy_source *src, uint64_t off, uint64_t len);
 	/* lseek's SEEK_DATA / SEEK_HOLE: the offset, or -errno (-ENXIO). */
 	int64_t (*seek)(struct copy_source *src, uint64_t off, int whence);
+	/* Has t take [off, off + len) from the source's file by sharing blocks
+	 * (target_clone_range). NULL: the source is not one file at those
+	 * offsets (a view of a snapshot). */
+	int (*clone_to)(struct copy_source *src, struct target *t, uint64_t off, uint64_t len);
 };
 
 struct copy_source {
@@ -38,6 +44,12 @@ static inline int source_read(struct copy_source *src, void *buf, uint64_t off, 
 static inline bool source_has_data(struct copy_source *src, uint64_t off, uint64_t len)
 {
 	return src->ops->has_data(src, off, len);
+}
+
+/* 0, or -errno: -EOPNOTSUPP when this source cannot. */
+static inline int source_clone_to(struct copy_source *src, struct target *t, uint64_t off, uint64_t len)
+{
+	return src->ops->clone_to ? src->ops->clone_to(src, t, off, len) : -EOPNOTSUPP;
 }
 
 static inline int64_t source_seek(struct copy_source *src, uint64_t off, int whence)

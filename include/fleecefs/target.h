@@ -28,6 +28,7 @@
 #ifndef FLEECEFS_TARGET_H
 #define FLEECEFS_TARGET_H
 
+#include <errno.h>
 #include <limits.h>
 #include <stdbool.h>
 #include <stddef.h>
@@ -84,6 +85,12 @@ struct target_ops {
 	 * NULL: write is used. */
 	int (*write_shared)(struct target *t, uint64_t off, const void *buf, size_t len, unsigned flags,
 			    struct shared_buffer *owner);
+	/* Make [off, off + len) hold what the same range of the file open on
+	 * src_fd holds by sharing its blocks (FICLONERANGE on a reflink file
+	 * system: XFS with reflink, btrfs), nothing read or written. -EOPNOTSUPP,
+	 * -EXDEV or -EINVAL when the file systems cannot (the caller copies
+	 * instead). NULL: never. */
+	int (*clone_range)(struct target *t, int src_fd, uint64_t off, uint64_t len);
 	/* Make [off, off + len) read as zeroes (a hole where possible). */
 	int (*write_zeroes)(struct target *t, uint64_t off, uint64_t len);
 	/* Give back the space of [off, off + len) (its content is not needed
@@ -239,6 +246,10 @@ static inline int target_write_from(struct target *t, uint64_t off, const void *
 static inline int target_write_zeroes(struct target *t, uint64_t off, uint64_t len)
 {
 	return t->ops->write_zeroes(t, off, len);
+}
+static inline int target_clone_range(struct target *t, int src_fd, uint64_t off, uint64_t len)
+{
+	return t->ops->clone_range ? t->ops->clone_range(t, src_fd, off, len) : -EOPNOTSUPP;
 }
 static inline int target_discard(struct target *t, uint64_t off, uint64_t len)
 {

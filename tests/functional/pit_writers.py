@@ -10,6 +10,10 @@ cluster), the big writer owns the upper half and writes up to 1.1 MiB at a time
 at unaligned offsets. Write data is regenerated from (writer, seq), so nothing
 is kept in memory but offsets and times.
 
+With --snapshot NAME the writers race a snapshot instead: its view
+(.fleece/snapshots/NAME/IMAGE) is read once while they write and once after,
+both reads must be equal, and the view is the "target" below.
+
 Afterwards:
   * the image must equal the base plus every write, in each writer's order;
   * the target must equal the base plus, for each writer, a prefix of its
@@ -129,7 +133,7 @@ def main():
     ap.add_argument("--mnt", required=True)
     ap.add_argument("--image", default="vm.img")
     ap.add_argument("--base", required=True, help="copy of the image before the writers start")
-    ap.add_argument("--target", required=True)
+    ap.add_argument("--target", default="", help="the backup (not with --snapshot)")
     ap.add_argument("--writers", type=int, default=6)
     ap.add_argument("--lead", type=float, default=1.0, help="seconds of writing before the backup")
     ap.add_argument("--tail", type=float, default=2.0, help="seconds of writing after the job ends")
@@ -139,6 +143,10 @@ def main():
                     help="the target is qcow2: qemu-img check must pass, and its content is read through qemu-img")
     ap.add_argument("--pace", type=float, default=0.002, help="pause of the small writers between writes")
     ap.add_argument("--big-pace", type=float, default=0.05, help="pause of the big writer between writes")
+    ap.add_argument("--snapshot", metavar="NAME", help="take snapshot NAME (with --options) instead of a backup")
+    ap.add_argument("--hold", type=float, default=3.0, help="--snapshot: seconds of writing after it")
+    ap.add_argument("--expect", action="append", default=[], metavar="KEY=positive|zero",
+                    help="a status key of the job and what it must be at the end")
     args = ap.parse_args()
 
     path = os.path.join(args.mnt, args.image)
@@ -148,18 +156,20 @@ def main():
     fd = os.open(path, os.O_RDWR)
     stop = threading.Event()
     writers = []
-    job = "pit"
+    job = args.snapshot or "pit"
     status = os.path.join(args.mnt, ".fleece/jobs", job, "status")
     for w in range(args.writers):
         # Writer 0 chases the background copy, so that guest writes race it
         # for the very clusters it is copying.
         writers.append(Writer(w, fd, stripes[w::args.writers], stop, False, args.pace,
-                              status if w == 0 else None))
+                              status if w == 0 and not args.snapshot else None))
     writers.append(Writer(args.writers, fd, [(half, size)], stop, True, args.big_pace))
     for w in writers:
         w.start()
 
     time.sleep(args.lead)
+    if args.snapshot:
+        return check_snapshot(args, path, size, writers, stop, fd)
     t0, t1, answer = ctl(os.path.join(args.mnt, ".fleece/ctl"),
                          f"backup {args.image} {args.target} id={job} {args.options}".strip())
     if not answer.startswith("ok"):
@@ -175,31 +185,16 @@ def main():
             return 1
         time.sleep(0.05)
     time.sleep(args.tail)
-    stop.set()
-    for w in writers:
-        w.join()
-    os.close(fd)
-    for w in writers:
-        if w.error:
-            print(f"writer {w.index} failed: {w.error}")
-            return 1
+    if not stop_writers(writers, stop, fd):
+        return 1
     if st["state"] != "completed":
         print("job ended", st["state"], st.get("error"))
         return 1
     nwrites = sum(len(w.log) for w in writers)
     print(f"{nwrites} writes, backup took {float(st['finished']) - float(st['started']):.2f}s, "
           f"cbw_bytes={st['cbw_bytes']} cbw_wait_us_p50={st['cbw_wait_us_p50']} p99={st['cbw_wait_us_p99']}")
-
-    base = open(args.base, "rb").read()
-    # 1. The image is the base plus every write.
-    final = bytearray(base)
-    for w in writers:
-        apply(final, w.index, enumerate(w.log))
-    if open(path, "rb").read() != final:
-        print("image differs from the base plus all acknowledged writes")
+    if not expectations_hold(st, args.expect):
         return 1
-
-    # 2. The target is a consistent cut.
     if args.qcow2:
         target = qcow2_content(args.target)
         if target is None:
@@ -210,6 +205,70 @@ def main():
         target = target[:size] if len(target) >= size else target
     else:
         target = open(args.target, "rb").read()
+    return check_cut(args, path, size, writers, t0, t1, target)
+
+
+def stop_writers(writers, stop, fd):
+    """Stops the writers; False (said why) if one failed."""
+    stop.set()
+    for w in writers:
+        w.join()
+    os.close(fd)
+    for w in writers:
+        if w.error:
+            print(f"writer {w.index} failed: {w.error}")
+            return False
+    return True
+
+
+def expectations_hold(st, expect):
+    for e in expect:
+        key, want = e.split("=", 1)
+        got = int(st.get(key, "-1"))
+        if (want == "positive" and got <= 0) or (want == "zero" and got != 0):
+            print(f"status {key}={got}, want {want}")
+            return False
+        print(f"status {key}={got} ({want})")
+    return True
+
+
+def check_snapshot(args, path, size, writers, stop, fd):
+    t0, t1, answer = ctl(os.path.join(args.mnt, ".fleece/ctl"),
+                         f"snapshot {args.snapshot} {args.image} {args.options}".strip())
+    if not answer.startswith("ok"):
+        print("snapshot refused:", answer)
+        stop.set()
+        return 1
+    view = os.path.join(args.mnt, ".fleece/snapshots", args.snapshot, os.path.basename(args.image))
+    time.sleep(args.hold / 2)
+    during = open(view, "rb").read()
+    time.sleep(args.hold / 2)
+    if not stop_writers(writers, stop, fd):
+        return 1
+    target = open(view, "rb").read()
+    if during != target:
+        diff = next(i for i in range(size) if during[i] != target[i])
+        print(f"the view read while writers wrote differs from the view after, at offset {diff}")
+        return 1
+    st = job_state(args.mnt, args.snapshot)
+    print(f"{sum(len(w.log) for w in writers)} writes during the snapshot, cbw_bytes={st['cbw_bytes']} "
+          f"store_bytes={st['store_bytes']}")
+    if not expectations_hold(st, args.expect):
+        return 1
+    return check_cut(args, path, size, writers, t0, t1, target)
+
+
+def check_cut(args, path, size, writers, t0, t1, target):
+    base = open(args.base, "rb").read()
+    # 1. The image is the base plus every write.
+    final = bytearray(base)
+    for w in writers:
+        apply(final, w.index, enumerate(w.log))
+    if open(path, "rb").read() != final:
+        print("image differs from the base plus all acknowledged writes")
+        return 1
+
+    # 2. The target is a consistent cut.
     if len(target) != size:
         print(f"target size {len(target)} != {size}")
         return 1

@@ -60,7 +60,11 @@ PY
 windows_or_stall() {
 	local rc=0
 	windows "$@" || rc=$?
-	[ "$rc" = 2 ] && { log "slow window (a stall?): measuring again"; windows "$@" || rc=$?; }
+	if [ "$rc" = 2 ]; then
+		log "slow window (a stall?): measuring again"
+		rc=0
+		windows "$@" || rc=$?
+	fi
 	[ "$rc" = 0 ]
 }
 

@@ -2,8 +2,9 @@
  * source and target: a full copy, copy-before-write keeping T, a guest write
  * and the background copy meeting on one cluster in both orders (made
  * deterministic by a source whose reads can be held), a failed read left
- * pending, write-through under break-guest-write, and progress that counts
- * only what reached the target. */
+ * pending, write-through under break-guest-write, progress that counts
+ * only what reached the target, and runs shared instead of copied (reflink)
+ * with their fallbacks. */
 #include "config.h"
 
 #include <criterion/criterion.h>
@@ -34,6 +35,9 @@ struct mem_source {
 	bool holding, released;
 	int fail_reads;              /* the next N reads fail with EIO */
 	atomic_uint reads;
+	int clone_error;             /* what clones return (0: they share) */
+	int clone_errors_left;       /* ... this many times (-1: always) */
+	atomic_uint clones;
 };
 
 static struct mem_source src;
@@ -76,7 +80,15 @@ static int64_t mem_seek(struct copy_source *s, uint64_t off, int whence)
 	return whence == SEEK_DATA ? (int64_t)off : (int64_t)SIZE;
 }
 
-static const struct copy_source_ops mem_source_ops = { mem_read, mem_has_data, mem_seek };
+struct mem_target;
+static struct mem_target tgt;
+
+/* "Sharing" the source's bytes: the target gets them without a read. */
+static int mem_clone_to(struct copy_source *s, struct target *t, uint64_t off, uint64_t len);
+
+static const struct copy_source_ops mem_source_ops = {
+	.read = mem_read, .has_data = mem_has_data, .seek = mem_seek, .clone_to = mem_clone_to,
+};
 
 /* The guest changes [off, off + len) of the source (after before_write). */
 static void guest_change(uint64_t off, uint64_t len, unsigned char byte)
@@ -113,7 +125,33 @@ struct mem_target {
 	atomic_uint writes;
 };
 
-static struct mem_target tgt;
+static int mem_clone_to(struct copy_source *s, struct target *t, uint64_t off, uint64_t len)
+{
+	struct mem_source *m = (struct mem_source *)s;
+	struct mem_target *mt = (struct mem_target *)t;
+	atomic_fetch_add(&m->clones, 1);
+	if (m->clone_error && m->clone_errors_left) {
+		if (m->clone_errors_left > 0)
+			m->clone_errors_left--;
+		return m->clone_error;
+	}
+	pthread_mutex_lock(&m->lock);
+	pthread_mutex_lock(&mt->lock);
+	memcpy(mt->data + off, m->data + off, (size_t)len);
+	pthread_mutex_unlock(&mt->lock);
+	pthread_mutex_unlock(&m->lock);
+	return 0;
+}
+
+/* Never called: mem_clone_to does the sharing; its presence says "can". */
+static int mem_clone_range(struct target *t, int src_fd, uint64_t off, uint64_t len)
+{
+	(void)t;
+	(void)src_fd;
+	(void)off;
+	(void)len;
+	return -EOPNOTSUPP;
+}
 
 static int mem_write(struct target *t, uint64_t off, const void *buf, size_t len, unsigned flags)
 {
@@ -152,6 +190,7 @@ static void mem_free(struct target *t) { (void)t; }
 
 static const struct target_ops mem_target_ops = {
 	.write = mem_write,
+	.clone_range = mem_clone_range,
 	.write_zeroes = mem_write_zeroes,
 	.set_size = mem_set_size,
 	.flush = mem_flush,
@@ -383,4 +422,63 @@ Test(blockcopy, wait_queued_holds_a_guest_until_the_queued_write)
 	unblock_writes();
 	cr_assert_eq(blockcopy_wait_queued(&bc, 30 * CS, CS), 0);
 	cr_assert_eq(memcmp(tgt.data + 30 * CS, at_t + 30 * CS, CS), 0);
+}
+
+Test(blockcopy, shared_runs_need_no_read_and_no_write)
+{
+	struct blockcopy_error e;
+
+	blockcopy_allow_clone(&bc, true);
+	cr_assert_eq(blockcopy_before_write(&bc, 3 * CS + 5, 2 * CS, 0, &e), 0);
+	guest_change(3 * CS + 5, 2 * CS, 0xee);
+	cr_assert(!blockcopy_needs_copy(&bc, 3 * CS, 3 * CS), "shared clusters are safe at once");
+	cr_assert_eq(memcmp(tgt.data + 3 * CS, at_t + 3 * CS, 3 * CS), 0, "in the target, not queued");
+	copy_all();
+	cr_assert_eq(memcmp(tgt.data, at_t, SIZE), 0, "the target is the source at T");
+	cr_assert_eq(atomic_load(&src.reads), 0);
+	cr_assert_eq(atomic_load(&tgt.writes), 0);
+	cr_assert_eq(atomic_load(&bc.bytes_cloned), SIZE);
+	cr_assert_eq(atomic_load(&bc.bytes_done), SIZE);
+	cr_assert_eq(atomic_load(&bc.cbw_bytes), 3 * CS);
+}
+
+Test(blockcopy, a_refused_clone_copies_and_stops_trying)
+{
+	struct blockcopy_error e;
+
+	src.clone_error = -EOPNOTSUPP;
+	src.clone_errors_left = -1;
+	blockcopy_allow_clone(&bc, true);
+	cr_assert_eq(blockcopy_before_write(&bc, 3 * CS, CS, 0, &e), 0);
+	guest_change(3 * CS, CS, 0xee);
+	copy_all();
+	cr_assert_eq(memcmp(tgt.data, at_t, SIZE), 0);
+	cr_assert_eq(atomic_load(&src.clones), 1, "one refusal is enough");
+	cr_assert(!atomic_load(&bc.clone));
+	cr_assert_eq(atomic_load(&bc.bytes_cloned), 0);
+}
+
+Test(blockcopy, a_failure_of_the_moment_copies_that_run_only)
+{
+	struct blockcopy_error e;
+
+	src.clone_error = -EIO;
+	src.clone_errors_left = 1;
+	blockcopy_allow_clone(&bc, true);
+	cr_assert_eq(blockcopy_before_write(&bc, 3 * CS, CS, 0, &e), 0);
+	guest_change(3 * CS, CS, 0xee);
+	copy_all();
+	cr_assert_eq(memcmp(tgt.data, at_t, SIZE), 0);
+	cr_assert(atomic_load(&bc.clone), "cloning goes on");
+	cr_assert_eq(atomic_load(&bc.bytes_cloned), SIZE - CS, "all but the failed run shared");
+	cr_assert_eq(atomic_load(&src.reads), 1, "the failed run was read and written instead");
+}
+
+Test(blockcopy, clone_off_copies)
+{
+	blockcopy_allow_clone(&bc, false);
+	copy_all();
+	cr_assert_eq(memcmp(tgt.data, at_t, SIZE), 0);
+	cr_assert_eq(atomic_load(&src.clones), 0);
+	cr_assert_eq(atomic_load(&bc.bytes_cloned), 0);
 }

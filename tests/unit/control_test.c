@@ -582,6 +582,9 @@ Test(ctl, backup_choice_values)
 	cr_assert_eq(parse_backup("backup v /t on-cbw-error=break-guest-write")->on_cbw_error, CBW_BREAK_GUEST_WRITE);
 	cr_assert(parse_backup("backup v /t fleecing=on")->fleecing);
 	cr_assert(!parse_backup("backup v /t fleecing=off")->fleecing);
+	cr_assert(parse_backup("backup v /t")->reflink, "reflink=auto by default");
+	cr_assert(parse_backup("backup v /t reflink=auto")->reflink);
+	cr_assert(!parse_backup("backup v /t reflink=off")->reflink);
 	cr_assert_eq(parse_backup("backup v /t cbw-timeout=0")->cbw_timeout_ms, 0);
 	cr_assert_eq(parse_backup("backup v /t cbw-timeout=18446744073709551615")->cbw_timeout_ms, UINT64_MAX);
 }
@@ -652,6 +655,7 @@ Test(ctl, backup_duplicate_options)
 		"sync=full", "format=raw", "bitmap=b", "bitmap-mode=always", "backing=/p.qcow2", "compress=none",
 		"checksum=none", "speed=1", "on-source-error=report", "on-target-error=stop",
 		"on-cbw-error=break-snapshot", "cbw-timeout=1", "fleecing=off", "max-store=1", "id=x", "group=g",
+		"reflink=off",
 	};
 	char text[200], key[64];
 
@@ -690,6 +694,7 @@ Test(ctl, backup_bad_values)
 	reject_backup("cbw-timeout=-1", "cbw-timeout=-1", "milliseconds");
 	reject_backup("cbw-timeout=18446744073709551616", "cbw-timeout=18446744073709551616", "milliseconds");
 	reject_backup("fleecing=yes", "fleecing=yes", "expected one of on, off");
+	reject_backup("reflink=on", "reflink=on", "expected one of auto, off");
 	reject_backup("fleecing=on max-store=lots", "max-store=lots", "not a size");
 	reject_backup("id=.x", "id '.x'", "1 to 64");
 	reject_backup("id=\"a b\"", "id 'a b'", "1 to 64");
@@ -822,6 +827,9 @@ Test(ctl, snapshot)
 	s = &parse_one("snapshot s1 a.img")->u.snapshot;
 	cr_assert_eq(s->nimages, 1);
 	cr_assert_eq(s->max_store, 0);
+	cr_assert(s->reflink, "reflink=auto by default");
+	cr_assert(!parse_one("snapshot s1 a.img reflink=off")->u.snapshot.reflink);
+	cr_assert(parse_one("snapshot s1 a.img max-store=1M reflink=auto")->u.snapshot.reflink);
 }
 
 static char *snapshot_line(unsigned nimages)
@@ -863,6 +871,8 @@ Test(ctl, snapshot_errors)
 	reject("snapshot s a.img size=1M", 1, "snapshot", "unknown option 'size'", "max-store");
 	reject("snapshot s a.img max-store=1M max-store=2M", 1, "snapshot", "option max-store given twice");
 	reject("snapshot s a.img max-store=", 1, "snapshot", "option max-store has an empty value");
+	reject("snapshot s a.img reflink=always", 1, "snapshot", "reflink=always", "expected one of auto, off");
+	reject("snapshot s a.img reflink=off reflink=off", 1, "snapshot", "option reflink given twice");
 }
 
 Test(ctl, release)
