@@ -445,9 +445,8 @@ static int keep_partial(struct backup *b, const struct cbitmap *left)
 		return rc;
 	}
 	if (b->manifest) {
-		manifest_forget(b->manifest, left);
 		manifest_set_partial(b->manifest, true);
-		if ((rc = manifest_write(b->manifest)))
+		if ((rc = manifest_forget(b->manifest, left)) || (rc = manifest_write(b->manifest)))
 			return rc;
 	}
 	if (strcmp(b->target->path, b->partial_path) != 0 && (rc = target_name_free(b->partial_path, what, sizeof(what)))) {

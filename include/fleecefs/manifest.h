@@ -22,8 +22,14 @@
  * Clusters the job never hashed read as zeroes (sync=top skips holes without
  * reading them): their zero checksum, computed once, is written for them.
  *
- * Locking: hashes[] is written by whoever holds the claim of that cluster
- * (inflight.h), so no two threads write one slot; `hashed` is atomic.
+ * The checksums of a job are not held in memory (at 64 KiB clusters a
+ * 1 TiB image has 16 million): they live in an unnamed file beside the
+ * manifest (O_TMPFILE, gone with the descriptor even after a crash), in the
+ * page cache, not in the daemon; an update keeps the old checksums there too.
+ *
+ * Locking: a cluster's slot is written by whoever holds the claim of that
+ * cluster (inflight.h), so no two threads write one slot (pwrite, no lock);
+ * `hashed` is atomic.
  * Errors: 0 or -errno; functions with `err` also fill a one-line message.
  */
 #ifndef FLEECEFS_MANIFEST_H
@@ -41,10 +47,10 @@ struct manifest {
 	uint64_t size;
 	uint32_t cluster_size;
 	uint64_t nclusters;
-	uint64_t *hashes;
-	struct cbitmap hashed;
-	uint64_t *old;              /* in-place update: the checksums it had */
-	uint64_t old_size;
+	int sums_fd;                /* the table: slot c at 8c; an update's old
+				       checksums at 8 (nclusters + c) */
+	struct cbitmap hashed;      /* slot c holds the cluster's checksum */
+	bool update;                /* in place: starts from the old checksums */
 	bool partial;
 	const char *format;         /* a static name; NULL: raw */
 };
@@ -66,12 +72,15 @@ int manifest_open_update(const char *existing, const char *temp_path, uint32_t c
 			 char *err, size_t errlen);
 /* At the point in time: `size` bytes (an update must keep its size). */
 int manifest_set_size(struct manifest *m, uint64_t size, char *err, size_t errlen);
-void manifest_set(struct manifest *m, uint64_t cluster, const void *data, size_t len);
+/* The checksums of `count` clusters from `first`, whose data (the last
+ * cluster of the image may be short) is `len` bytes at `data`. One write to
+ * the table. 0 or -errno. */
+int manifest_set_run(struct manifest *m, uint64_t first, uint64_t count, const void *data, uint64_t len);
 /* Clusters that read as zeroes at T (a hole): no hashing needed. */
 void manifest_set_zeroes(struct manifest *m, uint64_t first, uint64_t count);
 /* The clusters set in `left` did not get their new content: they keep
  * their old checksums (update) or read as zeroes again (new file). */
-void manifest_forget(struct manifest *m, const struct cbitmap *left);
+int manifest_forget(struct manifest *m, const struct cbitmap *left);
 void manifest_set_partial(struct manifest *m, bool partial);
 /* How TARGET is read to get the content summed ("raw", "qcow2"; static). */
 void manifest_set_format(struct manifest *m, const char *format);

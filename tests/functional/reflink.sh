@@ -6,7 +6,8 @@
 # concurrent unaligned writers (pit_writers.py: the view or the backup is one
 # instant's cut of every writer's history). reflink=off copies; a target on
 # another file system falls back to copying; an in-place incremental still
-# journals what it overwrites (a cancelled one rolls back).
+# journals what it overwrites (a cancelled one rolls back); a failed read
+# while sharing fails the backup.
 . "$TESTS_DIR/lib.sh"
 
 command -v mkfs.xfs >/dev/null || fail "mkfs.xfs not found (contrib/install-deps.sh --tests installs xfsprogs)"
@@ -44,9 +45,9 @@ pit "4. fleecing=on: the store shares, the target is written from the view" --ta
 	--options "fleecing=on speed=8M" --expect store_cloned_bytes=positive --expect cloned_bytes=zero
 pit "5. checksum=none beside the image: copy-before-write and background copy share" --target "$OUT/n.raw" \
 	--options "checksum=none speed=8M" --expect cloned_bytes=positive
-pit "6. a manifest: the background copy reads for the checksums, then shares" --target "$OUT/c.raw" \
-	--options "speed=8M" --expect cloned_bytes=positive
-manifest_ok "$OUT/c.raw" "shared backup"
+pit "6. a manifest: copied (its checksums cover what is written)" --target "$OUT/c.raw" \
+	--options "speed=8M" --expect cloned_bytes=zero
+manifest_ok "$OUT/c.raw" "backup beside the image with a manifest"
 pit "7. a target on another file system: copied" --target "$EXT/e.raw" --options "checksum=none speed=8M" \
 	--expect cloned_bytes=zero
 rm -f "$OUT"/*
@@ -64,15 +65,23 @@ same "incremental in place" "$SRC/vm.img" "$OUT/full.raw"
 [ "$(status inc cloned_bytes)" -gt 0 ] || fail "inc: cloned_bytes=$(status inc cloned_bytes), want > 0"
 cp "$OUT/full.raw" "$T/before"
 pwrites vm.img 65536:3000000 9000000:4000000 30000000:2000000
-# A shared run costs no I/O, so speed= does not hold it back (as a hole):
-# each target write (here a clone) is held 200 ms instead.
-inject "target-write delay=200"
-start inc2 "backup vm.img $OUT/full.raw sync=incremental bitmap=b1 checksum=none id=inc2"
-for _ in $(seq 100); do [ "$(status inc2 bytes_done)" -gt 0 ] && break; sleep 0.05; done
+# Target writes (here clones) from the third on fail and are retried
+# (on-target-error=ignore), so the job is surely running when cancelled.
+inject "target-write from=3 errno=EIO"
+start inc2 "backup vm.img $OUT/full.raw sync=incremental bitmap=b1 checksum=none on-target-error=ignore id=inc2"
+for _ in $(seq 100); do [ "$(status inc2 cloned_bytes)" -gt 0 ] && break; sleep 0.05; done
 [ "$(status inc2 cloned_bytes)" -gt 0 ] || fail "inc2 shared nothing before the cancel"
 ctl "cancel inc2" >/dev/null || fail "cancel inc2"
 want_eq inc2 "$(wait_job inc2)" cancelled
 echo clear > "$MNT/.fleece/inject"
 same "the cancelled incremental rolled back" "$T/before" "$OUT/full.raw"
+
+log "9. a failed read for the checksums of a shared run fails the backup (it is not retried away)"
+inject "source-read errno=EIO"
+start rf "backup vm.img $OUT/rf.raw id=rf"
+want_eq rf "$(wait_job rf)" failed
+echo clear > "$MNT/.fleece/inject"
+case $(status rf error) in *"Input/output error"*) ;; *) fail "rf error=$(status rf error)" ;; esac
+[ ! -e "$OUT/rf.raw" ] && [ ! -e "$OUT/rf.raw.xxh3" ] || fail "the failed backup left its target"
 unmount_fleece
 end_test
