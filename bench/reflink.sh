@@ -33,12 +33,15 @@ size_bytes=$(numfmt --from=iec "$SIZE")
 rm -f "$WORK/xfs.img"
 truncate -s $((size_bytes * 3 + (512 << 20))) "$WORK/xfs.img"
 mkfs.xfs -q -m reflink=1 "$WORK/xfs.img"
-mount -o loop "$WORK/xfs.img" "$WORK/xfs"
+# A loop device with direct I/O, so that the XFS's writes reach the disk
+# as on a real one (not through a second page cache).
+loopdev=$(losetup --find --show --direct-io=on "$WORK/xfs.img")
+mount "$loopdev" "$WORK/xfs"
 mkdir -p "$WORK/xfs/src"
 # lib.sh makes its image in $WORK/src: point that at the XFS.
 ln -sfn "$WORK/xfs/src" "$WORK/src"
 . "$top/bench/lib.sh"
-cleanup_xfs() { cleanup; xfs_mounted && umount "$WORK/xfs"; rm -f "$WORK/xfs.img" "$WORK/src"; }
+cleanup_xfs() { cleanup; xfs_mounted && umount "$WORK/xfs"; losetup -d "$loopdev" 2>/dev/null; rm -f "$WORK/xfs.img" "$WORK/src"; }
 trap cleanup_xfs EXIT
 
 extents() { filefrag "$img" | sed -n 's/.*: \([0-9]*\) extents\? found/\1/p'; }
@@ -79,9 +82,9 @@ life() {
 	for rep in $(seq "$REPS"); do
 		mount_fs
 		phase nojob none
-		phase snapshot snapshot
+		phase snapshot snapshot reflink=auto
 		phase snapshot-off snapshot reflink=off
-		phase fleecing fleecing
+		phase fleecing fleecing reflink=auto
 		phase fleecing-off fleecing reflink=off
 		umount_fs
 	done

@@ -386,7 +386,7 @@ static int parse_backup(const struct where *w, struct words *words, struct ctl_b
 	uint64_t seen = 0;
 	int rc;
 
-	*b = (struct ctl_backup){ .checksum = true, .reflink = true };
+	*b = (struct ctl_backup){ .checksum = true };
 	if (words->argc < 3)
 		return fail(w, "usage: backup IMAGE TARGET [key=value ...]");
 	bool nbd = target_is_nbd_uri(words->argv[2]);
@@ -483,9 +483,9 @@ static int parse_snapshot(const struct where *w, struct words *words, struct ctl
 	uint64_t seen = 0;
 	int rc;
 
-	*s = (struct ctl_snapshot){ .reflink = true };
+	*s = (struct ctl_snapshot){ 0 };
 	if (words->argc < 3)
-		return fail(w, "usage: snapshot NAME IMAGE [IMAGE ...] [max-store=SIZE] [reflink=auto|off]");
+		return fail(w, "usage: snapshot NAME IMAGE [IMAGE ...] [max-store=SIZE] [reflink=off|auto]");
 	if ((rc = parse_name_option(w, "snapshot name", words->argv[1], &s->name)))
 		return rc;
 	for (unsigned i = 2; i < words->argc; i++) {
@@ -515,7 +515,7 @@ static int parse_snapshot(const struct where *w, struct words *words, struct ctl
 		s->nimages++;
 	}
 	if (!s->nimages)
-		return fail(w, "usage: snapshot NAME IMAGE [IMAGE ...] [max-store=SIZE] [reflink=auto|off]");
+		return fail(w, "usage: snapshot NAME IMAGE [IMAGE ...] [max-store=SIZE] [reflink=off|auto]");
 	return 0;
 }
 

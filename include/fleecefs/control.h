@@ -59,7 +59,7 @@ struct ctl_backup {
 	const char *group;           /* NULL: none */
 	const char *tls_certs;       /* nbds:// TARGET: certificates directory */
 	const char *tls_psk;         /* nbds:// TARGET: PSK file */
-	bool reflink;                /* reflink=auto (default): copies may share blocks */
+	bool reflink;                /* reflink=auto: copies may share blocks (default off) */
 };
 
 struct ctl_mirror {
@@ -77,7 +77,7 @@ struct ctl_snapshot {
 	const char *images[CTL_MAX_IMAGES];
 	unsigned nimages;
 	uint64_t max_store;
-	bool reflink;                /* reflink=auto (default) */
+	bool reflink;                /* reflink=auto (default off) */
 };
 
 struct ctl_bitmap {

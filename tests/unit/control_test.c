@@ -582,7 +582,7 @@ Test(ctl, backup_choice_values)
 	cr_assert_eq(parse_backup("backup v /t on-cbw-error=break-guest-write")->on_cbw_error, CBW_BREAK_GUEST_WRITE);
 	cr_assert(parse_backup("backup v /t fleecing=on")->fleecing);
 	cr_assert(!parse_backup("backup v /t fleecing=off")->fleecing);
-	cr_assert(parse_backup("backup v /t")->reflink, "reflink=auto by default");
+	cr_assert(!parse_backup("backup v /t")->reflink, "reflink=off by default");
 	cr_assert(parse_backup("backup v /t reflink=auto")->reflink);
 	cr_assert(!parse_backup("backup v /t reflink=off")->reflink);
 	cr_assert_eq(parse_backup("backup v /t cbw-timeout=0")->cbw_timeout_ms, 0);
@@ -827,7 +827,7 @@ Test(ctl, snapshot)
 	s = &parse_one("snapshot s1 a.img")->u.snapshot;
 	cr_assert_eq(s->nimages, 1);
 	cr_assert_eq(s->max_store, 0);
-	cr_assert(s->reflink, "reflink=auto by default");
+	cr_assert(!s->reflink, "reflink=off by default");
 	cr_assert(!parse_one("snapshot s1 a.img reflink=off")->u.snapshot.reflink);
 	cr_assert(parse_one("snapshot s1 a.img max-store=1M reflink=auto")->u.snapshot.reflink);
 }
