@@ -297,6 +297,7 @@ void job_format_status(struct job *job, struct strbuf *out)
 	strbuf_printf(out, "cbw_wait_us_p50=%" PRIu64 "\ncbw_wait_us_p99=%" PRIu64 "\n",
 		      latency_percentile(&job->cbw_wait, 500), latency_percentile(&job->cbw_wait, 990));
 	format_time(out, "started", job->started_ns);
+	strbuf_printf(out, "start_stall_us=%" PRIu64 "\n", job->start_stall_ns / 1000);
 	format_time(out, "finished", job->finished_ns);
 	strbuf_printf(out, "error=%s\n", job->error);
 	pthread_mutex_unlock(&job->lock);

@@ -69,6 +69,8 @@ struct txn_state {
 	struct resolved *res;
 	struct image **gates;          /* every image whose writes are drained */
 	unsigned ngates;
+	uint64_t gates_closing_ns;     /* monotonic: when close_gates began */
+	uint64_t start_stall_ns;       /* from then to the point in time */
 	struct job_group **groups;    /* one per group name, this write only */
 	struct strbuf answer;
 	unsigned ngroups;
@@ -797,6 +799,7 @@ static void commit_bitmap(struct txn_state *s, unsigned i)
 
 static void commit_job(struct txn_state *s, unsigned i)
 {
+	s->res[i].prepared->start_stall_ns = s->start_stall_ns;
 	job_commit(s->res[i].prepared);
 	strbuf_printf(&s->answer, " id=%s", s->res[i].prepared->id);
 	s->res[i].prepared = NULL;
@@ -880,6 +883,7 @@ static int prepare_all(struct txn_state *s)
 /* With the gates closed: every new job starts at this one point in time. */
 static void commit_all(struct txn_state *s)
 {
+	s->start_stall_ns = clock_monotonic_ns() - s->gates_closing_ns;
 	strbuf_printf(&s->answer, "ok");
 	for (unsigned i = 0; i < s->parsed.ncmds; i++)
 		if (verb_steps[s->parsed.cmds[i].verb].commit)
@@ -946,6 +950,7 @@ int txn_execute(const struct fleece_daemon *d, const char *text, size_t len, cha
 		abandon_prepared(&s);
 	if (!rc) {
 		image_namespace_lock_exclusive();
+		s.gates_closing_ns = clock_monotonic_ns();
 		close_gates(&s);
 		rc = prepare_all(&s);
 		if (!rc)

@@ -93,6 +93,10 @@ struct job {
 	uint64_t frozen_bytes_done;
 	char error[JOB_ERROR_MAX];
 	uint64_t started_ns, finished_ns;  /* realtime */
+	/* How long the guests of its images waited at its start: from when the
+	 * gates began to close (draining writes in flight) to its point in
+	 * time (set by the transaction before job_commit). */
+	uint64_t start_stall_ns;
 	uint64_t speed;
 	struct ratelimit ratelimit;
 	uint64_t rate;                 /* bytes/s over the last second or so */

@@ -276,7 +276,7 @@ expect ENOENT 'os.stat(A[0])' "$MNT/.fleece/jobs/nosuchjob/status"
 check_status_keys() {
 	local id=$1 k
 	for k in id type image target sync state bytes_total bytes_done cbw_bytes speed rate \
-		cbw_wait_us_p50 cbw_wait_us_p99 started finished error; do
+		cbw_wait_us_p50 cbw_wait_us_p99 started start_stall_us finished error; do
 		[ "$(grep -c "^$k=" "$MNT/.fleece/jobs/$id/status")" = 1 ] ||
 			fail "status of $id does not have exactly one $k=: $(cat "$MNT/.fleece/jobs/$id/status")"
 	done
@@ -298,6 +298,10 @@ done
 started=$(status m1 started) finished=$(status m1 finished)
 [[ $started =~ ^[0-9]+\.[0-9]{9}$ && $finished =~ ^[0-9]+\.[0-9]{9}$ ]] || fail "m1 started=$started finished=$finished"
 [ "${started%.*}" -le "${finished%.*}" ] && [ $(($(date +%s) - ${started%.*})) -lt 60 ] || fail "m1 times: $started $finished"
+# The guests' pause at the start: one for both jobs of the write.
+stall=$(status m1 start_stall_us)
+[[ $stall =~ ^[0-9]+$ ]] && [ "$stall" -gt 0 ] && [ "$stall" = "$(status "$m2" start_stall_us)" ] ||
+	fail "start_stall_us: m1 $stall, $m2 $(status "$m2" start_stall_us)"
 [ "$(status "$m2" image)" = pool/a.img ] || fail "status of $m2: $(cat "$MNT/.fleece/jobs/$m2/status")"
 
 # ---- set speed, running status -----------------------------------------------------------------
