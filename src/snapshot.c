@@ -296,7 +296,7 @@ int snapshot_release(struct job *job, char *err, size_t errlen)
 	return job_dismiss(job, err, errlen);
 }
 
-int snapshot_prepare(const struct snapshot_params *p, struct job **out, char *err, size_t errlen)
+int snapshot_stage(const struct snapshot_params *p, struct job **out, char *err, size_t errlen)
 {
 	const struct ctl_snapshot *cmd = p->cmd;
 	struct snapshot *s = calloc(1, sizeof(*s));
@@ -357,7 +357,19 @@ int snapshot_prepare(const struct snapshot_params *p, struct job **out, char *er
 	*out = &s->job;
 	return 0;
 fail:
-	close_stores(s, true);
+	close_stores(s, false);
 	job_discard(&s->job);
 	return rc;
+}
+
+int snapshot_prepare(struct job *job, char *err, size_t errlen)
+{
+	struct snapshot *s = to_snapshot(job);
+	char msg[300];
+	int rc;
+
+	for (unsigned i = 0; i < s->nmembers; i++)
+		if ((rc = snapstore_attach(&s->members[i].store, msg, sizeof(msg))))
+			return set_error(err, errlen, -rc, "snapshot %s: image %s: %s", job->id, s->members[i].path, msg);
+	return 0;
 }

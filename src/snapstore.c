@@ -262,6 +262,7 @@ int snapstore_open(struct snapstore *s, struct image *image, const char *store_p
 		   uint64_t max_store, atomic_uint_fast64_t *store_used,
 		   void (*on_break)(void *owner, const char *reason), void *owner, char *err, size_t errlen)
 {
+	struct stat st;
 	int rc;
 
 	memset(s, 0, sizeof(*s));
@@ -274,9 +275,9 @@ int snapstore_open(struct snapstore *s, struct image *image, const char *store_p
 	s->owner = owner;
 	atomic_init(&s->broken, false);
 	atomic_init(&s->readers, 0);
-	if ((rc = image_fstat(image, &s->st_at_t)))
+	if ((rc = image_fstat(image, &st)))
 		return set_error(err, errlen, -rc, "cannot read the image: %s", error_text(-rc));
-	s->size = (uint64_t)s->st_at_t.st_size;
+	s->size = (uint64_t)st.st_size;
 	if (!(s->store_path = strdup(store_path)))
 		return set_error(err, errlen, ENOMEM, "out of memory");
 	if ((rc = target_raw_create_scratch(store_path, s->size, &s->store, err, errlen)))
@@ -291,15 +292,8 @@ int snapstore_open(struct snapstore *s, struct image *image, const char *store_p
 		goto fail;
 	}
 	s->bc.write_inject_point = INJECT_STORE_WRITE;
-	if ((rc = image_attach_locked(image, &s->hook, false))) {
-		blockcopy_destroy(&s->bc);
-		rc = set_error(err, errlen, -rc, "out of memory");
-		goto fail;
-	}
 	image_ref(image);
 	s->image = image;
-	s->attached = true;
-	image_job_started(image);
 	return 0;
 fail:
 	if (s->store_read_fd >= 0)
@@ -311,6 +305,24 @@ fail:
 	free(s->store_path);
 	memset(s, 0, sizeof(*s));
 	return rc;
+}
+
+int snapstore_attach(struct snapstore *s, char *err, size_t errlen)
+{
+	int rc;
+
+	if ((rc = image_fstat(s->image, &s->st_at_t)))
+		return set_error(err, errlen, -rc, "cannot read the image: %s", error_text(-rc));
+	if ((uint64_t)s->st_at_t.st_size != s->size)
+		return set_error(err, errlen, EBUSY, "the image's size changed from %" PRIu64 " to %" PRIu64
+				 " bytes while the store was made: nothing started, try again", s->size,
+				 (uint64_t)s->st_at_t.st_size);
+	if ((rc = image_attach_locked(s->image, &s->hook, false)))
+		return set_error(err, errlen, -rc, "out of memory");
+	s->attached = true;
+	s->started = true;
+	image_job_started(s->image);
+	return 0;
 }
 
 void snapstore_close(struct snapstore *s, bool gate_closed)
@@ -335,7 +347,9 @@ void snapstore_close(struct snapstore *s, bool gate_closed)
 	s->store = NULL;
 	close(s->store_read_fd);
 	s->store_read_fd = -1;
-	image_job_ended(s->image);
+	if (s->started)
+		image_job_ended(s->image);
+	s->started = false;
 	image_put(s->image);
 	s->image = NULL;
 	free(s->store_path);

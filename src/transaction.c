@@ -682,7 +682,8 @@ static struct job_group *group_for(struct txn_state *s, const char *name)
 	return g;
 }
 
-static int prepare_snapshot(struct txn_state *s, unsigned i)
+/* Before the gates close: the snapshot's files and copy engines. */
+static int stage_snapshot(struct txn_state *s, unsigned i)
 {
 	const struct ctl_command *c = &s->parsed.cmds[i];
 	struct snapshot_params p = {
@@ -692,9 +693,18 @@ static int prepare_snapshot(struct txn_state *s, unsigned i)
 		.cluster_size = s->d->cluster_size,
 	};
 	char msg[ERR_MAX - 32];
-	int rc = snapshot_prepare(&p, &s->res[i].prepared, msg, sizeof(msg));
+	int rc = snapshot_stage(&p, &s->res[i].prepared, msg, sizeof(msg));
 	if (rc)
 		snprintf(s->err, sizeof(s->err), "line %u: %s", c->line, msg);
+	return rc;
+}
+
+static int prepare_snapshot(struct txn_state *s, unsigned i)
+{
+	char msg[ERR_MAX - 32];
+	int rc = snapshot_prepare(s->res[i].prepared, msg, sizeof(msg));
+	if (rc)
+		snprintf(s->err, sizeof(s->err), "line %u: %s", s->parsed.cmds[i].line, msg);
 	return rc;
 }
 
@@ -841,7 +851,7 @@ struct verb_steps {
 static const struct verb_steps verb_steps[] = {
 	[CTL_BACKUP] = { check_backup, stage_backup, prepare_backup, commit_job, NULL },
 	[CTL_MIRROR] = { check_mirror, stage_mirror, prepare_mirror, commit_job, NULL },
-	[CTL_SNAPSHOT] = { check_snapshot, NULL, prepare_snapshot, commit_job, NULL },
+	[CTL_SNAPSHOT] = { check_snapshot, stage_snapshot, prepare_snapshot, commit_job, NULL },
 	[CTL_RELEASE] = { check_release, NULL, NULL, NULL, run_job_verb },
 	[CTL_BITMAP] = { check_bitmap, NULL, prepare_bitmap, commit_bitmap, NULL },
 	[CTL_CANCEL] = { check_job_verb, NULL, NULL, NULL, run_job_verb },

@@ -154,8 +154,8 @@ int blockcopy_init(struct blockcopy *bc, struct copy_source *source, struct targ
  * writing: where both its source and its target are files on one file
  * system that can (target.h clone_range). A cloned run is in the target at
  * once (nothing queued), so a guest waits for no read and no write. With a
- * manifest nothing clones (the checksums need the data, and they must cover
- * what is written: see copy_claimed_run). Where
+ * manifest, a guest copy does not clone (the checksum needs the data; the
+ * queue hides the write) and the background copy reads, then clones. Where
  * the kernel refuses, the engine copies as before, from that run on. */
 void blockcopy_allow_clone(struct blockcopy *bc, bool allow);
 /* Writers stop taking queued writes while held (and go on when released). */

@@ -11,7 +11,7 @@
  * EACCES until `release`. A view read by a backup (a view is a valid IMAGE
  * for backup) cannot be released until that backup concludes.
  *
- * Locking: the member and directory tables are built in prepare and constant
+ * Locking: the member and directory tables are built in stage and constant
  * afterwards; `users` is atomic. Callers hold a job reference (job.h) for as
  * long as they use a snapshot's members.
  * Errors: 0 or -errno with a one-line message.
@@ -30,12 +30,18 @@ struct snapstore;
 
 struct snapshot_params {
 	const struct ctl_snapshot *cmd;
-	struct image **images;      /* one per cmd->images[i], gates closed */
+	struct image **images;      /* one per cmd->images[i] */
 	const char *state_dir;
 	uint32_t cluster_size;
 };
 
-int snapshot_prepare(const struct snapshot_params *p, struct job **out, char *err, size_t errlen);
+/* With the gates open: the job, its directory and its stores, sized as the
+ * images are now; nothing copies yet. */
+int snapshot_stage(const struct snapshot_params *p, struct job **out, char *err, size_t errlen);
+/* With the gates closed (this is T): the stores take the images' state at
+ * T and start copying before writes. On failure the caller abandons the
+ * job (which detaches what was attached). */
+int snapshot_prepare(struct job *job, char *err, size_t errlen);
 bool job_is_snapshot(const struct job *job);
 /* Ends a snapshot (running or concluded) and dismisses it; EBUSY while a
  * backup reads one of its views. Waits until the stores are gone. */

@@ -57,6 +57,7 @@ struct snapstore {
 	struct copy_source source;  /* the frozen image as a copy source */
 	atomic_uint_fast64_t readers; /* reads in progress; close waits for them */
 	bool attached;
+	bool started;               /* counted as a job of the image (attach) */
 	struct latency_histogram *cbw_wait; /* where guest copy latency goes, or NULL */
 	/* on-cbw-error=break-guest-write (a fleecing backup): a copy that fails
 	 * fails the guest's write with EIO instead of breaking the store; set
@@ -64,11 +65,17 @@ struct snapstore {
 	bool fail_guest;
 };
 
-/* With the image's gate closed (this is T): creates the store file
- * `store_path` and attaches the copy-before-write hook. */
+/* Creates the store file `store_path`, sized as the image is now, and its
+ * copy engine; nothing is attached yet, so it may run with the gates open
+ * (file creation and a 16-million-cluster engine take milliseconds the
+ * guests should not wait for). */
 int snapstore_open(struct snapstore *s, struct image *image, const char *store_path, uint32_t cluster_size,
 		   uint64_t max_store, atomic_uint_fast64_t *store_used,
 		   void (*on_break)(void *owner, const char *reason), void *owner, char *err, size_t errlen);
+/* With the image's gate closed (this is T): takes the image's attributes
+ * at T and attaches the copy-before-write hook. EBUSY (nothing attached)
+ * when the image's size changed since snapstore_open. */
+int snapstore_attach(struct snapstore *s, char *err, size_t errlen);
 /* Detaches (gate closed by the caller when `gate_closed`), stops the writers,
  * waits for reads in progress, removes the store. Afterwards every read
  * answers EACCES; the struct must outlive the handles that may still read. */

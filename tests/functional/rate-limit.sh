@@ -3,9 +3,10 @@
 # with two copy workers (the default) they never pass the throttle together,
 # and no idle time is banked. bytes_done (what reached the target) is
 # sampled every 20 ms for 4 s; over every window of one second after the
-# first chunk the rate stays within 10 % of speed= (a chunk is 2 % of a
+# first chunk the rate stays at most 10 % over speed= (a chunk is 2 % of a
 # second's worth; a window may hold one more admitted and the two that were
-# in flight when it opened). Then the same after a
+# in flight when it opened) and at most 20 % under it (a copy slowed by the
+# tests beside this one, on 2 cores, is not made up for: see below). Then the same after a
 # pause (no burst to catch up) and after `set` to a new speed.
 # A sample is timed by the middle of its status read and dropped if the read
 # took over 10 ms (an early timestamp paired with a later count would look
@@ -50,8 +51,8 @@ if n < 10:
     sys.exit(f"{what}: only {n} windows measured")
 if worst_hi > 1.1:
     sys.exit(f"{what}: a one-second window ran at {worst_hi:.3f} of speed= (want at most 1.1)")
-if worst_lo < 0.9:
-    print(f"{what}: a one-second window ran at {worst_lo:.3f} of speed= (want at least 0.9)")
+if worst_lo < 0.8:
+    print(f"{what}: a one-second window ran at {worst_lo:.3f} of speed= (want at least 0.8)")
     sys.exit(2)
 PY
 }
