@@ -22,12 +22,14 @@ export WORK=${WORK:-/tmp/fleecefs-bench-load} SIZE=${SIZE:-2G} RUNTIME=${RUNTIME
 QDS=${QDS:-1 4 16 32} REPS=${REPS:-1} LEAD=${LEAD:-1}
 . "$top/bench/lib.sh"
 
-# fio_log RW QD LOG SECONDS: fio in the background, per-I/O completion log.
+# fio_log RW QD LOG SECONDS: fio in the background (its PID in fio_pid),
+# per-I/O completion log.
 fio_log() {
+	rm -f "$3"_lat.1.log
 	fio --name=g --filename="$WORK/mnt/disk.raw" --rw="$1" --bs=4k --iodepth="$2" --ioengine=libaio --direct=1 \
 	    --runtime="$4" --time_based --randrepeat=0 --norandommap \
 	    --write_lat_log="$3" --log_avg_msec=0 --log_unix_epoch=1 >/dev/null 2>&1 &
-	echo $!
+	fio_pid=$!
 }
 # window LOG FROM TO: "IOPS P99_MS" of the completions in [FROM, TO] (epoch s;
 # empty: all).
@@ -60,14 +62,14 @@ for qd in $QDS; do
 	for rw in randwrite randread; do
 		for rep in $(seq "$REPS"); do
 			drop_caches
-			f=$(fio_log "$rw" "$qd" "$WORK/nojob" "$RUNTIME"); wait "$f" || true
+			fio_log "$rw" "$qd" "$WORK/nojob" "$RUNTIME"; wait "$fio_pid" || true
 			read -r base _ <<<"$(window "$WORK/nojob")"
 			rm -f "$WORK/out/t.raw"; drop_caches
-			f=$(fio_log "$rw" "$qd" "$WORK/during" 600)
+			fio_log "$rw" "$qd" "$WORK/during" 600
 			sleep "$LEAD"
 			ctl "backup disk.raw $WORK/out/t.raw checksum=none id=b"
 			secs=$(job_seconds b)
-			kill -INT "$f"; wait "$f" || true
+			kill -INT "$fio_pid"; wait "$fio_pid" || true
 			read -r iops p99 <<<"$(window "$WORK/during" "$(key b started)" "$(key b finished)")"
 			ctl "dismiss b"
 			echo "$qd $rw $base $iops $p99 $secs" >&2
@@ -77,11 +79,12 @@ for qd in $QDS; do
 done
 umount_fs
 
-printf '%s\n' "${rows[@]}" | python3 - "$idle_s" "$SIZE" <<'PY'
+printf '%s\n' "${rows[@]}" > "$WORK/rows.txt"
+python3 - "$idle_s" "$SIZE" "$WORK/rows.txt" <<'PY'
 import statistics as st, sys
 idle = float(sys.argv[1])
 by = {}
-for line in sys.stdin:
+for line in open(sys.argv[3]):
     qd, rw, base, iops, p99, secs = line.split()
     by.setdefault((int(qd), rw), []).append((float(base), float(iops), float(p99), float(secs)))
 print(f"## The guest against an unlimited full backup ({sys.argv[2]} image; idle backup {idle:.2f} s)\n")

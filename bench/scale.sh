@@ -8,8 +8,9 @@
 #   - the guest's 4 KiB write latency (fio QD1, O_DIRECT, per-I/O log, in the
 #     first GiB: few new 16 MiB regions, whose first write since a save waits
 #     for the bitmaps' intent log) in the 1.5 s around the start of each job,
-#     p99.9 and max, beside the same in 1.5 s before it (no start); and the
-#     time the ctl write that starts the job takes;
+#     p99.9 and max, beside the same in 1.5 s before it (no start); the
+#     time the ctl write that starts the job takes, and the job's own
+#     start_stall_us (how long the gates were closed);
 #   - sync=top's duration against `qemu-img convert -O raw` of the same image
 #     (which also finds the data by SEEK_DATA) and the data's size;
 #   - how long a read of the job's status file and of a bitmap's file takes
@@ -95,6 +96,7 @@ phase() {
 	sleep 3
 	reset_hwm
 	t0=$(date +%s.%N); ctl "$start"; t1=$(date +%s.%N)
+	echo "${name}_start_stall_us $(key "$name" start_stall_us)"
 	local times; times=$(file_times "$WORK/mnt/.fleece/jobs/$name/status" "$WORK/mnt/.fleece/bitmaps/big.img/b1" | tr '\n' ' ')
 	if [ "$how" = completes ]; then
 		until [[ $(key "$name" state) =~ ^(completed|failed|cancelled)$ ]]; do sleep 0.05; done

@@ -1138,6 +1138,21 @@ void bitmaps_for_each(bitmap_visit_fn fn, void *arg)
 	pthread_mutex_unlock(&registry_lock);
 }
 
+bool bitmap_exists(uint64_t serial)
+{
+	bool found = false;
+
+	pthread_mutex_lock(&registry_lock);
+	for (struct bitmap_set *set = sets; set && !found; set = set->next) {
+		pthread_mutex_lock(&set->lock);
+		for (struct dirty_bitmap *bm = set->list; bm && !found; bm = bm->next)
+			found = bm->serial == serial;
+		pthread_mutex_unlock(&set->lock);
+	}
+	pthread_mutex_unlock(&registry_lock);
+	return found;
+}
+
 int bitmap_status(uint64_t serial, struct strbuf *out)
 {
 	int rc = -ENOENT;

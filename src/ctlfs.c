@@ -250,13 +250,8 @@ static int fill_attr(fuse_ino_t ino, struct stat *st)
 		if (!w.is_dir)
 			return -ENOENT;
 	}
-	if (k == K_BMAP) {
-		struct strbuf sb = { 0 };
-		int rc = bitmap_status(serial_of(ino), &sb);
-		strbuf_free(&sb);
-		if (rc)
-			return rc;
-	}
+	if (k == K_BMAP && !bitmap_exists(serial_of(ino)))
+		return -ENOENT;
 	if (k == K_JOB_DIR || k == K_JOB_STATUS || k == K_SNAP_DIR || k == K_VIEW) {
 		struct job *job = job_find_by_serial(serial_of(ino));
 		if (!job)

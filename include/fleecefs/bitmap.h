@@ -129,6 +129,9 @@ int bitmap_chain_get(struct image *img, const char *name, struct chain_info *out
 /* .fleece/bitmaps: path of every image that has bitmaps, and status text. */
 typedef void (*bitmap_visit_fn)(void *arg, const char *image_path, struct dirty_bitmap *bm);
 void bitmaps_for_each(bitmap_visit_fn fn, void *arg);
+/* Does the bitmap of this serial still exist? (No counting: stat and
+ * lookup of its file ask this; only open builds the text.) */
+bool bitmap_exists(uint64_t serial);
 /* Status of the bitmap with this serial; -ENOENT when gone. */
 int bitmap_status(uint64_t serial, struct strbuf *out);
 

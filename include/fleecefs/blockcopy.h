@@ -78,7 +78,7 @@ struct manifest;
 /* The most a copy-before-write claims at once: one 1 MiB guest write, or one
  * cluster if clusters are larger. */
 #define BLOCKCOPY_CBW_MAX (1u << 20)
-#define BLOCKCOPY_BUDGET (64u << 20)
+#define BLOCKCOPY_BUDGET (32u << 20)
 #define BLOCKCOPY_WRITEBACK_EVERY (64u << 20)
 #define BLOCKCOPY_MAX_WRITERS 16
 

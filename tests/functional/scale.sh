@@ -109,7 +109,7 @@ sleep 0.5
 rss1=$(proc VmRSS)
 log "   RSS: idle $((rss0 / 1024)) MiB, with 21 jobs on a slow target $((peak / 1024)) MiB, after them $((rss1 / 1024)) MiB"
 if [ "$asan" = no ]; then
-	# The budget (64 MiB) plus one chunk per copy worker (2 x 1 MiB per job).
+	# The budget (32 MiB) plus one chunk per copy worker (2 x 1 MiB per job).
 	soft eval '[ $((peak - rss0)) -le $((150 * 1024)) ] || fail "21 jobs took $(((peak - rss0) / 1024)) MiB"'
 	soft eval '[ $((rss1 - rss0)) -le $((24 * 1024)) ] || fail "$(((rss1 - rss0) / 1024)) MiB stayed after the jobs"'
 else
