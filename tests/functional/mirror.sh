@@ -283,6 +283,26 @@ ctl "complete ewb" >/dev/null
 want_eq "ewb" "$(wait_job ewb)" completed
 same "e.img after a failed write-through" "$MNT/e.img" "$OUT/ewb.img"
 
+log "sync=top copies the data extents only, and counts them; sync=full counts the whole image"
+expect OK 'fd = os.open(A[0], os.O_CREAT | os.O_WRONLY, 0o644); os.ftruncate(fd, 64 << 20)' "$MNT/sparse.img"
+pwrites sparse.img 0:$((1 << 20)) $((40 << 20)):$((1 << 20))
+start top1 "mirror sparse.img $OUT/top1.img sync=top id=top1"
+wait_state top1 ready 30
+want_eq "sync=top bytes_done" "$(status top1 bytes_done)" $((2 << 20))
+want_eq "sync=top bytes_total" "$(status top1 bytes_total)" $((2 << 20))
+want_eq "sync=top status" "$(status top1 sync)" top
+ctl "cancel top1" >/dev/null
+want_eq "top1 cancelled in sync" "$(wait_job top1)" completed
+same "sync=top copy" "$OUT/top1.img" "$MNT/sparse.img"
+[ "$(du -k "$OUT/top1.img" | cut -f1)" -lt 4096 ] || fail "sync=top filled the holes: $(du -k "$OUT/top1.img")"
+start full1 "mirror sparse.img $OUT/full1.img id=full1"
+wait_state full1 ready 30
+want_eq "sync=full bytes_total" "$(status full1 bytes_total)" $((64 << 20))
+want_eq "sync=full bytes_done" "$(status full1 bytes_done)" $((64 << 20))
+ctl "cancel full1" >/dev/null
+want_eq "full1 cancelled in sync" "$(wait_job full1)" completed
+same "sync=full copy" "$OUT/full1.img" "$MNT/sparse.img"
+
 log "unmount with a mirror running: cancel (in sync: a kept copy; before ready: removed)"
 random_image "$SRC/u.img" 8M
 start u1 "mirror u.img $OUT/u1.img id=u1"
@@ -313,13 +333,17 @@ unmount_fleece
 mount_fleece
 [ ! -e "$MNT/other.img" ] || fail "other.img came back"
 
-log "SIGTERM with a mirror in sync: a cancel, the copy kept"
+log "SIGTERM with one mirror in sync and one not ready: the copy in sync kept, the other removed"
 start t1 "mirror u.img $OUT/t1.img id=t1"
 wait_state t1 ready 30
+start t2 "mirror vm.img $OUT/t2.img speed=1M id=t2"
+sleep 0.3
+want_eq "t2 not ready yet" "$(status t2 in_sync)" no
 kill -TERM "$DAEMON_PID"
 wait "$DAEMON_PID" || true
 DAEMON_PID=
 same "t1 kept at SIGTERM" "$OUT/t1.img" "$SRC/u.img"
+[ ! -e "$OUT/t2.img" ] || fail "SIGTERM before ready left the target"
 [ -z "$(hidden_files "$OUT")" ] || fail "SIGTERM left hidden files"
 
 log "a damaged switch record: the mount is refused, saying where, never the old files served"
