@@ -8,7 +8,7 @@
 #   - the guest's 4 KiB write latency (fio QD1, O_DIRECT, per-I/O log, in the
 #     first GiB: few new 16 MiB regions, whose first write since a save waits
 #     for the bitmaps' intent log) in the 1.5 s around the start of each job,
-#     p99.9 and max, beside the same in 1.5 s before it (no start); the
+#     p99.9 and max, beside the same in 1.5 s before it (no start) and after it (running); the
 #     time the ctl write that starts the job takes, and the job's own
 #     start_stall_us (how long the gates were closed);
 #   - sync=top's duration against `qemu-img convert -O raw` of the same image
@@ -97,6 +97,9 @@ phase() {
 	reset_hwm
 	t0=$(date +%s.%N); ctl "$start"; t1=$(date +%s.%N)
 	echo "${name}_start_stall_us $(key "$name" start_stall_us)"
+	# The file reads wait until the latency windows below have passed, so
+	# that they are not counted as the start's cost.
+	sleep 2.6
 	local times; times=$(file_times "$WORK/mnt/.fleece/jobs/$name/status" "$WORK/mnt/.fleece/bitmaps/big.img/b1" | tr '\n' ' ')
 	if [ "$how" = completes ]; then
 		until [[ $(key "$name" state) =~ ^(completed|failed|cancelled)$ ]]; do sleep 0.05; done
@@ -111,12 +114,14 @@ phase() {
 	echo "${name}_ctl_ms $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", (b - a) * 1000 }')"
 	echo "${name}_files_ms $times"
 	# Completions in [start - 0.5 s, start + 1 s] (the latency around the
-	# start) and in the 1.5 s before that (the same guest, no start).
+	# start), in the 1.5 s before that (the same guest, no start) and in the
+	# 1.5 s after it (the job running, its start behind it).
 	python3 - "$lat"_lat.1.log "$t0" "$name" <<'PY'
 import sys
 t0 = float(sys.argv[2]) * 1000
 rows = [(int(l.split(",")[0]), int(l.split(",")[1]) / 1e6) for l in open(sys.argv[1])]
-for label, a, b in (("start", t0 - 500, t0 + 1000), ("before", t0 - 2000, t0 - 500)):
+for label, a, b in (("start", t0 - 500, t0 + 1000), ("before", t0 - 2000, t0 - 500),
+                    ("running", t0 + 1000, t0 + 2500)):
     lat = sorted(v for t, v in rows if a <= t <= b)
     p999 = lat[min(len(lat) - 1, int(len(lat) * 0.999))]
     print(f"{sys.argv[3]}_{label}_lat_ms {p999:.2f} {lat[-1]:.2f} {len(lat)}")
