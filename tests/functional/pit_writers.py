@@ -265,6 +265,24 @@ def check_snapshot(args, path, size, writers, stop, fd):
     return check_cut(args, path, size, writers, t0, t1, target)
 
 
+def describe_mismatch(w, candidates, expected, target, t0, t1):
+    """Which bytes of each write around T the target holds: new (the write),
+    old (the image before it) or neither, as runs, for the log."""
+    print(f"  the command ran from {t0:.6f} to {t1:.6f}")
+    for seq, (s, e, off, length) in candidates:
+        new = data_for(w.index, seq, length)
+        runs = []
+        for i in range(length):
+            g = target[off + i]
+            kind = "new" if g == new[i] and g != expected[off + i] else "old" if g == expected[off + i] else "neither"
+            if runs and runs[-1][0] == kind:
+                runs[-1][2] = i + 1
+            else:
+                runs.append([kind, i, i + 1])
+        print(f"  write {seq}: offset {off} length {length}, {s:.6f}..{e:.6f}: "
+              + ", ".join(f"{k} {a}-{b}" for k, a, b in runs[:20]) + (" ..." if len(runs) > 20 else ""))
+
+
 def check_cut(args, path, size, writers, t0, t1, target):
     base = open(args.base, "rb").read()
     # 1. The image is the base plus every write.
@@ -290,6 +308,11 @@ def check_cut(args, path, size, writers, t0, t1, target):
     # the buffer's offset in its page), sent one after the other: a write in
     # flight at T may be in the target up to such a cut, as a block device
     # may hold part of a multi-sector request that was not acknowledged.
+    # A request also ends early where copying the caller's buffer into the
+    # page cache comes up short (a page of the buffer not mapped at that
+    # moment, e.g. while it migrates), so the cut can fall at any byte: what
+    # is checked is the shape, the write's own data up to the cut and the
+    # data from before it after the cut, in one instant with the others.
     request = read_request_max(args.mnt)
     chosen = []
     for w, ndef, candidates in cuts:
@@ -304,20 +327,22 @@ def check_cut(args, path, size, writers, t0, t1, target):
                 apply(trial, w.index, [candidates[j - 1]])
             if all(trial[a:b] == target[a:b] for a, b in touched):
                 best = (j, bytearray(trial))
-            elif best is None and j < len(candidates) and candidates[j][1][3] > request - 4096:
+            elif best is None and j < len(candidates):
                 seq, (_, _, off, length) = candidates[j]
                 new = data_for(w.index, seq, length)
                 got = target[off:off + length]
                 cut = next((i for i in range(length) if got[i] != new[i]), length)
-                if request - 4096 < cut <= request + 8 and got[cut:] == trial[off + cut:off + length]:
+                if 0 < cut < length and got[cut:] == trial[off + cut:off + length]:
                     part = bytearray(trial)
                     part[off:off + cut] = new[:cut]
                     if all(part[a:b] == target[a:b] for a, b in touched):
-                        print(f"writer {w.index}: write {seq} of {length} bytes is in the target up to its "
-                              f"request cut at {cut}")
+                        where = "its request size" if request - 4096 < cut <= request + 8 else "a short copy"
+                        print(f"writer {w.index}: write {seq} of {length} bytes is in the target up to a "
+                              f"request cut at {cut} ({where})")
                         best = (j + 1, part)
         if best is None:
             print(f"writer {w.index}: no prefix of its {len(candidates)} writes around T matches the target")
+            describe_mismatch(w, candidates, expected, target, t0, t1)
             return 1
         j, trial = best
         for a, b in touched:
