@@ -8,8 +8,9 @@
 #   - the guest's 4 KiB write latency (fio QD1, O_DIRECT, per-I/O log, in the
 #     first GiB: few new 16 MiB regions, whose first write since a save waits
 #     for the bitmaps' intent log) in the 1.5 s around the start of each job,
-#     p99.9 and max, beside the same in 1.5 s before it (no start) and after it (running); the
-#     time the ctl write that starts the job takes, and the job's own
+#     p99.9 and max, beside the same in 1.5 s before it (no start) and in
+#     1.5 s after it (the job running); the time the ctl write that starts
+#     the job takes, and the job's own
 #     start_stall_us (how long the gates were closed);
 #   - sync=top's duration against `qemu-img convert -O raw` of the same image
 #     (which also finds the data by SEEK_DATA) and the data's size;
