@@ -4,7 +4,7 @@
 # only what is missing, and touches apt only then.
 set -euo pipefail
 pkgs=(build-essential autoconf automake libtool pkg-config libfuse3-dev fuse3
-      libzstd-dev zlib1g-dev libxxhash-dev libnbd-dev libcriterion-dev python3)
+      libzstd-dev zlib1g-dev libxxhash-dev libnbd-dev liburing-dev libcriterion-dev python3)
 [ "${1:-}" = --tests ] && pkgs+=(fio qemu-utils qemu-system-x86 cpio util-linux libnbd-bin nbdkit xfsprogs)
 missing=()
 for p in "${pkgs[@]}"; do

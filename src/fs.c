@@ -752,6 +752,17 @@ static void fs_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
 		fuse_reply_buf(req, buf, (size_t)n);
 }
 
+struct image *fs_request_image(uint64_t nodeid, uint64_t fh, unsigned *kind)
+{
+	if (ctlfs_owns(nodeid))
+		return NULL;
+	struct fhandle *h = (struct fhandle *)(uintptr_t)fh;
+	if (!h || !h->image)
+		return NULL;
+	*kind = h->kind;
+	return h->image;
+}
+
 static void fs_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off,
 		     struct fuse_file_info *fi)
 {

@@ -407,6 +407,22 @@ ssize_t image_read(struct image *img, unsigned kind, void *buf, size_t size, uin
 	return n;
 }
 
+int image_async_begin(struct image *img, unsigned kind, bool write, size_t size, uint64_t off)
+{
+	if (!gate_try_enter(&img->gate))
+		return -1;
+	/* Hooks change only with the gate closed: none now means none until
+	 * image_async_end. */
+	if (write && img->nhooks != 0) {
+		gate_exit(&img->gate);
+		return -1;
+	}
+	note_guest_request(img);
+	return fd_of(img, direct_fits(kind, size, off) ? kind : buffered(kind));
+}
+
+void image_async_end(struct image *img) { gate_exit(&img->gate); }
+
 /* The file's current content, buffered, into any buffer (a snapshot view's
  * reads of unchanged clusters); bytes or -errno. */
 ssize_t image_pread(struct image *img, void *buf, size_t size, uint64_t off)

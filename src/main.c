@@ -26,6 +26,7 @@
 #include "fleecefs/pending.h"
 #include "fleecefs/redirect.h"
 #include "fleecefs/util.h"
+#include "fleecefs/uring.h"
 
 #define DEFAULT_THREADS 32
 #define MAX_THREADS 1024
@@ -37,6 +38,7 @@ struct options {
 	char *state_dir;
 	char *cluster_size;
 	char *threads;
+	char *uring;
 	int debug;
 	int show_version;
 	int show_help;
@@ -48,6 +50,7 @@ static const struct fuse_opt option_spec[] = {
 	{ "state_dir=%s", offsetof(struct options, state_dir), 0 },
 	{ "cluster_size=%s", offsetof(struct options, cluster_size), 0 },
 	{ "threads=%s", offsetof(struct options, threads), 0 },
+	{ "uring=%s", offsetof(struct options, uring), 0 },
 	FUSE_OPT_KEY("-d", KEY_DEBUG),
 	FUSE_OPT_KEY("--debug", KEY_DEBUG),
 	FUSE_OPT_KEY("-V", KEY_VERSION),
@@ -100,6 +103,8 @@ static void usage(const char *prog)
 	       "    -o cluster_size=SIZE   copy granularity, power of two 4K..16M (default 64K)\n"
 	       "    -o threads=N           FUSE worker threads (default %d); copy workers\n"
 	       "                           per job are N/16, between 1 and 4\n"
+	       "    -o uring=auto|on|off   FUSE requests over io_uring (default auto:\n"
+	       "                           where the kernel allows it)\n"
 	       "    -o OPT[,OPT...]        FUSE mount options (allow_other, ...)\n"
 	       "    -V, --version          print the version\n"
 	       "    -h, --help             print this help\n\n"
@@ -330,7 +335,9 @@ static dev_t find_mount_dev(const char *mountpoint)
 	return found;
 }
 
-/* -o cluster_size= and threads=, into d. 0 or 1 (after a message). */
+static enum uring_mode uring_mode;
+
+/* -o cluster_size=, threads= and uring=, into d (uring_mode). 0 or 1 (after a message). */
 static int apply_settings(struct fleece_daemon *d, const struct options *opts)
 {
 	uint64_t value;
@@ -347,6 +354,14 @@ static int apply_settings(struct fleece_daemon *d, const struct options *opts)
 		if (parse_u64(opts->threads, &value) || value < 1 || value > MAX_THREADS)
 			return die("threads=%s: must be a number from 1 to %d", opts->threads, MAX_THREADS);
 		d->threads = (unsigned)value;
+	}
+	uring_mode = URING_AUTO;
+	if (opts->uring) {
+		if (uring_parse_mode(opts->uring, &uring_mode) < 0)
+			return die("uring=%s: must be on, off or auto", opts->uring);
+		const char *why = uring_mode == URING_ON ? uring_unavailable() : NULL;
+		if (why)
+			return die("uring=on: %s", why);
 	}
 	unsigned workers = d->threads / 16;
 	d->copy_workers = workers < 1 ? 1 : workers > FLEECE_MAX_COPY_WORKERS ? FLEECE_MAX_COPY_WORKERS : workers;
@@ -432,6 +447,11 @@ static int start_serving(struct fuse_session *se, struct fleece_daemon *d, bool 
 		return die("MOUNTPOINT %s: cannot mount (is /dev/fuse usable? see above)", d->mountpoint);
 	}
 	d->mount_dev = find_mount_dev(d->mountpoint);
+	if (uring_install(se, uring_mode, d->threads) < 0) {
+		fuse_session_unmount(se);
+		fuse_remove_signal_handlers(se);
+		return die("MOUNTPOINT %s: cannot serve it over io_uring (see above)", d->mountpoint);
+	}
 	if (fuse_daemonize(foreground || debug) != 0) {
 		fuse_session_unmount(se);
 		fuse_remove_signal_handlers(se);
@@ -479,6 +499,9 @@ static int stop_serving(struct fuse_session *se, const struct fleece_daemon *d, 
 	if (sync_fd >= 0)
 		close(sync_fd);
 	fuse_session_unmount(se);
+	/* The rings hold /dev/fuse open until they stop: only then does the
+	 * kernel end the connection. */
+	uring_stop();
 	fuse_remove_signal_handlers(se);
 	int rc = loop_rc < 0 && loop_rc != -EINTR ? 1 : 0;
 	if (rc)
@@ -496,6 +519,7 @@ static void free_options(struct options *opts)
 	free(opts->state_dir);
 	free(opts->cluster_size);
 	free(opts->threads);
+	free(opts->uring);
 }
 
 /* The command line into opts and cli: 0, 1 (bad), or -1 (done: help or

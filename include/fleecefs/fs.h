@@ -25,10 +25,16 @@
 
 #include "fleecefs/daemon.h"
 
+struct image;
+
 extern const struct fuse_lowlevel_ops fs_operations;
 
 /* The root node; call before the session starts. 0 or -errno. */
 int fs_setup(const struct fleece_daemon *d);
+/* The image a READ or WRITE request on (nodeid, fh) is for, and the kind of
+ * its handle; NULL for control files and other files (the io_uring fast
+ * path, uring.h). */
+struct image *fs_request_image(uint64_t nodeid, uint64_t fh, unsigned *kind);
 /* Frees the inode table after the session ended. */
 void fs_teardown(void);
 

@@ -55,6 +55,17 @@ static inline void gate_exit(struct gate *g)
 		gate_exit_slow(g);
 }
 
+/* For a caller that must not sleep (an io_uring queue thread): true with the
+ * gate entered, false (nothing held) while it is closed. */
+static inline bool gate_try_enter(struct gate *g)
+{
+	atomic_fetch_add(&g->inside, 1);
+	if (__builtin_expect(!atomic_load(&g->closed), 1))
+		return true;
+	gate_exit(g);
+	return false;
+}
+
 /* Drains writers; returns with the gate closed. */
 void gate_close(struct gate *g);
 void gate_open(struct gate *g);

@@ -104,6 +104,13 @@ bool image_readable(const struct image *img);
  * now (never on the I/O path). */
 int image_open_kind(struct image *img, unsigned kind);
 ssize_t image_read(struct image *img, unsigned kind, void *buf, size_t size, uint64_t off);
+/* Asynchronous guest I/O (the io_uring transport, uring.h): for a read, or a
+ * write no hook needs to see, enters the gate without sleeping and returns
+ * the descriptor to do it on (O_DIRECT when the request is aligned for it);
+ * the caller does the I/O and then calls image_async_end. -1 with nothing
+ * held when the gate is closed or hooks are attached: use image_read/write. */
+int image_async_begin(struct image *img, unsigned kind, bool write, size_t size, uint64_t off);
+void image_async_end(struct image *img);
 /* The file's current content into any buffer, buffered, outside the gate
  * (a snapshot view's reads of clusters nobody changed since T). */
 ssize_t image_pread(struct image *img, void *buf, size_t size, uint64_t off);

@@ -157,13 +157,8 @@ ls -A "$T/foreign-state" | grep -q . && fail "the refused daemon left files in $
 # ---- SIGTERM: exit status 0 and unmounted ----------------------------------------
 mount_fleece -o "state_dir=$T/state-explicit"
 [ "$(stat -c %a "$T/state-explicit")" = 700 ] || fail "state_dir= created with mode $(stat -c %a "$T/state-explicit")"
-kill -TERM "$DAEMON_PID"
-rc=0
-for _ in $(seq 200); do kill -0 "$DAEMON_PID" 2>/dev/null || break; sleep 0.05; done
-kill -0 "$DAEMON_PID" 2>/dev/null && fail "fleecefs still running 10 s after SIGTERM"
-wait "$DAEMON_PID" || rc=$?
-DAEMON_PID=
-[ "$rc" = 0 ] || fail "fleecefs exited $rc after SIGTERM"
+term_daemon
+[ "$DAEMON_RC" = 0 ] || fail "fleecefs exited $DAEMON_RC after SIGTERM"
 ! mountpoint -q "$MNT" || fail "$MNT still mounted after SIGTERM"
 [ -z "$(mounts_below_t)" ] || fail "still mounted after SIGTERM: $(mounts_below_t)"
 

@@ -29,7 +29,8 @@ cleanup() {
 		pkill -P "$WATCHDOG_PID" 2>/dev/null || true
 		kill "$WATCHDOG_PID" 2>/dev/null || true
 	fi
-	for p in "${BG_PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+	# (SIGCONT too: a writer the test had stopped would not die of SIGTERM.)
+	for p in "${BG_PIDS[@]}"; do kill "$p" 2>/dev/null && kill -CONT "$p" 2>/dev/null || true; done
 	for p in "${BG_PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
 	# (A mount whose daemon died is no "mountpoint" any more, but it is in
 	# /proc/mounts.)
@@ -70,8 +71,12 @@ WATCHDOG_PID=$!
 
 # mount_fleece [fleecefs options...]: mounts $SRC at $MNT in the foreground
 # process $DAEMON_PID and waits until the control directory answers.
+# FLEECE_URING=on|off|auto, when set, is added unless the test gives its own
+# uring=: tests/run-all.sh runs one pass of the suite over each transport.
 mount_fleece() {
-	"$FLEECEFS" -f "$@" "$SRC" "$MNT" 2>>"$T/daemon.log" &
+	local transport=()
+	[ -n "${FLEECE_URING:-}" ] && [[ "$*" != *uring=* ]] && transport=(-o "uring=$FLEECE_URING")
+	"$FLEECEFS" -f "${transport[@]}" "$@" "$SRC" "$MNT" 2>>"$T/daemon.log" &
 	DAEMON_PID=$!
 	for _ in $(seq 100); do
 		[ -e "$MNT/.fleece/version" ] && return 0
@@ -84,6 +89,17 @@ mount_fleece() {
 # unmount_fleece: unmounts and waits for the daemon; its exit status in $DAEMON_RC.
 unmount_fleece() {
 	fusermount3 -u "$MNT"
+	DAEMON_RC=0
+	wait "$DAEMON_PID" || DAEMON_RC=$?
+	DAEMON_PID=
+}
+
+# term_daemon: SIGTERM for the daemon, which must be gone within 10 s; its
+# exit status in $DAEMON_RC.
+term_daemon() {
+	kill -TERM "$DAEMON_PID"
+	for _ in $(seq 200); do kill -0 "$DAEMON_PID" 2>/dev/null || break; sleep 0.05; done
+	kill -0 "$DAEMON_PID" 2>/dev/null && fail "fleecefs still running 10 s after SIGTERM"
 	DAEMON_RC=0
 	wait "$DAEMON_PID" || DAEMON_RC=$?
 	DAEMON_PID=

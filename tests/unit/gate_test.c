@@ -254,3 +254,43 @@ Test(gate, stress_closed_means_empty)
 	cr_assert_eq(atomic_load(&gate.inside), 0);
 	cr_assert(!atomic_load(&gate.closed));
 }
+
+/* The io_uring queue thread must never sleep: gate_try_enter refuses while
+ * the gate is closed and leaves no count behind, and a closer that drains
+ * still waits for a writer that got in. */
+Test(gate, try_enter_refuses_while_closed)
+{
+	cr_assert(gate_try_enter(&gate));
+	cr_assert_eq(atomic_load(&gate.inside), 1);
+	gate_exit(&gate);
+	gate_close(&gate);
+	cr_assert(!gate_try_enter(&gate));
+	cr_assert_eq(atomic_load(&gate.inside), 0, "a refused try left a count");
+	gate_open(&gate);
+	cr_assert(gate_try_enter(&gate));
+	gate_exit(&gate);
+	cr_assert_eq(atomic_load(&gate.inside), 0);
+}
+
+static void *close_then_mark(void *arg)
+{
+	atomic_bool *closed = arg;
+	gate_close(&gate);
+	atomic_store(closed, true);
+	gate_open(&gate);
+	return NULL;
+}
+
+Test(gate, close_waits_for_a_try_entered_writer)
+{
+	atomic_bool closed = false;
+	pthread_t closer;
+
+	cr_assert(gate_try_enter(&gate));
+	cr_assert_eq(pthread_create(&closer, NULL, close_then_mark, &closed), 0);
+	sleep_ms(50);
+	cr_assert(!atomic_load(&closed), "the gate closed over a writer inside");
+	gate_exit(&gate);
+	pthread_join(closer, NULL);
+	cr_assert(atomic_load(&closed));
+}

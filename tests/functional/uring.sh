@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# FUSE over io_uring (-o uring=): the rings really carry the guest's requests
+# (the daemon's own count at stop), every byte fio writes reads back through
+# them (O_DIRECT aligned, O_DIRECT unaligned, buffered), a backup started while
+# fio writes over the rings is the image at T, uring=off leaves the rings
+# alone, bad values are refused, and SIGTERM under load stops the daemon.
+# Needs the fuse module's enable_uring (tests/run-all.sh turns it on).
+. "$TESTS_DIR/lib.sh"
+command -v fio >/dev/null || { echo "SKIP: fio not installed"; exit 77; }
+param=/sys/module/fuse/parameters/enable_uring
+[ -e "$param" ] || { echo "SKIP: this kernel has no FUSE over io_uring ($param)"; exit 77; }
+grep -q '^[Y1]' "$param" || fail "$param is off: tests/run-all.sh turns it on (echo Y > $param)"
+
+served_line() { grep 'FUSE over io_uring: [0-9]* requests served' "$T/daemon.log" | tail -n 1; }
+
+random_image "$SRC/vm.img" 64M
+
+log "bad values are refused before anything is mounted"
+rc=0; err=$("$FLEECEFS" -f -o uring=maybe "$SRC" "$MNT" 2>&1) || rc=$?
+[ "$rc" = 1 ] || fail "uring=maybe: exit status $rc, want 1"
+want_match "uring=maybe" "$err" "uring=maybe: must be on, off or auto"
+mountpoint -q "$MNT" && fail "uring=maybe left a mount"
+
+log "uring=on: the rings come up and carry fio's verified writes"
+mount_fleece -o uring=on
+grep -q 'FUSE over io_uring: [0-9]* queues' "$T/daemon.log" || fail "no ring started: $(tail -3 "$T/daemon.log")"
+for spec in "direct4k randwrite 4k-4k 1" "unaligned randwrite 512-9k 1" "buffered randwrite 4k-64k 0" "big write 1m-1m 1"; do
+	set -- $spec
+	fio --name="$1" --filename="$MNT/vm.img" --rw="$2" --bsrange="$3" --size=64M --direct="$4" \
+	    --ioengine=libaio --iodepth=16 --verify=crc32c --verify_fatal=1 --do_verify=1 \
+	    --verify_state_save=0 --randrepeat=0 --output="$T/fio-$1.out" >/dev/null 2>&1 ||
+		fail "fio $1 failed: $(grep -iE 'verify|error' "$T/fio-$1.out" | head -5)"
+done
+# What the mount shows is the file on disk, byte for byte.
+cmp "$MNT/vm.img" "$SRC/vm.img" || fail "the mount and the source file differ"
+
+log "a backup started under fio over the rings is the image at T"
+cp "$SRC/vm.img" "$T/at-T"
+out=$(ctl "backup vm.img $OUT/pit.raw id=pit speed=16M") || fail "backup refused: $out"
+fio --name=during --filename="$MNT/vm.img" --rw=randwrite --bs=4k --size=64M --direct=1 \
+    --ioengine=libaio --iodepth=16 --verify=crc32c --verify_fatal=1 --do_verify=1 \
+    --verify_state_save=0 --randrepeat=0 --output="$T/fio-during.out" >/dev/null 2>&1 ||
+	fail "fio during the backup failed: $(grep -iE 'verify|error' "$T/fio-during.out" | head -5)"
+[ "$(wait_job pit)" = completed ] || fail "backup: $(status pit error)"
+[ "$(status pit cbw_bytes)" -gt 0 ] || fail "no copy-before-write happened: the test did not overlap"
+cmp "$T/at-T" "$OUT/pit.raw" || fail "the backup is not the image at T"
+unmount_fleece
+[ "$DAEMON_RC" = 0 ] || fail "daemon exit status $DAEMON_RC"
+line=$(served_line)
+[ -n "$line" ] || fail "no count of ring requests at stop"
+read -r served fast < <(sed -n 's/.*: \([0-9]*\) requests served, \([0-9]*\) of them.*/\1 \2/p' <<<"$line")
+# fio's aligned phases alone are over 30000 reads and writes of the image.
+[ "$served" -gt 30000 ] || fail "only $served requests came over the rings: $line"
+[ "$fast" -gt 20000 ] || fail "only $fast requests took the fast path: $line"
+[ "$fast" -lt "$served" ] || fail "every request took the fast path, even those a job or the namespace needs: $line"
+
+log "uring=off: no ring"
+: >"$T/daemon.log"
+mount_fleece -o uring=off
+dd if="$MNT/vm.img" of=/dev/null bs=1M count=8 status=none
+unmount_fleece
+grep -q 'io_uring' "$T/daemon.log" && fail "uring=off used io_uring: $(grep io_uring "$T/daemon.log")"
+
+log "SIGTERM while fio writes over the rings: the daemon stops, the mount goes"
+: >"$T/daemon.log"
+mount_fleece -o uring=on
+fio --name=load --filename="$MNT/vm.img" --rw=randrw --bs=4k --size=64M --direct=1 --ioengine=libaio \
+    --iodepth=16 --time_based --runtime=30 --output="$T/fio-load.out" >/dev/null 2>&1 &
+BG_PIDS+=($!)
+sleep 2
+term_daemon
+[ "$DAEMON_RC" = 0 ] || fail "daemon exit status $DAEMON_RC after SIGTERM"
+grep -q " $MNT fuse" /proc/mounts && fail "the mount is still there after SIGTERM"
+[ -n "$(served_line)" ] || fail "no count of ring requests at stop: the rings did not stop cleanly"
+log "PASS"
