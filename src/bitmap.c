@@ -215,20 +215,30 @@ static void mark_inconsistent_locked(struct bitmap_set *set, const char *why)
 	atomic_store(&set->changed, true);
 }
 
+/* Are the regions of [off, off + len) recorded as written-to already? */
+static bool intent_recorded(struct bitmap_set *set, uint64_t off, uint64_t len)
+{
+	uint64_t first = off >> REGION_BITS, count = ((off + len - 1) >> REGION_BITS) - first + 1;
+	uint64_t nregions = set->intent_cur.nbits;
+
+	if (first >= nregions)
+		return true;
+	count = min_u64(count, nregions - first);
+	for (uint64_t r = first; r < first + count; r++)
+		if (!cbitmap_test(&set->intent_cur, r))
+			return false;
+	return true;
+}
+
 /* Records the regions of [off, off + len) before the write reaches them. */
 static void mark_intent(struct bitmap_set *set, uint64_t off, uint64_t len)
 {
 	uint64_t first = off >> REGION_BITS, count = ((off + len - 1) >> REGION_BITS) - first + 1;
 	uint64_t nregions = set->intent_cur.nbits;
 
-	if (first >= nregions)
+	if (intent_recorded(set, off, len))
 		return;
 	count = min_u64(count, nregions - first);
-	bool all = true;
-	for (uint64_t r = first; r < first + count && all; r++)
-		all = cbitmap_test(&set->intent_cur, r);
-	if (all)
-		return;
 	pthread_mutex_lock(&set->lock);
 	bool any_new = false;
 	for (uint64_t r = first; r < first + count; r++) {
@@ -249,7 +259,11 @@ static void mark_intent(struct bitmap_set *set, uint64_t off, uint64_t len)
 	pthread_mutex_unlock(&set->lock);
 }
 
-static int set_before_write(struct image_hook *hook, uint64_t off, uint64_t len)
+/* nowait: for the io_uring fast path, which must not sleep: -EAGAIN, with
+ * nothing marked, where the write would wait (a region's first write, whose
+ * intent record is written and synced first; a write past a bitmap's end,
+ * which takes the lock). */
+static int mark_write(struct image_hook *hook, uint64_t off, uint64_t len, bool nowait)
 {
 	struct bitmap_set *set = (struct bitmap_set *)((char *)hook - offsetof(struct bitmap_set, hook));
 
@@ -264,6 +278,15 @@ static int set_before_write(struct image_hook *hook, uint64_t off, uint64_t len)
 			break;
 		atomic_fetch_sub(&set->active[e], 1);
 		e = now;
+	}
+	if (nowait) {
+		bool waits = !intent_recorded(set, off, len);
+		for (struct dirty_bitmap *bm = set->list; bm && !waits; bm = bm->next)
+			waits = atomic_load_explicit(&bm->enabled, memory_order_relaxed) && off + len > bm->size;
+		if (waits) {
+			atomic_fetch_sub(&set->active[e], 1);
+			return -EAGAIN;
+		}
 	}
 	mark_intent(set, off, len);
 	for (struct dirty_bitmap *bm = set->list; bm; bm = bm->next) {
@@ -286,6 +309,16 @@ static int set_before_write(struct image_hook *hook, uint64_t off, uint64_t len)
 		atomic_store(&set->changed, true);
 	atomic_fetch_sub(&set->active[e], 1);
 	return 0;
+}
+
+static int set_before_write(struct image_hook *hook, uint64_t off, uint64_t len)
+{
+	return mark_write(hook, off, len, false);
+}
+
+static int set_before_write_nowait(struct image_hook *hook, uint64_t off, uint64_t len)
+{
+	return mark_write(hook, off, len, true);
 }
 
 /* ---- saving ----------------------------------------------------------------- */
@@ -404,6 +437,7 @@ static struct bitmap_set *new_set(struct image *img, const char *dir)
 	}
 	pthread_mutex_init(&set->lock, NULL);
 	set->hook.before_write = set_before_write;
+	set->hook.before_write_nowait = set_before_write_nowait;
 	set->intent_fd = -1;
 	atomic_init(&set->epoch, 0);
 	atomic_init(&set->changed, false);

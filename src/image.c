@@ -411,11 +411,16 @@ int image_async_begin(struct image *img, unsigned kind, bool write, size_t size,
 {
 	if (!gate_try_enter(&img->gate))
 		return -1;
-	/* Hooks change only with the gate closed: none now means none until
-	 * image_async_end. */
-	if (write && img->nhooks != 0) {
-		gate_exit(&img->gate);
-		return -1;
+	/* Hooks change only with the gate closed: these are the hooks until
+	 * image_async_end. One that may not take the write without sleeping
+	 * sends it the slow way; those before it marked it already, which
+	 * their before_write_nowait allows. */
+	for (unsigned i = 0; write && i < img->nhooks; i++) {
+		struct image_hook *h = img->hooks[i];
+		if (!h->before_write_nowait || h->after_write || h->before_write_nowait(h, off, size) < 0) {
+			gate_exit(&img->gate);
+			return -1;
+		}
 	}
 	note_guest_request(img);
 	return fd_of(img, direct_fits(kind, size, off) ? kind : buffered(kind));

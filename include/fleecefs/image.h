@@ -69,6 +69,11 @@ struct image_hook {
 	 * written or -errno; `buf` the data written (NULL for fallocate and
 	 * refused writes). NULL: not needed. */
 	void (*after_write)(struct image_hook *hook, uint64_t off, uint64_t len, const void *buf, int64_t result);
+	/* before_write for a caller that must not sleep (image_async_begin):
+	 * 0 done, -EAGAIN where it would wait (the write then goes through
+	 * before_write). Only for hooks without after_write whose work may be
+	 * done more than once for a write. NULL: such writes always wait. */
+	int (*before_write_nowait)(struct image_hook *hook, uint64_t off, uint64_t len);
 };
 
 struct image_backend;
@@ -105,10 +110,11 @@ bool image_readable(const struct image *img);
 int image_open_kind(struct image *img, unsigned kind);
 ssize_t image_read(struct image *img, unsigned kind, void *buf, size_t size, uint64_t off);
 /* Asynchronous guest I/O (the io_uring transport, uring.h): for a read, or a
- * write no hook needs to see, enters the gate without sleeping and returns
- * the descriptor to do it on (O_DIRECT when the request is aligned for it);
- * the caller does the I/O and then calls image_async_end. -1 with nothing
- * held when the gate is closed or hooks are attached: use image_read/write. */
+ * write whose hooks all took it without sleeping (before_write_nowait),
+ * enters the gate without sleeping and returns the descriptor to do it on
+ * (O_DIRECT when the request is aligned for it); the caller does the I/O and
+ * then calls image_async_end. -1 with nothing held when the gate is closed
+ * or a hook would wait: use image_read/write. */
 int image_async_begin(struct image *img, unsigned kind, bool write, size_t size, uint64_t off);
 void image_async_end(struct image *img);
 /* The file's current content into any buffer, buffered, outside the gate

@@ -2,7 +2,8 @@
 # FUSE over io_uring (-o uring=): the rings really carry the guest's requests
 # (the daemon's own count at stop), every byte fio writes reads back through
 # them (O_DIRECT aligned, O_DIRECT unaligned, buffered), a backup started while
-# fio writes over the rings is the image at T, uring=off leaves the rings
+# fio writes over the rings is the image at T, writes under a dirty bitmap
+# stay on the fast path and are all in the bitmap, uring=off leaves the rings
 # alone, bad values are refused, and SIGTERM under load stops the daemon.
 # Needs the fuse module's enable_uring (tests/run-all.sh turns it on).
 . "$TESTS_DIR/lib.sh"
@@ -53,6 +54,23 @@ read -r served fast < <(sed -n 's/.*: \([0-9]*\) requests served, \([0-9]*\) of 
 [ "$served" -gt 30000 ] || fail "only $served requests came over the rings: $line"
 [ "$fast" -gt 20000 ] || fail "only $fast requests took the fast path: $line"
 [ "$fast" -lt "$served" ] || fail "every request took the fast path, even those a job or the namespace needs: $line"
+
+log "with a dirty bitmap, writes keep the fast path and every one is in the bitmap"
+: >"$T/daemon.log"
+mount_fleece -o uring=on
+ctl "bitmap add vm.img b1" >/dev/null || fail "bitmap add"
+want_eq "a new bitmap" "$(dirty vm.img b1)" 0
+# 2048 writes of 4 KiB over the first 8 MiB, then one at each further 8 MiB.
+fio --name=bm --filename="$MNT/vm.img" --rw=write --bs=4k --size=8M --direct=1 --ioengine=libaio \
+    --iodepth=16 --output="$T/fio-bm.out" >/dev/null 2>&1 || fail "fio with a bitmap: $(tail -3 "$T/fio-bm.out")"
+for i in 1 2 3 4 5 6 7; do
+	dd if=/dev/urandom of="$MNT/vm.img" bs=4k count=1 seek=$((i * 2048)) oflag=direct conv=notrunc status=none
+done
+want_eq "dirty bytes" "$(dirty vm.img b1)" $(((8 << 20) + 7 * 65536))
+unmount_fleece
+read -r served fast < <(served_line | sed -n 's/.*: \([0-9]*\) requests served, \([0-9]*\) of them.*/\1 \2/p')
+# Only a region's first write waits for its intent record (the slow way).
+[ "${fast:-0}" -gt 1900 ] || fail "with a bitmap only ${fast:-0} of $served requests took the fast path"
 
 log "uring=off: no ring"
 : >"$T/daemon.log"

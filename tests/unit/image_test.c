@@ -251,3 +251,64 @@ Test(image, busy_while_a_job_runs)
 	image_namespace_unlock();
 	image_put(img);
 }
+
+static int nowait_calls, nowait_result;
+static int rec_nowait(struct image_hook *h, uint64_t off, uint64_t len)
+{
+	(void)h;
+	(void)off;
+	(void)len;
+	nowait_calls++;
+	return nowait_result;
+}
+
+/* The io_uring fast path: a descriptor with the gate entered, or -1 with
+ * nothing held, never a sleep. */
+Test(image, async_begin_takes_only_what_needs_no_wait)
+{
+	struct image *img = open_image(path_a);
+	unsigned rw = image_io_kind(O_RDWR);
+	struct recorder slow = { .hook = { rec_before, NULL } };
+	struct recorder quick = { .hook = { rec_before, NULL, rec_nowait } };
+
+	cr_assert_eq(image_open_kind(img, rw), 0);
+	int fd = image_async_begin(img, rw, true, 4096, 0);
+	cr_assert_geq(fd, 0, "no hooks: a write goes the fast way");
+	cr_assert_eq(atomic_load(&img->gate.inside), 1, "with the gate entered");
+	image_async_end(img);
+	cr_assert_eq(atomic_load(&img->gate.inside), 0);
+
+	/* A hook that may sleep (copy-before-write) takes every write. */
+	gate_close(&img->gate);
+	cr_assert_eq(image_attach_locked(img, &slow.hook, false), 0);
+	gate_open(&img->gate);
+	cr_assert_eq(image_async_begin(img, rw, true, 4096, 0), -1);
+	cr_assert_eq(atomic_load(&img->gate.inside), 0, "a refusal holds nothing");
+	fd = image_async_begin(img, rw, false, 4096, 0);
+	cr_assert_geq(fd, 0, "reads need no hook");
+	image_async_end(img);
+	image_detach(img, &slow.hook);
+
+	/* A hook that can take it without sleeping (a dirty bitmap) does. */
+	gate_close(&img->gate);
+	cr_assert_eq(image_attach_locked(img, &quick.hook, true), 0);
+	gate_open(&img->gate);
+	nowait_calls = 0, nowait_result = 0;
+	fd = image_async_begin(img, rw, true, 4096, 8192);
+	cr_assert_geq(fd, 0);
+	cr_assert_eq(nowait_calls, 1);
+	cr_assert_eq(quick.before_calls, 0, "not the sleeping variant");
+	image_async_end(img);
+	nowait_result = -EAGAIN;
+	cr_assert_eq(image_async_begin(img, rw, true, 4096, 8192), -1, "it would wait: the slow way");
+	cr_assert_eq(atomic_load(&img->gate.inside), 0);
+
+	/* A closed gate: no sleep, no entry. */
+	nowait_result = 0;
+	gate_close(&img->gate);
+	cr_assert_eq(image_async_begin(img, rw, false, 4096, 0), -1);
+	cr_assert_eq(atomic_load(&img->gate.inside), 0);
+	gate_open(&img->gate);
+	image_detach(img, &quick.hook);
+	image_put(img);
+}
