@@ -113,6 +113,20 @@ static int wait_queued(struct backup *b, uint64_t off, uint64_t len)
 	return -EIO;
 }
 
+/* For the io_uring fast path, which must not sleep: 0 where the write needs
+ * nothing of this job (the clusters' old data is saved, and nothing waits
+ * for the target), else -EAGAIN and the write goes through
+ * backup_before_write. Pending bits only ever clear during a job, so a clear
+ * one stays clear. */
+static int backup_before_write_nowait(struct image_hook *hook, uint64_t off, uint64_t len)
+{
+	struct backup *b = (struct backup *)((char *)hook - offsetof(struct backup, hook));
+
+	if (atomic_load(&b->broken))
+		return 0;
+	return b->bc.cbw_write_through || blockcopy_needs_copy(&b->bc, off, len) ? -EAGAIN : 0;
+}
+
 static int backup_before_write(struct image_hook *hook, uint64_t off, uint64_t len)
 {
 	struct backup *b = (struct backup *)((char *)hook - offsetof(struct backup, hook));
@@ -821,6 +835,7 @@ int backup_stage(const struct backup_params *p, struct job **out, char *err, siz
 		return rc;
 	}
 	b->hook.before_write = backup_before_write;
+	b->hook.before_write_nowait = backup_before_write_nowait;
 	b->sync = cmd->sync;
 	b->format = p->target->format;
 	b->source_format = p->source_format;

@@ -46,20 +46,32 @@ void snapstore_break(struct snapstore *s, const char *reason)
 
 /* ---- the guest write path ----------------------------------------------- */
 
+/* A write at or past the end of T's image leaves T's bytes alone but may
+ * allocate the block that holds T's end: the last cluster is saved so that
+ * the view's holes stay those of T. Does [*off, *off + *len) need a copy? */
+static bool store_needs_copy(struct snapstore *s, uint64_t *off, uint64_t *len)
+{
+	if (*off >= s->size && s->size) {
+		*off = s->size - 1;
+		*len = 1;
+	}
+	return blockcopy_needs_copy(&s->bc, *off, *len) && !atomic_load(&s->broken);
+}
+
+/* For the io_uring fast path, which must not sleep: 0 where the store needs
+ * nothing of the write, else -EAGAIN (snapstore_before_write then copies). */
+static int snapstore_before_write_nowait(struct image_hook *hook, uint64_t off, uint64_t len)
+{
+	return store_needs_copy(of_hook(hook), &off, &len) ? -EAGAIN : 0;
+}
+
 static int snapstore_before_write(struct image_hook *hook, uint64_t off, uint64_t len)
 {
 	struct snapstore *s = of_hook(hook);
 	struct blockcopy_error e;
 	char reason[160];
 
-	/* A write at or past the end of T's image leaves T's bytes alone but
-	 * may allocate the block that holds T's end: the last cluster is saved
-	 * so that the view's holes stay those of T. */
-	if (off >= s->size && s->size) {
-		off = s->size - 1;
-		len = 1;
-	}
-	if (!blockcopy_needs_copy(&s->bc, off, len) || atomic_load(&s->broken))
+	if (!store_needs_copy(s, &off, &len))
 		return 0;
 	uint64_t start = clock_monotonic_ns();
 	int rc = blockcopy_before_write(&s->bc, off, len, 0, &e);
@@ -268,6 +280,7 @@ int snapstore_open(struct snapstore *s, struct image *image, const char *store_p
 	memset(s, 0, sizeof(*s));
 	s->store_read_fd = -1;
 	s->hook.before_write = snapstore_before_write;
+	s->hook.before_write_nowait = snapstore_before_write_nowait;
 	s->source.ops = &view_source_ops;
 	s->max_store = max_store;
 	s->store_used = store_used;

@@ -3,7 +3,8 @@
 # (the daemon's own count at stop), every byte fio writes reads back through
 # them (O_DIRECT aligned, O_DIRECT unaligned, buffered), a backup started while
 # fio writes over the rings is the image at T, writes under a dirty bitmap
-# stay on the fast path and are all in the bitmap, uring=off leaves the rings
+# stay on the fast path and are all in the bitmap, so do writes to clusters a
+# snapshot saved already (and its view stays T), uring=off leaves the rings
 # alone, bad values are refused, and SIGTERM under load stops the daemon.
 # Needs the fuse module's enable_uring (tests/run-all.sh turns it on).
 . "$TESTS_DIR/lib.sh"
@@ -71,6 +72,21 @@ unmount_fleece
 read -r served fast < <(served_line | sed -n 's/.*: \([0-9]*\) requests served, \([0-9]*\) of them.*/\1 \2/p')
 # Only a region's first write waits for its intent record (the slow way).
 [ "${fast:-0}" -gt 1900 ] || fail "with a bitmap only ${fast:-0} of $served requests took the fast path"
+
+log "under a snapshot, writes to clusters it saved already keep the fast path; the view stays T"
+: >"$T/daemon.log"
+mount_fleece -o uring=on
+cp "$SRC/vm.img" "$T/at-T"
+out=$(ctl "snapshot s1 vm.img") || fail "snapshot refused: $out"
+# 16 writes of 4 KiB to each of 128 clusters, one at a time: the first of
+# each copies (at a deeper queue, the others would wait for that copy).
+fio --name=snap --filename="$MNT/vm.img" --rw=write --bs=4k --size=8M --direct=1 --ioengine=libaio \
+    --iodepth=1 --output="$T/fio-snap.out" >/dev/null 2>&1 || fail "fio under a snapshot: $(tail -3 "$T/fio-snap.out")"
+cmp "$T/at-T" "$MNT/.fleece/snapshots/s1/vm.img" || fail "the snapshot view is not the image at T"
+cmp -s "$T/at-T" "$MNT/vm.img" && fail "fio changed nothing"
+unmount_fleece
+read -r served fast < <(served_line | sed -n 's/.*: \([0-9]*\) requests served, \([0-9]*\) of them.*/\1 \2/p')
+[ "${fast:-0}" -gt 1700 ] || fail "under a snapshot only ${fast:-0} of $served requests took the fast path"
 
 log "uring=off: no ring"
 : >"$T/daemon.log"
