@@ -45,9 +45,9 @@ CANCEL_BACKUP_CMD='s=$MNT/.fleece/jobs/$JOB_ID/status; [ -e "$s" ] || exit 0; ec
 python3 "$here/compare.py" "$WORK/results/qsd-$stamp" "$WORK/results/fleecefs-$stamp" | tee "$WORK/results/compare-$stamp.md"
 
 # ISSUE15=1 adds the rows of issue 15 to the same run, each script printing
-# its own table into the same markdown file (about 25 minutes more).
+# its own table into the same markdown file (about 30 minutes more).
 if [ "${ISSUE15:-0}" = 1 ]; then
-	for b in backup-load reflink scale; do
+	for b in backup-load reflink scale transport; do
 		echo "== $b" >&2
 		WORK=$WORK/$b "$here/$b.sh" | tee -a "$WORK/results/compare-$stamp.md"
 	done
