@@ -287,8 +287,12 @@ static int mark_write(struct image_hook *hook, uint64_t off, uint64_t len, bool 
 			atomic_fetch_sub(&set->active[e], 1);
 			return -EAGAIN;
 		}
+		/* Recorded, and not to be looked at again: a save that clears the
+		 * record now moved it into the old one first, and waits for this
+		 * write of its epoch to mark its bits. */
+	} else {
+		mark_intent(set, off, len);
 	}
-	mark_intent(set, off, len);
 	for (struct dirty_bitmap *bm = set->list; bm; bm = bm->next) {
 		if (!atomic_load_explicit(&bm->enabled, memory_order_relaxed))
 			continue;

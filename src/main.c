@@ -488,6 +488,9 @@ static int serve(struct fuse_session *se, const struct fuse_cmdline_opts *cli, u
  * durable, the mount goes. The exit status. */
 static int stop_serving(struct fuse_session *se, const struct fleece_daemon *d, int loop_rc)
 {
+	/* Nothing more is served, over /dev/fuse or the rings, before the jobs
+	 * end and the bitmaps are saved. */
+	uring_quiesce();
 	log_info("stopping: cancelling jobs");
 	job_cancel_all_and_wait();
 	/* After the jobs: they hand their bitmaps back first. */

@@ -47,6 +47,7 @@ int uring_install(struct fuse_session *se, enum uring_mode mode, unsigned max_wo
 }
 
 void uring_stop(void) {}
+void uring_quiesce(void) {}
 
 void uring_counts(unsigned long long *served, unsigned long long *fast)
 {
@@ -103,6 +104,7 @@ struct fuse_uring_cmd_req {
  * the start of it. */
 #define PAYLOAD_OFFSET 4096
 #define MAX_WORKERS_DEFAULT 64
+#define MIN_WORKERS 4
 
 /* What a completion is for, in the low bits of its user_data. */
 enum { TAG_FUSE = 0, TAG_IO = 1, TAG_WAKE = 2, TAG_MASK = 3 };
@@ -139,6 +141,9 @@ struct ring_queue {
 	_Atomic(struct ring_entry *) done;
 	unsigned live;          /* entries not ended by the kernel */
 	unsigned fast_inflight; /* io_uring reads and writes of images */
+	bool submit_failed;     /* logged once */
+	/* Set by its thread once quiescing and no fast I/O is in flight. */
+	atomic_bool quiet;
 	atomic_ullong served, fast;
 };
 
@@ -153,6 +158,9 @@ static struct {
 	_Atomic uint64_t init_unique; /* the INIT request, until its reply */
 	atomic_bool offered;          /* the kernel offered FUSE_OVER_IO_URING */
 	atomic_bool started;          /* queues exist: replies may be theirs */
+	/* The /dev/fuse loop ended: requests that arrive now are held, never
+	 * served (as /dev/fuse leaves them unread), until the mount goes. */
+	atomic_bool quiescing;
 	atomic_bool stopping;
 	/* Start-up (start_lock): every queue sets itself up on its own thread
 	 * (an io_uring is best used by the task that made it), then all
@@ -168,7 +176,7 @@ static struct {
 	struct ring_entry *work_head, *work_tail;
 	unsigned queued, idle;
 	pthread_t *workers;
-	unsigned nworkers;
+	unsigned nworkers, starting;
 	bool pool_stop;
 } T = {
 	.dev_fd = -1,
@@ -283,6 +291,19 @@ static void reply_error_now(struct ring_queue *q, struct ring_entry *ent, int er
 
 static void *worker_main(void *arg);
 
+/* One more worker (T.starting counted it in); false if it could not start. */
+static bool add_worker(void)
+{
+	pthread_t tid;
+	bool ok = pthread_create(&tid, NULL, worker_main, NULL) == 0;
+	pthread_mutex_lock(&T.pool_lock);
+	T.starting--;
+	if (ok)
+		T.workers[T.nworkers++] = tid;
+	pthread_mutex_unlock(&T.pool_lock);
+	return ok;
+}
+
 /* Hands the request to a worker, with its headers put back in front of the
  * payload the way libfuse parses a request read from /dev/fuse. */
 static void to_worker(struct ring_queue *q, struct ring_entry *ent)
@@ -312,12 +333,15 @@ static void to_worker(struct ring_queue *q, struct ring_entry *ent)
 		T.work_head = ent;
 	T.work_tail = ent;
 	T.queued++;
-	if (T.queued > T.idle && T.nworkers < T.max_workers &&
-	    pthread_create(&T.workers[T.nworkers], NULL, worker_main, NULL) == 0)
-		T.nworkers++;
-	else
-		pthread_cond_signal(&T.pool_cond);
+	/* All busy: one more (outside the lock; the ones there are serve
+	 * meanwhile, start_queues made the first). */
+	bool grow = T.queued > T.idle && T.nworkers + T.starting < T.max_workers;
+	if (grow)
+		T.starting++;
+	pthread_cond_signal(&T.pool_cond);
 	pthread_mutex_unlock(&T.pool_lock);
+	if (grow)
+		add_worker();
 }
 
 /* A guest read or write that no job needs to see: straight between the
@@ -367,6 +391,8 @@ static void on_request(struct ring_queue *q, struct ring_entry *ent)
 	const struct fuse_in_header *in = (const struct fuse_in_header *)(const void *)ent->hdr->in_out;
 
 	atomic_store_explicit(&ent->commit_id, ent->hdr->ring_ent_in_out.commit_id, memory_order_relaxed);
+	if (atomic_load_explicit(&T.quiescing, memory_order_relaxed))
+		return; /* held: the kernel ends it when the rings close */
 	atomic_fetch_add_explicit(&q->served, 1, memory_order_relaxed);
 	if ((in->opcode == FUSE_WRITE || in->opcode == FUSE_READ) && try_fast(q, ent, in))
 		return;
@@ -460,8 +486,14 @@ static void *queue_main(void *arg)
 		int rc = io_uring_submit_and_wait(&q->ring, 1);
 		KERNEL_ACQUIRE();
 		if (rc < 0 && rc != -EINTR && rc != -EAGAIN && rc != -EBUSY) {
-			log_error("io_uring queue %u: %s", q->qid, error_text(-rc));
-			break;
+			if (!q->submit_failed)
+				log_error("io_uring queue %u: %s", q->qid, error_text(-rc));
+			q->submit_failed = true;
+			/* Gates stay entered until their I/O completes: collect it
+			 * before leaving. */
+			if (q->fast_inflight == 0 && (q->live == 0 || atomic_load(&T.stopping)))
+				break;
+			sleep_until_ns(clock_monotonic_ns() + 1000000);
 		}
 		struct io_uring_cqe *cqe;
 		unsigned head, seen = 0;
@@ -485,10 +517,13 @@ static void *queue_main(void *arg)
 		}
 		io_uring_cq_advance(&q->ring, seen);
 		take_replies(q);
+		if (q->fast_inflight == 0 && atomic_load_explicit(&T.quiescing, memory_order_relaxed))
+			atomic_store(&q->quiet, true);
 		if (q->fast_inflight == 0 && (q->live == 0 || atomic_load(&T.stopping)))
 			break;
 	}
 	io_uring_submit(&q->ring);
+	atomic_store(&q->quiet, true);
 	return NULL;
 }
 
@@ -606,7 +641,8 @@ static ssize_t reply_init(int fd, struct iovec *iov, int count)
 	init.flags |= FUSE_INIT_EXT;
 	init.flags2 |= (uint32_t)(FUSE_OVER_IO_URING >> 32);
 	size_t pages = (init.flags & FUSE_MAX_PAGES) ? init.max_pages : 32;
-	size_t need = pages * 4096;
+	long page = sysconf(_SC_PAGESIZE);
+	size_t need = pages * (size_t)(page > 0 ? page : 4096);
 	if (need < init.max_write)
 		need = init.max_write;
 	if (need < 8192)
@@ -759,6 +795,14 @@ static void start_queues(void)
 		T.queues[i].wake_fd = -1;
 	}
 	T.nqueues = n;
+	/* The first workers, so that a request is never left without one (more
+	 * start when all are busy). */
+	for (unsigned i = 0; i < MIN_WORKERS && i < T.max_workers; i++) {
+		pthread_mutex_lock(&T.pool_lock);
+		T.starting++;
+		pthread_mutex_unlock(&T.pool_lock);
+		add_worker();
+	}
 	for (; made < n; made++) {
 		if (pthread_create(&T.queues[made].thread, NULL, queue_main, &T.queues[made]) != 0)
 			break;
@@ -767,7 +811,7 @@ static void start_queues(void)
 	pthread_mutex_lock(&T.start_lock);
 	while (T.set_up < made)
 		pthread_cond_wait(&T.start_cond, &T.start_lock);
-	int rc = made < n ? -EAGAIN : T.setup_error;
+	int rc = made < n || !T.nworkers ? -EAGAIN : T.setup_error;
 	/* Repliers may look for their entry as soon as one is registered. */
 	if (!rc)
 		atomic_store_explicit(&T.started, true, memory_order_release);
@@ -808,6 +852,23 @@ int uring_install(struct fuse_session *se, enum uring_mode mode, unsigned max_wo
 	if (rc < 0)
 		log_error("uring: libfuse refused the custom I/O: %s", error_text(-rc));
 	return rc;
+}
+
+void uring_quiesce(void)
+{
+	if (!atomic_load(&T.started))
+		return;
+	atomic_store(&T.quiescing, true);
+	for (unsigned qi = 0; qi < T.nqueues; qi++) {
+		uint64_t one = 1;
+		if (T.queues[qi].thread_made && write(T.queues[qi].wake_fd, &one, sizeof(one)) < 0)
+			log_warn("io_uring queue %u: cannot wake it: %s", qi, error_text(errno));
+	}
+	/* Reads and writes in flight end within their I/O's time. */
+	uint64_t deadline = clock_monotonic_ns() + 10000000000ull;
+	for (unsigned qi = 0; qi < T.nqueues; qi++)
+		while (T.queues[qi].thread_made && !atomic_load(&T.queues[qi].quiet) && clock_monotonic_ns() < deadline)
+			sleep_until_ns(clock_monotonic_ns() + 1000000);
 }
 
 void uring_stop(void)

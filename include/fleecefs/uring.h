@@ -46,6 +46,10 @@ const char *uring_unavailable(void);
 /* After fuse_session_mount, before the loop; `max_workers` bounds the
  * threads that serve what the fast path does not. */
 int uring_install(struct fuse_session *se, enum uring_mode mode, unsigned max_workers);
+/* When the /dev/fuse loop has ended (a signal, or the unmount): the rings
+ * serve no request that arrives from now on, and the reads and writes they
+ * have in flight are done when it returns. */
+void uring_quiesce(void);
 /* After the mount is gone: stops the queues and the workers. */
 void uring_stop(void);
 /* Requests the rings served so far, and of those the fast path. */
