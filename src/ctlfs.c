@@ -90,6 +90,7 @@ static pthread_mutex_t open_files_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct list_head open_files;
 
 static void free_file(struct ctl_file *f);
+static void free_open_dirs(void);
 
 static void track_open(struct ctl_file *f, bool open)
 {
@@ -802,6 +803,7 @@ void ctlfs_teardown(void)
 {
 	while (open_files.first)
 		free_file(list_entry(open_files.first, struct ctl_file, open_link));
+	free_open_dirs();
 }
 
 void ctlfs_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence, struct fuse_file_info *fi)
@@ -848,7 +850,28 @@ struct dir_listing {
 	struct strbuf names;       /* NUL-separated */
 	fuse_ino_t *inos;
 	unsigned n, cap;
+	/* In open_dirs, so that those still open when the daemon stops (no
+	 * RELEASEDIR will come) are freed: open_files_lock. */
+	struct list_node open_link;
 };
+
+static struct list_head open_dirs;
+
+static void free_listing(struct dir_listing *l)
+{
+	strbuf_free(&l->names);
+	free(l->inos);
+	free(l);
+}
+
+static void free_open_dirs(void)
+{
+	while (open_dirs.first) {
+		struct dir_listing *l = list_entry(open_dirs.first, struct dir_listing, open_link);
+		list_remove(&open_dirs, &l->open_link);
+		free_listing(l);
+	}
+}
 
 static void listing_add(struct dir_listing *l, const char *name, fuse_ino_t ino)
 {
@@ -949,7 +972,15 @@ void ctlfs_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 	}
 	fi->fh = (uintptr_t)l;
 	fi->cache_readdir = 0;
-	fuse_reply_open(req, fi);
+	pthread_mutex_lock(&open_files_lock);
+	list_push(&open_dirs, &l->open_link);
+	pthread_mutex_unlock(&open_files_lock);
+	if (fuse_reply_open(req, fi) != 0) {
+		pthread_mutex_lock(&open_files_lock);
+		list_remove(&open_dirs, &l->open_link);
+		pthread_mutex_unlock(&open_files_lock);
+		free_listing(l);
+	}
 }
 
 void ctlfs_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
@@ -984,9 +1015,10 @@ void ctlfs_releasedir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 	struct dir_listing *l = (struct dir_listing *)(uintptr_t)fi->fh;
 
 	(void)ino;
-	strbuf_free(&l->names);
-	free(l->inos);
-	free(l);
+	pthread_mutex_lock(&open_files_lock);
+	list_remove(&open_dirs, &l->open_link);
+	pthread_mutex_unlock(&open_files_lock);
+	free_listing(l);
 	fuse_reply_err(req, 0);
 }
 
