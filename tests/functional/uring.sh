@@ -15,6 +15,16 @@ param=/sys/module/fuse/parameters/enable_uring
 grep -q '^[Y1]' "$param" || fail "$param is off: tests/run-all.sh turns it on (echo Y > $param)"
 
 served_line() { grep 'FUSE over io_uring: [0-9]* requests served' "$T/daemon.log" | tail -n 1; }
+# ring_counts: the daemon's count at its last stop into $served and $fast.
+ring_counts() {
+	read -r served fast < <(served_line | sed -n 's/.*: \([0-9]*\) requests served, \([0-9]*\) of them.*/\1 \2/p') || true
+	served=${served:-0} fast=${fast:-0}
+}
+# seq_writes NAME QD: 2048 writes of 4 KiB over the first 8 MiB, O_DIRECT.
+seq_writes() {
+	fio --name="$1" --filename="$MNT/vm.img" --rw=write --bs=4k --size=8M --direct=1 --ioengine=libaio \
+	    --iodepth="$2" --output="$T/fio-$1.out" >/dev/null 2>&1 || fail "fio $1: $(tail -3 "$T/fio-$1.out")"
+}
 
 random_image "$SRC/vm.img" 64M
 
@@ -51,7 +61,7 @@ unmount_fleece
 [ "$DAEMON_RC" = 0 ] || fail "daemon exit status $DAEMON_RC"
 line=$(served_line)
 [ -n "$line" ] || fail "no count of ring requests at stop"
-read -r served fast < <(sed -n 's/.*: \([0-9]*\) requests served, \([0-9]*\) of them.*/\1 \2/p' <<<"$line")
+ring_counts
 # fio's aligned phases alone are over 30000 reads and writes of the image.
 [ "$served" -gt 30000 ] || fail "only $served requests came over the rings: $line"
 [ "$fast" -gt 20000 ] || fail "only $fast requests took the fast path: $line"
@@ -62,17 +72,16 @@ log "with a dirty bitmap, writes keep the fast path and every one is in the bitm
 mount_fleece -o uring=on
 ctl "bitmap add vm.img b1" >/dev/null || fail "bitmap add"
 want_eq "a new bitmap" "$(dirty vm.img b1)" 0
-# 2048 writes of 4 KiB over the first 8 MiB, then one at each further 8 MiB.
-fio --name=bm --filename="$MNT/vm.img" --rw=write --bs=4k --size=8M --direct=1 --ioengine=libaio \
-    --iodepth=16 --output="$T/fio-bm.out" >/dev/null 2>&1 || fail "fio with a bitmap: $(tail -3 "$T/fio-bm.out")"
+# The first 8 MiB, then one write at each further 8 MiB.
+seq_writes bitmap 16
 for i in 1 2 3 4 5 6 7; do
 	dd if=/dev/urandom of="$MNT/vm.img" bs=4k count=1 seek=$((i * 2048)) oflag=direct conv=notrunc status=none
 done
 want_eq "dirty bytes" "$(dirty vm.img b1)" $(((8 << 20) + 7 * 65536))
 unmount_fleece
-read -r served fast < <(served_line | sed -n 's/.*: \([0-9]*\) requests served, \([0-9]*\) of them.*/\1 \2/p')
+ring_counts
 # Only a region's first write waits for its intent record (the slow way).
-[ "${fast:-0}" -gt 1900 ] || fail "with a bitmap only ${fast:-0} of $served requests took the fast path"
+[ "$fast" -gt 1900 ] || fail "with a bitmap only $fast of $served requests took the fast path"
 
 log "under a snapshot, writes to clusters it saved already keep the fast path; the view stays T"
 : >"$T/daemon.log"
@@ -81,13 +90,12 @@ cp "$SRC/vm.img" "$T/at-T"
 out=$(ctl "snapshot s1 vm.img") || fail "snapshot refused: $out"
 # 16 writes of 4 KiB to each of 128 clusters, one at a time: the first of
 # each copies (at a deeper queue, the others would wait for that copy).
-fio --name=snap --filename="$MNT/vm.img" --rw=write --bs=4k --size=8M --direct=1 --ioengine=libaio \
-    --iodepth=1 --output="$T/fio-snap.out" >/dev/null 2>&1 || fail "fio under a snapshot: $(tail -3 "$T/fio-snap.out")"
+seq_writes snapshot 1
 cmp "$T/at-T" "$MNT/.fleece/snapshots/s1/vm.img" || fail "the snapshot view is not the image at T"
 cmp -s "$T/at-T" "$MNT/vm.img" && fail "fio changed nothing"
 unmount_fleece
-read -r served fast < <(served_line | sed -n 's/.*: \([0-9]*\) requests served, \([0-9]*\) of them.*/\1 \2/p')
-[ "${fast:-0}" -gt 1700 ] || fail "under a snapshot only ${fast:-0} of $served requests took the fast path"
+ring_counts
+[ "$fast" -gt 1700 ] || fail "under a snapshot only $fast of $served requests took the fast path"
 
 log "uring=off: no ring"
 : >"$T/daemon.log"
