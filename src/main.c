@@ -103,8 +103,8 @@ static void usage(const char *prog)
 	       "    -o cluster_size=SIZE   copy granularity, power of two 4K..16M (default 64K)\n"
 	       "    -o threads=N           FUSE worker threads (default %d); copy workers\n"
 	       "                           per job are N/16, between 1 and 4\n"
-	       "    -o uring=auto|on|off   FUSE requests over io_uring (default auto:\n"
-	       "                           where the kernel allows it)\n"
+	       "    -o uring=off|auto|on   FUSE requests over io_uring (default off;\n"
+	       "                           auto: where the kernel allows it)\n"
 	       "    -o OPT[,OPT...]        FUSE mount options (allow_other, ...)\n"
 	       "    -V, --version          print the version\n"
 	       "    -h, --help             print this help\n\n"
@@ -355,7 +355,7 @@ static int apply_settings(struct fleece_daemon *d, const struct options *opts)
 			return die("threads=%s: must be a number from 1 to %d", opts->threads, MAX_THREADS);
 		d->threads = (unsigned)value;
 	}
-	uring_mode = URING_AUTO;
+	uring_mode = URING_OFF;
 	if (opts->uring) {
 		if (uring_parse_mode(opts->uring, &uring_mode) < 0)
 			return die("uring=%s: must be on, off or auto", opts->uring);
