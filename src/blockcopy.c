@@ -303,7 +303,7 @@ static void *writer_thread(void *arg)
 			/* Hand what was written to writeback as we go: dirty pages
 			 * stay bounded, and the final sync finds little to do. */
 			unwritten += item->len;
-			if (unwritten >= BLOCKCOPY_WRITEBACK_EVERY) {
+			if (unwritten >= TARGET_WRITEBACK_ROUND) {
 				unwritten = 0;
 				target_start_writeback(bc->target);
 			}

@@ -39,9 +39,6 @@
 /* complete and cancel-after-ready copy what is dirty with the gate open
  * first, so that the closed gate holds guests only for the last bits. */
 #define CONVERGE_PASSES 8
-/* Start the target's writeback this often (and when caught up), so that the
- * flush at complete finds little to write: its I/O would delay the guest's. */
-#define WRITEBACK_EVERY (64u << 20)
 
 struct mirror {
 	struct job job;
@@ -75,7 +72,9 @@ struct mirror {
 	atomic_uint_fast64_t through_bytes;  /* written through by guests */
 	atomic_uint_fast64_t guest_failures; /* guest writes left dirty by a target error */
 	uint64_t gate_closed_ns;     /* when final_sync closed the gate */
-	uint64_t unflushed;          /* copied since the last writeback start (job thread) */
+	uint64_t unflushed;          /* copied since the last writeback round (job thread); the
+	                              * rounds (and one when caught up) leave the flush at
+	                              * complete little to write */
 };
 
 static const struct job_driver mirror_driver;
@@ -244,13 +243,16 @@ static int64_t copy_run(struct mirror *m, uint64_t c, uint64_t max_bytes, bool t
 		cbitmap_mark_range(&m->dirty, c, count);
 	} else {
 		atomic_fetch_add(&m->bytes_copied, len);
-		if ((m->unflushed += len) >= WRITEBACK_EVERY) {
-			target_start_writeback(m->target);
-			m->unflushed = 0;
-		}
+		m->unflushed += len;
 	}
 	if (blocking)
 		unclaim(m, c, count);
+	/* After the unclaim: a guest write to the run never waits for the
+	 * round's disk I/O. */
+	if (m->unflushed >= TARGET_WRITEBACK_ROUND) {
+		target_start_writeback(m->target);
+		m->unflushed = 0;
+	}
 	if (throttled)
 		job_charge(&m->job, len, read_bytes);
 	if (rc && !copy_failed(m, target_side, -rc, off))

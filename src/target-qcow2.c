@@ -262,7 +262,7 @@ static int q2_write_zeroes(struct target *t, uint64_t off, uint64_t len)
 
 static void q2_start_writeback(struct target *t)
 {
-	posix_fadvise(q2(t)->fd, 0, 0, POSIX_FADV_DONTNEED);
+	target_file_writeback(q2(t)->fd);
 }
 
 static int q2_set_size(struct target *t, uint64_t size, char *err, size_t errlen)

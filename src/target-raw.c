@@ -6,8 +6,8 @@
  *
  * Writes are buffered (one writer thread, see blockcopy.h): on this kind of
  * target, O_DIRECT writes into a sparse file serialize on allocation and
- * were no faster. The copy engine starts writeback as it goes
- * (start_writeback); flush makes everything durable and drops the written
+ * were no faster. The copy engine writes back as it goes, a round at a
+ * time (start_writeback, target.h); flush makes everything durable and drops the written
  * pages from the cache, since nobody reads a fresh backup soon.
  */
 #include "config.h"
@@ -81,10 +81,9 @@ static int raw_discard(struct target *t, uint64_t off, uint64_t len)
 
 static void raw_start_writeback(struct target *t)
 {
-	/* Starts writeback of what is dirty and drops what an earlier round
-	 * already wrote: a backup does not fill the host's page cache, and
-	 * recycled pages are cheaper than fresh ones on a VM host. */
-	posix_fadvise(raw(t)->fd, 0, 0, POSIX_FADV_DONTNEED);
+	/* A backup does not fill the host's page cache either: recycled pages
+	 * are cheaper than fresh ones on a VM host. */
+	target_file_writeback(raw(t)->fd);
 }
 
 static int zero_range(int fd, uint64_t off, uint64_t len)

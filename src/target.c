@@ -160,6 +160,15 @@ int target_open_recorded(const char *path, dev_t dev, ino_t ino, int *fd, struct
 	return 0;
 }
 
+void target_file_writeback(int fd)
+{
+	/* Errors show in the flush that makes the target durable. */
+	sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WAIT_BEFORE);
+	/* Writes back what is dirty (without waiting) and drops what is clean:
+	 * the round that just finished. */
+	posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+}
+
 int target_rename_file(struct target *t, const char *name, char *err, size_t errlen)
 {
 	if (strcmp(t->path, name) == 0)

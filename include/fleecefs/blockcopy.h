@@ -79,7 +79,6 @@ struct manifest;
  * cluster if clusters are larger. */
 #define BLOCKCOPY_CBW_MAX (1u << 20)
 #define BLOCKCOPY_BUDGET (32u << 20)
-#define BLOCKCOPY_WRITEBACK_EVERY (64u << 20)
 #define BLOCKCOPY_MAX_WRITERS 16
 
 struct writebehind_item;
