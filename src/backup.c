@@ -821,6 +821,32 @@ static int stage_files(struct backup *b, const struct backup_params *p, const st
 	return rc;
 }
 
+static int init_engine(struct backup *b, const struct ctl_backup *cmd, struct copy_source *source, uint64_t size,
+		       char *err, size_t errlen)
+{
+	int rc = blockcopy_init(&b->bc, source, b->target, b->manifest, size, b->copy_unit, &backup_copy_ops, b);
+	if (rc)
+		return set_error(err, errlen, -rc, "backup %s: out of memory for %" PRIu64 " clusters", cmd->image,
+				 div_round_up(size, b->copy_unit));
+	b->bc_ready = true;
+	return 0;
+}
+
+/* Before the gates close: the copy engine for the source and size as they
+ * are now. Its tables grow with the image (16 M clusters for 1 TiB, about
+ * 1 ms to set up), and no guest should wait for them. Nothing uses it
+ * before T: the job is not attached and its thread does not run. */
+static int stage_engine(struct backup *b, const struct backup_params *p, char *err, size_t errlen)
+{
+	if (p->cmd->fleecing)
+		return 0;   /* its source, the store, is made at T */
+	if (p->view)
+		return init_engine(b, p->cmd, &p->view->source, p->view->size, err, errlen);
+	int64_t now = image_size(p->image);
+	/* Unreadable now: prepare says so, at T. */
+	return now < 0 ? 0 : init_engine(b, p->cmd, &p->image->source, (uint64_t)now, err, errlen);
+}
+
 int backup_stage(const struct backup_params *p, struct job **out, char *err, size_t errlen)
 {
 	const struct ctl_backup *cmd = p->cmd;
@@ -873,6 +899,8 @@ int backup_stage(const struct backup_params *p, struct job **out, char *err, siz
 	rc = claim_names(b, err, errlen);
 	if (!rc)
 		rc = stage_files(b, p, files, err, errlen);
+	if (!rc)
+		rc = stage_engine(b, p, err, errlen);
 	free(files);
 	if (rc)
 		goto fail;
@@ -934,15 +962,18 @@ static int choose_source(struct backup *b, const struct backup_params *p, uint64
 	return 0;
 }
 
-/* The copy engine for `size` bytes at T, and what it has to copy. */
+/* At T: the copy engine for `size` bytes (the staged one, unless the image
+ * changed size since), and what it has to copy. */
 static int build_engine(struct backup *b, const struct ctl_backup *cmd, uint64_t size, char *err, size_t errlen)
 {
 	int rc;
 
-	if ((rc = blockcopy_init(&b->bc, b->source, b->target, b->manifest, size, b->copy_unit, &backup_copy_ops, b)))
-		return set_error(err, errlen, -rc, "backup %s: out of memory for %" PRIu64 " clusters", cmd->image,
-				 div_round_up(size, b->copy_unit));
-	b->bc_ready = true;
+	if (b->bc_ready && (b->bc.size != size || b->bc.source != b->source)) {
+		blockcopy_destroy(&b->bc);
+		b->bc_ready = false;
+	}
+	if (!b->bc_ready && (rc = init_engine(b, cmd, b->source, size, err, errlen)))
+		return rc;
 	b->bc.cbw_write_through = b->on_cbw_error == CBW_BREAK_GUEST_WRITE;
 	blockcopy_allow_clone(&b->bc, cmd->reflink);
 	if (cmd->sync == SYNC_INCREMENTAL)

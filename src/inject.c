@@ -27,7 +27,7 @@ atomic_bool inject_active;
 static pthread_mutex_t rules_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct rule *rules;     /* in the order given */
 
-static const char *const point_names[] = { "source-read", "target-write", "cbw", "store-write", "truncate", "target-flush" };
+static const char *const point_names[] = { "source-read", "target-write", "cbw", "store-write", "truncate", "target-flush", "start" };
 
 static const struct {
 	const char *name;
@@ -110,7 +110,7 @@ static int parse_rule(char *line, unsigned lineno, struct rule *r, char *err, si
 			point = p;
 	if (point < 0)
 		return set_error(err, errlen, EINVAL,
-				 "line %u: unknown point '%s' (points: source-read, target-write, store-write, cbw, truncate, target-flush)", lineno,
+				 "line %u: unknown point '%s' (points: source-read, target-write, store-write, cbw, truncate, target-flush, start)", lineno,
 				 word);
 	r->point = (enum inject_point)point;
 	while ((word = strtok_r(NULL, " \t\r", &save))) {

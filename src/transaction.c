@@ -17,6 +17,7 @@
 #include "fleecefs/control.h"
 #include "fleecefs/daemon.h"
 #include "fleecefs/image.h"
+#include "fleecefs/inject.h"
 #include "fleecefs/job.h"
 #include "fleecefs/mirror.h"
 #include "fleecefs/pending.h"
@@ -881,6 +882,14 @@ static int stage_all(struct txn_state *s)
 	return rc;
 }
 
+static bool staged_any(const struct txn_state *s)
+{
+	for (unsigned i = 0; i < s->parsed.ncmds; i++)
+		if (s->res[i].prepared)
+			return true;
+	return false;
+}
+
 static int prepare_all(struct txn_state *s)
 {
 	int rc = 0;
@@ -958,6 +967,10 @@ int txn_execute(const struct fleece_daemon *d, const char *text, size_t len, cha
 		rc = check_all(&s);
 	if (!rc && (rc = stage_all(&s)))
 		abandon_prepared(&s);
+	if (!rc && staged_any(&s) && (rc = inject_check(INJECT_START, 0, 1))) {
+		rc = set_error(s.err, sizeof(s.err), -rc, "start: %s (injected)", error_text(-rc));
+		abandon_prepared(&s);
+	}
 	if (!rc) {
 		image_namespace_lock_exclusive();
 		s.gates_closing_ns = clock_monotonic_ns();

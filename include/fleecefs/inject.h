@@ -21,6 +21,9 @@
  *                             before it acts (offset: the new size)
  *               target-flush  a backup making its target durable at its end
  *                             (offset: the whole target)
+ *               start         a command that starts jobs, once their files
+ *                             and copy engines are made, before the gates
+ *                             close for the point in time (offset: 0)
  *   offset=     the rule applies to operations overlapping [START, END)
  *               (sizes with K, M, G, T; END may be omitted: to the end)
  *   once        the first matching operation only (the default)
@@ -46,7 +49,7 @@
 
 enum inject_point {
 	INJECT_SOURCE_READ, INJECT_TARGET_WRITE, INJECT_CBW, INJECT_STORE_WRITE, INJECT_TRUNCATE, INJECT_TARGET_FLUSH,
-	INJECT_POINTS
+	INJECT_START, INJECT_POINTS
 };
 
 extern atomic_bool inject_active;
