@@ -56,7 +56,8 @@ struct backup {
 	struct copy_source *source;
 	struct job *snapshot;           /* reading one of its views; referenced */
 	struct snapstore fleece;        /* fleecing=on: the frozen image */
-	bool fleecing;
+	bool fleece_open;               /* the store made (at stage), not closed yet */
+	bool fleecing;                  /* ... and attached at T: the job's source */
 	bool reflink;                   /* reflink=auto: copies may share blocks */
 	bool in_place;                  /* raw incremental onto an earlier backup */
 	bool from_partial;              /* ... which is a partial one, completed now */
@@ -227,6 +228,15 @@ static void fleece_broke(void *owner, const char *reason)
 {
 	struct backup *b = owner;
 	job_fail(&b->job, "fleecing store: %s", reason);
+}
+
+/* Removes the store (snapstore_close; `gate_closed` as there). */
+static void close_fleece(struct backup *b, bool gate_closed)
+{
+	if (b->fleece_open)
+		snapstore_close(&b->fleece, gate_closed);
+	b->fleece_open = false;
+	b->fleecing = false;
 }
 
 /* ---- the background copy ------------------------------------------------ */
@@ -682,9 +692,7 @@ static void backup_abandon(struct job *job)
 	if (b->attached)
 		image_detach_locked(b->image, &b->hook);
 	b->attached = false;
-	if (b->fleecing)
-		snapstore_close(&b->fleece, true);
-	b->fleecing = false;
+	close_fleece(b, true);
 	if (b->snapshot)
 		snapshot_use(b->snapshot, b->job.id, false);
 	if (b->counted_active)
@@ -838,8 +846,20 @@ static int init_engine(struct backup *b, const struct ctl_backup *cmd, struct co
  * before T: the job is not attached and its thread does not run. */
 static int stage_engine(struct backup *b, const struct backup_params *p, char *err, size_t errlen)
 {
-	if (p->cmd->fleecing)
-		return 0;   /* its source, the store, is made at T */
+	int rc;
+
+	if (p->cmd->fleecing) {
+		/* The store too (a file, and its own engine): attached at T. */
+		char store[4200], msg[300];
+		snprintf(store, sizeof(store), "%s/fleecing", p->state_dir);
+		mkdir(store, 0700);
+		snprintf(store, sizeof(store), "%s/fleecing/%s.%" PRIu64 ".store", p->state_dir, b->job.id, b->job.serial);
+		if ((rc = snapstore_open(&b->fleece, p->image, store, b->copy_unit, p->cmd->max_store, &b->fleece_used,
+					 fleece_broke, b, msg, sizeof(msg))))
+			return set_error(err, errlen, -rc, "backup %s: fleecing store: %s", p->cmd->image, msg);
+		b->fleece_open = true;
+		return init_engine(b, p->cmd, &b->fleece.source, b->fleece.size, err, errlen);
+	}
 	if (p->view)
 		return init_engine(b, p->cmd, &p->view->source, p->view->size, err, errlen);
 	int64_t now = image_size(p->image);
@@ -907,6 +927,7 @@ int backup_stage(const struct backup_params *p, struct job **out, char *err, siz
 	*out = &b->job;
 	return 0;
 fail:
+	close_fleece(b, false);
 	undo_result(b);
 	job_discard(&b->job);
 	return rc;
@@ -932,17 +953,11 @@ static int choose_source(struct backup *b, const struct backup_params *p, uint64
 		return 0;
 	}
 	if (cmd->fleecing) {
-		char store[4200], msg[300];
-		snprintf(store, sizeof(store), "%s/fleecing", p->state_dir);
-		mkdir(store, 0700);
-		snprintf(store, sizeof(store), "%s/fleecing/%s.%" PRIu64 ".store", p->state_dir, b->job.id, b->job.serial);
-		if ((rc = snapstore_open(&b->fleece, p->image, store, b->copy_unit, cmd->max_store, &b->fleece_used,
-					 fleece_broke, b, msg, sizeof(msg))))
+		/* Made at stage; a size change since refuses (EBUSY), and the
+		 * abandon closes the store. */
+		char msg[300];
+		if ((rc = snapstore_attach(&b->fleece, msg, sizeof(msg))))
 			return set_error(err, errlen, -rc, "backup %s: fleecing store: %s", cmd->image, msg);
-		if ((rc = snapstore_attach(&b->fleece, msg, sizeof(msg)))) {
-			snapstore_close(&b->fleece, true);
-			return set_error(err, errlen, -rc, "backup %s: fleecing store: %s", cmd->image, msg);
-		}
 		b->fleecing = true;
 		blockcopy_allow_clone(&b->fleece.bc, cmd->reflink);
 		b->fleece.cbw_wait = &b->job.cbw_wait;
@@ -987,7 +1002,7 @@ int backup_prepare(struct job *job, const struct backup_params *p, char *err, si
 {
 	struct backup *b = to_backup(job);
 	const struct ctl_backup *cmd = p->cmd;
-	uint64_t size;
+	uint64_t size = 0;
 	int rc;
 
 	if ((rc = choose_source(b, p, &size, err, errlen)) || (rc = target_set_size(b->target, size, err, errlen)) ||

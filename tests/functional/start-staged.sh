@@ -35,6 +35,25 @@ soft resize grow 'fd = os.open(A[0], os.O_WRONLY); os.pwrite(fd, os.urandom(1 <<
 log "the image shrinks before the point in time"
 soft resize shrink 'os.truncate(A[0], 3 << 20)'
 
+log "fleecing: the store is made before the point in time too; a size change refuses"
+random_image "$SRC/f.img" $((8 * M))
+inject "start delay=1500"
+ctl "backup f.img $OUT/f.raw fleecing=on id=f" > "$T/f.ctl" 2>&1 &
+starter=$!
+for _ in $(seq 200); do inject_rules | grep -q 'matched=1' && break; sleep 0.01; done
+inject_rules | grep -q 'matched=1' || fail "f: the start never reached the window"
+ls "$SRC/.fleecefs/fleecing/" | grep -q '^f\..*\.store$' || fail "f: no store made before the point in time"
+want_eq "f: the resize" "$(pyerr 'os.truncate(A[0], 9 << 20)' "$MNT/f.img")" OK
+wait "$starter" && fail "f: the backup started on a store of the old size: $(cat "$T/f.ctl")"
+inject clear
+want_match "f: the answer" "$(cat "$T/f.ctl")" "EBUSY|fleecing store: the image's size changed from 8388608 to 9437184 bytes"
+[ ! -e "$MNT/.fleece/jobs/f" ] || fail "a job f exists"
+[ -z "$(ls -A "$SRC/.fleecefs/fleecing/")" ] || fail "stores left: $(ls -A "$SRC/.fleecefs/fleecing/")"
+[ ! -e "$OUT/f.raw" ] && [ -z "$(hidden_files "$OUT")" ] || fail "target files left: $(ls -A "$OUT")"
+# Tried again, it starts, and is the image.
+run_ok f "backup f.img $OUT/f.raw fleecing=on id=f"
+same "f: the backup" "$SRC/f.img" "$OUT/f.raw"
+
 log "an error at the start starts nothing and leaves no file"
 random_image "$SRC/e.img" $((4 * M))
 inject "start errno=EIO"
@@ -42,7 +61,7 @@ out=$(ctl "backup e.img $OUT/e.raw id=e" 2>&1) && fail "the backup started: $out
 want_match "the answer" "$out" "start: .*input/output error.*injected"
 inject clear
 [ ! -e "$MNT/.fleece/jobs/e" ] || fail "a job e exists: $(cat "$MNT/.fleece/jobs/e/status")"
-left=$(ls -A "$OUT" | grep -v -e '^grow\.raw' -e '^shrink\.raw' || true)
+left=$(ls -A "$OUT" | grep -v -e '^grow\.raw' -e '^shrink\.raw' -e '^f\.raw' || true)
 [ -z "$left" ] || fail "files left in the target directory: $left"
 # The same backup starts once the rule is gone.
 run_ok e "backup e.img $OUT/e.raw id=e"
