@@ -42,7 +42,14 @@ PY
 }
 make_image
 pid=
-cleanup() { mountpoint -q "$WORK/mnt" && fusermount3 -u "$WORK/mnt"; [ -n "$pid" ] && wait "$pid" 2>/dev/null; rm -rf "$WORK/out"; }
+# Every step, whatever the one before returned (set +e): a mount kept busy by
+# a guest still running after a failure is not left with its daemon behind.
+cleanup() {
+	set +e
+	mountpoint -q "$WORK/mnt" && ! fusermount3 -u "$WORK/mnt" && [ -n "$pid" ] && kill "$pid"
+	[ -n "$pid" ] && wait "$pid" 2>/dev/null
+	rm -rf "$WORK/out"
+}
 trap cleanup EXIT
 
 mount_fs() { "$FLEECEFS" -f "$@" "$WORK/src" "$WORK/mnt" 2>>"$WORK/daemon.log" & pid=$!

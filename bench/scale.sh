@@ -27,13 +27,20 @@ for t in fio jq qemu-img python3; do command -v $t >/dev/null || { echo "bench: 
 
 mkdir -p "$WORK/src" "$WORK/mnt" "$WORK/out"
 img=$WORK/src/big.img
-pid=
+pid= fio=
+# Also after a failure half way: a guest still writing keeps the mount busy,
+# and a daemon left behind would hold the caller's pipe open.
 cleanup() {
-	mountpoint -q "$WORK/mnt" && fusermount3 -u "$WORK/mnt"
+	set +e   # every step, whatever the one before it returned
+	[ -n "$fio" ] && kill "$fio" 2>/dev/null && wait "$fio" 2>/dev/null
+	mountpoint -q "$WORK/mnt" && ! fusermount3 -u "$WORK/mnt" && [ -n "$pid" ] && kill "$pid"
 	[ -n "$pid" ] && wait "$pid" 2>/dev/null
 	rm -rf "$WORK/out" "$WORK/src/.fleecefs" "$WORK/convert.raw"
 }
 trap cleanup EXIT
+# What an earlier run that was killed may have left.
+rm -rf "$WORK/out" "$WORK/src/.fleecefs"
+mkdir -p "$WORK/out"
 if [ "$(stat -c %s "$img" 2>/dev/null)" != $((1 << 40)) ] || [ "$(cat "$img.pieces" 2>/dev/null)" != "$DATA_PIECES" ]; then
 	rm -f "$img"
 	truncate -s 1T "$img"
@@ -93,7 +100,7 @@ phase() {
 	fio --name=g --filename="$WORK/mnt/big.img" --rw=randwrite --bs=4k --iodepth=1 --ioengine=psync --direct=1 \
 	    --size=1G --runtime=8 --time_based --randrepeat=0 --norandommap \
 	    --write_lat_log="$lat" --log_avg_msec=0 --log_unix_epoch=1 >/dev/null 2>&1 &
-	local fio=$!
+	fio=$!
 	sleep 3
 	reset_hwm
 	t0=$(date +%s.%N); ctl "$start"; t1=$(date +%s.%N)
@@ -111,6 +118,7 @@ phase() {
 	fi
 	echo "${name}_hwm_kib $(hwm)"
 	wait "$fio" 2>/dev/null || true
+	fio=
 	ctl "$stop"
 	echo "${name}_ctl_ms $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", (b - a) * 1000 }')"
 	echo "${name}_files_ms $times"
