@@ -262,7 +262,7 @@ static int q2_write_zeroes(struct target *t, uint64_t off, uint64_t len)
 
 static void q2_start_writeback(struct target *t)
 {
-	target_file_writeback(q2(t)->fd);
+	target_file_writeback(t, q2(t)->fd);
 }
 
 static int q2_set_size(struct target *t, uint64_t size, char *err, size_t errlen)
@@ -473,8 +473,8 @@ static int q2_flush(struct target *t)
 	free(refs);
 	free(l1);
 	/* The header points at the new metadata only once it is durable. */
-	if (!rc && fdatasync(q->fd) < 0)
-		rc = -errno;
+	if (!rc)
+		rc = target_file_sync(t, q->fd);
 	if (!rc && q->journal) {
 		struct journal_range header = { 0, q->cluster_size };
 		rc = journal_protect(q->journal, &header, 1);

@@ -83,7 +83,7 @@ static void raw_start_writeback(struct target *t)
 {
 	/* A backup does not fill the host's page cache either: recycled pages
 	 * are cheaper than fresh ones on a VM host. */
-	target_file_writeback(raw(t)->fd);
+	target_file_writeback(t, raw(t)->fd);
 }
 
 static int zero_range(int fd, uint64_t off, uint64_t len)
@@ -141,8 +141,9 @@ static int raw_flush(struct target *t)
 {
 	struct raw_target *r = raw(t);
 
-	if (fdatasync(r->fd) < 0)
-		return -errno;
+	int rc = target_file_sync(t, r->fd);
+	if (rc)
+		return rc;
 	posix_fadvise(r->fd, 0, 0, POSIX_FADV_DONTNEED);
 	return 0;
 }
@@ -164,8 +165,8 @@ static int raw_forget(struct target *t, const struct cbitmap *left, unsigned clu
 				rc = zero_range(r->fd, off, len);
 			c = end < left->nbits ? cbitmap_next_set(left, end) : left->nbits;
 		}
-		if (!rc && fdatasync(r->fd) < 0)
-			rc = -errno;
+		if (!rc)
+			rc = target_file_sync(t, r->fd);
 	}
 	return rc;
 }

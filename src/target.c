@@ -160,13 +160,23 @@ int target_open_recorded(const char *path, dev_t dev, ino_t ino, int *fd, struct
 	return 0;
 }
 
-void target_file_writeback(int fd)
+void target_file_writeback(struct target *t, int fd)
 {
-	/* Errors show in the flush that makes the target durable. */
-	sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WAIT_BEFORE);
+	/* The wait reports (and consumes) a failed writeback: kept for flush. */
+	if (sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WAIT_BEFORE) < 0) {
+		int none = 0;
+		atomic_compare_exchange_strong(&t->writeback_error, &none, -errno);
+	}
 	/* Writes back what is dirty (without waiting) and drops what is clean:
 	 * the round that just finished. */
 	posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+}
+
+int target_file_sync(struct target *t, int fd)
+{
+	int rc = fdatasync(fd) < 0 ? -errno : 0;
+	int lost = atomic_load(&t->writeback_error);
+	return lost ? lost : rc;
 }
 
 int target_rename_file(struct target *t, const char *name, char *err, size_t errlen)

@@ -30,6 +30,7 @@
 
 #include <errno.h>
 #include <limits.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -150,6 +151,12 @@ struct target {
 	bool holes_need_zeroes;
 	dev_t dev;           /* of the file, once open */
 	ino_t ino;
+	/* The first error a writeback round saw (target_file_writeback), 0:
+	 * none. Waiting for a round consumes the file's writeback error, so
+	 * fdatasync would no longer report it: the format's flush returns
+	 * this instead. Set by the one thread that writes back, read by flush
+	 * once the writes are done. */
+	atomic_int writeback_error;
 	/* The last error a format can say more about than errno (a server's
 	 * answer); empty: errno says it. */
 	char error[256];
@@ -306,8 +313,12 @@ int target_open_recorded(const char *path, dev_t dev, ino_t ino, int *fd, struct
 
 /* The file formats' start_writeback on their file: waits for the writeback
  * the previous call started (sync_file_range), drops those pages, which a
- * fresh backup does not need soon, and starts writing back the dirty ones. */
-void target_file_writeback(int fd);
+ * fresh backup does not need soon, and starts writing back the dirty ones.
+ * A failed round is kept in t->writeback_error. */
+void target_file_writeback(struct target *t, int fd);
+/* For the formats' flush: the error of a failed writeback round, else
+ * fdatasync's. 0 or -errno. */
+int target_file_sync(struct target *t, int fd);
 /* The formats' publish: renames the file to `name` (rename_noreplace), makes
  * t->path follow and sets t->published. */
 int target_rename_file(struct target *t, const char *name, char *err, size_t errlen);

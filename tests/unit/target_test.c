@@ -4,6 +4,7 @@
 #include "config.h"
 
 #include <criterion/criterion.h>
+#include <errno.h>
 #include <fcntl.h>
 #include <linux/magic.h>
 #include <stdlib.h>
@@ -18,6 +19,7 @@
 #define ROUND (1u << 20)
 
 static int fd = -1;
+static struct target tgt;   /* only its writeback_error is used */
 static char path[] = "target_test.XXXXXX";
 
 static void make_file(void)
@@ -67,15 +69,26 @@ TestSuite(target_file_writeback, .init = make_file, .fini = remove_file);
 Test(target_file_writeback, the_next_round_waits_for_the_last_and_drops_it)
 {
 	write_round(0);
-	target_file_writeback(fd);
+	target_file_writeback(&tgt, fd);
 	write_round(1);
-	target_file_writeback(fd);
+	target_file_writeback(&tgt, fd);
 	cr_expect_eq(resident_pages(0), 0, "round 0 was on the disk and should have left the cache");
 	write_round(2);
-	target_file_writeback(fd);
+	target_file_writeback(&tgt, fd);
 	cr_expect_eq(resident_pages(1), 0);
 	/* What the rounds wrote reads back. */
 	char c;
 	cr_assert(pread(fd, &c, 1, 2 * ROUND - 1) == 1);
 	cr_expect_eq(c, 'b');
+}
+
+/* Waiting for a round consumes the file's writeback error (fdatasync on the
+ * same open file would not see it again): the flush must still fail. */
+Test(target_file_writeback, a_lost_round_fails_the_flush)
+{
+	write_round(0);
+	cr_expect_eq(target_file_sync(&tgt, fd), 0);
+	atomic_store(&tgt.writeback_error, -EIO);
+	write_round(1);
+	cr_expect_eq(target_file_sync(&tgt, fd), -EIO, "fdatasync succeeds, but a round was lost");
 }
